@@ -1,0 +1,1 @@
+"""Entry points: the only code that reads the Hydra config. Everything they call takes plain arguments."""

@@ -1,0 +1,1 @@
+"""Datasets, augmentation presets and batching."""

@@ -1,0 +1,56 @@
+"""Batching: a collate function that pads to the largest image, and the DataLoader settings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+
+def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(image, mask)`` items, padding bottom and right to the largest size in the batch.
+
+    Images are padded with 0 and masks with ``ignore_index``, so evaluation at each image's
+    original resolution can still batch images of different sizes: the padding is never scored.
+    """
+    height = max(image.shape[-2] for image, _ in batch)
+    width = max(image.shape[-1] for image, _ in batch)
+    images, masks = [], []
+    for image, mask in batch:
+        pad = (0, width - image.shape[-1], 0, height - image.shape[-2])
+        images.append(F.pad(image, pad, value=0))
+        masks.append(F.pad(mask, pad, value=ignore_index))
+    return torch.stack(images), torch.stack(masks)
+
+
+class _PadCollate:
+    # A class, not a lambda, so worker processes can pickle it.
+    def __init__(self, ignore_index: int) -> None:
+        self.ignore_index = ignore_index
+
+    def __call__(self, batch):
+        return pad_collate(batch, self.ignore_index)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    ignore_index: int,
+    drop_last: bool = False,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """A DataLoader with pinned memory and persistent workers where they help."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=_PadCollate(ignore_index),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        drop_last=drop_last,
+        generator=generator,
+    )

@@ -1,0 +1,72 @@
+"""Learnable upsampling: a transposed convolution initialised to bilinear interpolation.
+
+FCN does not resize its coarse scores with a fixed interpolation: it upsamples them with a
+transposed convolution whose kernel starts as bilinear interpolation and is then learned.
+This module owns that layer and the kernel it starts from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def bilinear_kernel(factor: int) -> torch.Tensor:
+    """The 2-D bilinear interpolation kernel of a stride-``factor`` transposed convolution.
+
+    Same construction as FCN's ``surgery.upsample_filt``: size ``2 * factor - factor % 2``,
+    weights falling off linearly from the centre.
+    """
+    size = 2 * factor - factor % 2
+    center = factor - 1 if size % 2 == 1 else factor - 0.5
+    taps = 1 - (torch.arange(size, dtype=torch.float64) - center).abs() / factor
+    return (taps[:, None] * taps[None, :]).float()
+
+
+class BilinearUpsample(nn.Module):
+    """Upsample ``channels`` score maps by an integer ``factor`` with a learnable kernel.
+
+    At initialisation the output equals
+    ``F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)`` at every
+    output pixel, borders included. Plain zero padding would darken the borders, so the input is
+    replicate-padded by one cell and the transposed convolution's output is cropped back to
+    ``factor * size`` (the crop offset puts each output pixel at the input coordinate
+    ``(o + 0.5) / factor - 0.5``, which is what ``align_corners=False`` means).
+
+    Args:
+        channels: number of input (and output) channels, usually the number of classes.
+        factor: integer upsampling factor (>= 2).
+        learnable: when False the kernel stays bilinear; it is frozen through ``requires_grad``
+            so it is visible as frozen in any parameter count, not left out of the optimizer.
+    """
+
+    def __init__(self, channels: int, factor: int, learnable: bool = True) -> None:
+        super().__init__()
+        if factor < 2:
+            raise ValueError(f"BilinearUpsample needs factor >= 2, got {factor}")
+        self.factor = factor
+        kernel = bilinear_kernel(factor)
+        self.deconv = nn.ConvTranspose2d(channels, channels, kernel_size=kernel.shape[-1], stride=factor, bias=False)
+        self.reset_parameters()
+        self.deconv.weight.requires_grad_(learnable)
+        # Offset of output pixel 0 inside the transposed convolution of the padded input.
+        self._offset = (3 * factor) // 2
+
+    @property
+    def learnable(self) -> bool:
+        return self.deconv.weight.requires_grad
+
+    def reset_parameters(self) -> None:
+        """Set the kernel to bilinear interpolation: channel c feeds only output channel c."""
+        kernel = bilinear_kernel(self.factor)
+        with torch.no_grad():
+            self.deconv.weight.zero_()
+            for c in range(self.deconv.in_channels):
+                self.deconv.weight[c, c] = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        y = self.deconv(F.pad(x, (1, 1, 1, 1), mode="replicate"))
+        o = self._offset
+        return y[..., o : o + h * self.factor, o : o + w * self.factor]

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny generated dataset and Hydra configs built with the compose API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fcn.cli.common import CONFIG_DIR
+from fcn.data.shapes import ensure_shapes
+
+TINY_SHAPES = {"num_train": 12, "num_val": 5, "size": 48, "seed": 3}
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """A small generated shapes dataset, made once per test session."""
+    return ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", **TINY_SHAPES)
+
+
+def compose_config(name: str, overrides: list[str]):
+    """Build a config exactly as the entry point would, without running Hydra's app."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def tiny_train_overrides(shapes_root: Path) -> list[str]:
+    """A few-step training run on the tiny dataset."""
+    gen = ",".join(f"{k}:{v}" for k, v in TINY_SHAPES.items())
+    return [
+        f"data.root={shapes_root}",
+        f"data.generate={{{gen}}}",
+        "data.crop_size=40",
+        "trainer=debug",
+        "trainer.batch_size=4",
+        "logger.log_every_n_steps=1",
+        "logger.num_images=2",
+    ]

@@ -1,0 +1,67 @@
+"""Every option of every config group composes, and its objects build."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from fcn.cli.common import CONFIG_DIR
+from tests.conftest import compose_config
+
+GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
+# data=folder describes the user's own data: these are the settings it asks the user for.
+USER_DATA = ["data.num_classes=3", "data.class_names=[a,b,c]"]
+
+
+def test_the_required_groups_exist():
+    assert {"model", "data", "aug", "optim", "sched", "loss", "trainer", "logger", "experiment"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_builds(group, option):
+    overrides = [f"{group}={option}", "model.pretrained=false", *USER_DATA]
+    cfg = compose_config("train", overrides)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation resolves
+    model = instantiate(cfg.model)
+    assert model.num_classes == cfg.data.num_classes
+    optimizer = instantiate(cfg.optim)(model.parameters())
+    scheduler = instantiate(cfg.sched)(optimizer, total_steps=10)
+    optimizer.step()
+    scheduler.step()
+    loss = instantiate(cfg.loss)
+    assert loss.ignore_index == cfg.data.ignore_index
+    transform = instantiate(cfg.aug)
+    out = transform(image=np.zeros((20, 30, 3), np.uint8), mask=np.zeros((20, 30), np.uint8))
+    crop = cfg.data.crop_size
+    assert out["image"].shape[:2] == (crop, crop)
+
+
+@pytest.mark.parametrize("option", [p.stem for p in sorted((Path(CONFIG_DIR) / "data").glob("*.yaml"))])
+def test_evaluate_config_composes_with_every_dataset(option):
+    cfg = compose_config("evaluate", [f"data={option}", "checkpoint=x.pt", *USER_DATA])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert cfg.data.split == cfg.data.val_split
+
+
+def test_num_classes_has_one_source_of_truth():
+    cfg = compose_config("train", ["data=camvid"])
+    assert cfg.model.num_classes == 11 and cfg.loss.ignore_index == cfg.aug.ignore_index == 11
+
+
+def test_scheduler_warms_up_then_decays_to_zero():
+    cfg = compose_config("train", ["sched.warmup_steps=5"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = instantiate(cfg.sched)(opt, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[5] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:5], lrs[1:6]))
+    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)

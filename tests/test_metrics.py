@@ -1,0 +1,77 @@
+"""Confusion matrix and the four FCN scores, against hand-computed values and torchmetrics."""
+
+import math
+
+import pytest
+import torch
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from fcn.metrics import confusion_matrix, format_table, scores
+
+
+def test_confusion_matrix_matches_a_hand_count():
+    target = torch.tensor([[0, 0, 1], [1, 2, 255]])
+    pred = torch.tensor([[0, 1, 1], [1, 0, 2]])
+    cm = confusion_matrix(pred, target, num_classes=3, ignore_index=255)
+    expected = torch.tensor([[1, 1, 0], [0, 2, 0], [1, 0, 0]])  # rows: ground truth
+    assert torch.equal(cm, expected)
+
+
+def test_scores_match_the_fcn_formulas_by_hand():
+    cm = torch.tensor([[3, 1], [2, 4]])
+    s = scores(cm, ["a", "b"])
+    assert s["pixel_acc"] == pytest.approx(7 / 10)
+    assert s["mean_acc"] == pytest.approx((3 / 4 + 4 / 6) / 2)
+    iou_a, iou_b = 3 / (4 + 5 - 3), 4 / (6 + 5 - 4)
+    assert s["per_class_iou"] == pytest.approx({"a": iou_a, "b": iou_b})
+    assert s["miou"] == pytest.approx((iou_a + iou_b) / 2)
+    assert s["fwiou"] == pytest.approx(0.4 * iou_a + 0.6 * iou_b)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_miou_equals_torchmetrics_jaccard_with_ignored_pixels(seed):
+    g = torch.Generator().manual_seed(seed)
+    num_classes, ignore = 5, 255
+    target = torch.randint(0, num_classes, (4, 32, 32), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.2] = ignore
+    pred = torch.where(torch.rand(target.shape, generator=g) < 0.6, target.clamp(max=num_classes - 1),
+                       torch.randint(0, num_classes, target.shape, generator=g))  # fmt: skip
+    ours = scores(confusion_matrix(pred, target, num_classes, ignore))
+    oracle = MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore, average="none")(pred, target)
+    assert ours["miou"] == pytest.approx(oracle.mean().item(), abs=1e-6)
+    assert list(ours["per_class_iou"].values()) == pytest.approx(oracle.tolist(), abs=1e-6)
+
+
+def test_ignored_pixels_do_not_count_whatever_is_predicted_there():
+    target = torch.tensor([0, 1, 255, 255])
+    a = confusion_matrix(torch.tensor([0, 1, 0, 0]), target, 2, 255)
+    b = confusion_matrix(torch.tensor([0, 1, 1, 1]), target, 2, 255)
+    assert torch.equal(a, b) and a.sum() == 2
+
+
+def test_ignored_pixels_do_not_count_in_the_loss():
+    # The training loss is built with the data's ignore_index (configs/loss/cross_entropy.yaml).
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=255)
+    logits = torch.randn(1, 3, 2, 2)
+    target = torch.tensor([[[0, 1], [255, 255]]])
+    changed = logits.clone()
+    changed[..., 1, :] = 100.0  # wildly different logits on the ignored row
+    assert loss_fn(logits, target) == pytest.approx(loss_fn(changed, target).item())
+
+
+def test_class_absent_from_truth_and_prediction_is_na_and_left_out_of_the_mean():
+    cm = torch.tensor([[5, 0, 1], [0, 0, 0], [1, 0, 3]])
+    s = scores(cm, ["a", "absent", "c"])
+    assert s["per_class_iou"]["absent"] is None
+    assert s["miou"] == pytest.approx((5 / 7 + 3 / 5) / 2)
+    assert "n/a" in format_table(s)
+
+
+def test_out_of_range_labels_raise_instead_of_being_dropped():
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 7]), num_classes=3, ignore_index=255)
+
+
+def test_empty_confusion_gives_nan_not_a_crash():
+    s = scores(torch.zeros(2, 2, dtype=torch.long))
+    assert math.isnan(s["pixel_acc"]) and math.isnan(s["miou"])

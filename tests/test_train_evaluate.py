@@ -1,0 +1,125 @@
+"""End to end: a few training steps through the compose API, then evaluation of the checkpoint."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fcn.cli.evaluate import run_evaluation
+from fcn.cli.train import train
+from fcn.errors import UserError
+from tests.conftest import compose_config, tiny_train_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"miou", "pixel_acc", "mean_acc", "fwiou", "per_class_iou"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(shapes_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train_run")
+    train(compose_config("train", tiny_train_overrides(shapes_root)), out)
+    return out
+
+
+def test_training_writes_both_checkpoints_and_metrics(run_dir):
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    for key in ("miou", "pixel_acc", "mean_acc", "fwiou"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert list(metrics["per_class_iou"]) == ["background", "circle", "square", "triangle", "star", "cross"]
+
+
+def test_checkpoint_holds_everything_evaluation_needs_and_loads_safely(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "epoch", "step", "config", "class_names", "palette"):
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 6  # trainer=debug: 2 epochs x 3 steps
+    assert isinstance(ckpt["config"], dict) and ckpt["config"]["model"]["variant"] == "8s"
+    assert len(ckpt["palette"]) == len(ckpt["class_names"]) == ckpt["num_classes"]
+
+
+def test_tensorboard_events_have_the_curves_and_images(run_dir):
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "val/loss", "val/mIoU", "val/pixel_acc", "val/IoU/background"}
+    assert expected <= scalars
+    assert len(events.Scalars("train/loss")) == 6  # one per step with log_every_n_steps=1
+    assert [e.step for e in events.Scalars("val/mIoU")] == [3, 6]
+    image = events.Images("val/samples")[-1]
+    assert image.width > 0 and image.height > 0
+
+
+def test_evaluating_the_best_checkpoint_reproduces_its_metrics(run_dir, tmp_path):
+    cfg = compose_config("evaluate", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "num_workers=0"])
+    report = run_evaluation(cfg, tmp_path, overrides=[])
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert report["images"] == 5  # the val split of the tiny dataset, taken from the checkpoint
+    assert report["miou"] == pytest.approx(trained["miou"], abs=1e-9)
+    assert report["per_class_iou"] == pytest.approx(trained["per_class_iou"], abs=1e-9)
+    assert json.loads((tmp_path / "metrics.json").read_text())["miou"] == report["miou"]
+
+
+def test_evaluation_data_overrides_apply_to_the_checkpoint_dataset(run_dir, tmp_path):
+    overrides = [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "num_workers=0", "data.split=train"]
+    report = run_evaluation(compose_config("evaluate", overrides), tmp_path, overrides=overrides)
+    assert report["split"] == "train" and report["images"] == 12
+
+
+def test_evaluation_of_a_missing_checkpoint_names_it(tmp_path):
+    cfg = compose_config("evaluate", [f"checkpoint={tmp_path / 'nope.pt'}"])
+    with pytest.raises(UserError, match="checkpoint not found: .*nope.pt"):
+        run_evaluation(cfg, tmp_path, overrides=[])
+
+
+def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args], cwd=cwd, capture_output=True, text=True, timeout=240
+    )
+
+
+def test_cli_missing_checkpoint_is_one_clear_line_and_exit_2(tmp_path):
+    proc = _run("evaluate.py", "checkpoint=/does/not/exist.pt", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "error: checkpoint not found: /does/not/exist.pt (check the checkpoint=PATH you gave)"
+    )
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_data_root_names_the_path(tmp_path):
+    proc = _run("train.py", "data=folder", "data.num_classes=2", "data.class_names=[a,b]",
+                f"data.root={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    assert f"dataset root not found: {tmp_path / 'missing'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_option_names_the_key(tmp_path):
+    proc = _run("train.py", "trainer.epochz=3", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "epochz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_missing_required_setting_says_which(tmp_path):
+    proc = _run("train.py", "data=folder", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "data.num_classes" in proc.stderr or "data.class_names" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_multirun_sweep_trains_each_variant(shapes_root, tmp_path):
+    overrides = [o for o in tiny_train_overrides(shapes_root) if not o.startswith("data.generate")]
+    proc = _run("train.py", "-m", "model=fcn32s,fcn16s", "trainer.epochs=1", "logger=none", *overrides,
+                f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for job in ("0", "1"):
+        assert (tmp_path / job / "metrics.json").is_file()
+        assert (tmp_path / job / ".hydra" / "config.yaml").is_file()

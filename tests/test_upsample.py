@@ -1,0 +1,55 @@
+"""The bilinear-initialised transposed convolution at the heart of the FCN decoder."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fcn.models import BilinearUpsample, bilinear_kernel
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8, 16, 32])
+@pytest.mark.parametrize("size", [(1, 1), (5, 7), (12, 9)])
+def test_upsample_matches_bilinear_interpolation_at_every_pixel(factor, size):
+    torch.manual_seed(factor)
+    x = torch.randn(2, 4, *size)
+    up = BilinearUpsample(4, factor)
+    expected = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    out = up(x)
+    assert out.shape == expected.shape
+    # every output pixel, the border rows and columns included
+    assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_upsample_border_differs_without_replicate_padding():
+    # Guards the reason for the padding: a plain transposed convolution is wrong at the border.
+    x = torch.ones(1, 1, 4, 4)
+    up = BilinearUpsample(1, 8)
+    plain = F.conv_transpose2d(x, up.deconv.weight, stride=8, padding=4)
+    assert plain[..., 0, 0].item() < 0.99  # zero padding darkens the corner
+    assert up(x)[..., 0, 0].item() == pytest.approx(1.0)
+
+
+def test_bilinear_kernel_is_the_fcn_surgery_filter():
+    k = bilinear_kernel(2)
+    taps = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    assert torch.allclose(k, taps[:, None] * taps[None, :])
+
+
+def test_learnable_upsample_receives_gradients_and_changes():
+    up = BilinearUpsample(3, 4, learnable=True)
+    before = up.deconv.weight.detach().clone()
+    opt = torch.optim.SGD(up.parameters(), lr=0.1)
+    up(torch.randn(1, 3, 5, 5)).square().sum().backward()
+    assert up.deconv.weight.grad is not None and up.deconv.weight.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(before, up.deconv.weight)
+
+
+def test_frozen_upsample_is_frozen_through_requires_grad():
+    up = BilinearUpsample(3, 4, learnable=False)
+    assert not up.learnable
+    assert not any(p.requires_grad for p in up.parameters())
+    x = torch.randn(1, 3, 5, 5, requires_grad=True)
+    up(x).sum().backward()
+    assert up.deconv.weight.grad is None
+    assert x.grad is not None  # gradients still flow through to the scores below
