@@ -1,12 +1,19 @@
 """Saving and loading checkpoints: atomic writes, safe loads, clear errors.
 
 A checkpoint is a dict of tensors and plain Python values only (the config as a dict, class
-names, palette), so it loads with ``torch.load(..., weights_only=True)``: nothing in it can run
-code when it is read.
+names, palette, random states as tensors and lists), so it loads with
+``torch.load(..., weights_only=True)``: nothing in it can run code when it is read.
+
+Writes never damage what is already on disk. The bytes go to an unnamed temporary file in the
+checkpoint's folder (``O_TMPFILE``; a named ``.tmp`` file where the file system lacks it), are
+flushed to disk, and only then get the checkpoint's name with an atomic rename. A kill at any
+moment leaves the previous file intact and, with ``O_TMPFILE``, no partial file at all.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import pickle
 import tempfile
@@ -18,27 +25,93 @@ import torch
 
 from fcn.errors import UserError
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+# Settings that fix the shape of the network: a checkpoint only loads into the same ones.
+ARCHITECTURE_KEYS = ("backbone", "variant", "width", "num_classes")
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically.
+def previous_path(path: str | Path) -> Path:
+    """Where :func:`save_checkpoint` keeps the file it replaced (``last.pt`` -> ``last.prev.pt``)."""
+    path = Path(path)
+    return path.with_suffix(".prev" + path.suffix)
 
-    The bytes go to a temporary file in the same folder, are flushed to disk, and the file is
-    then renamed over ``path``: a crash or kill mid-save leaves the previous checkpoint intact.
+
+def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool = False) -> None:
+    """Write ``state`` to ``path`` atomically; with ``keep_previous`` the old file stays as
+    :func:`previous_path`. Refuses to write non-finite weights; a full disk is a :class:`UserError`
+    that leaves every existing checkpoint as it was.
     """
     path = Path(path)
+    _check_finite(state.get("model", {}), path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _write_durably({"format_version": FORMAT_VERSION, **state}, path)
+        if keep_previous and path.exists():
+            # A hard link, not a rename: `path` exists at every moment, old or new.
+            link = path.parent / f".{path.name}.prev-{os.getpid()}"
+            link.unlink(missing_ok=True)
+            os.link(path, link)
+            os.replace(link, previous_path(path))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"disk full while writing {path}: nothing was overwritten, the previous checkpoint "
+                f"(if any) is intact; free space on {path.parent} and resume with resume=auto"
+            ) from exc
         raise
+
+
+def _write_durably(state: dict[str, Any], path: Path) -> Path:
+    """Serialise to a temporary file next to ``path``, fsync it, and return its name."""
+    try:
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+    except (AttributeError, OSError):  # no O_TMPFILE (not Linux, or a file system without it)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            _dump(state, fd)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return Path(name)
+    try:
+        _dump(state, fd, close=False)
+        name = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        name.unlink(missing_ok=True)
+        # Give the finished file a name. A directory fd makes os.link call linkat() with
+        # AT_SYMLINK_FOLLOW, which links the open file rather than the /proc symlink.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.link(f"/proc/self/fd/{fd}", name.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.close(fd)
+    return name
+
+
+def _dump(state: dict[str, Any], fd: int, close: bool = True) -> None:
+    with os.fdopen(fd, "wb", closefd=close) as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_finite(model_state: dict[str, Any], path: Path) -> None:
+    for name, tensor in model_state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"refusing to write {path}: weight {name} holds NaN or inf")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -53,8 +126,45 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint {path} holds objects other than tensors and plain Python values and was "
             f"refused for safety (weights_only load): {str(exc).splitlines()[0]}"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({exc.__class__.__name__}: {exc})") from exc
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not an fcn checkpoint (no 'model' and 'config' entries)")
     return state
+
+
+def load_resumable(path: str | Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable of ``path`` and its :func:`previous_path`, or None when neither exists.
+
+    A corrupt ``path`` is reported and skipped in favour of the previous one.
+    """
+    path = Path(path)
+    candidates = [p for p in (path, previous_path(path)) if p.is_file()]
+    errors = []
+    for candidate in candidates:
+        try:
+            state = load_checkpoint(candidate)
+        except UserError as exc:
+            log.warning("%s; trying the previous checkpoint", exc)
+            errors.append(str(exc))
+            continue
+        if candidate != path:
+            log.warning("resuming from the previous checkpoint %s", candidate)
+        return state, candidate
+    if errors:
+        raise UserError(f"no readable checkpoint to resume: {'; '.join(errors)}")
+    return None
+
+
+def check_architecture(saved_model_config: dict[str, Any], model_config: dict[str, Any], source: Path) -> None:
+    """Explain, before ``load_state_dict``, every architecture setting that differs."""
+    diffs = [
+        f"model.{key}: checkpoint {saved_model_config.get(key)!r}, config {model_config.get(key)!r}"
+        for key in ARCHITECTURE_KEYS
+        if saved_model_config.get(key) != model_config.get(key)
+    ]
+    if diffs:
+        raise UserError(
+            f"checkpoint {source} was trained with another model ({'; '.join(diffs)}); "
+            "set these to the checkpoint's values, or use init_from=PATH to start from its weights"
+        )

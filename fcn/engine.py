@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,13 +16,25 @@ from fcn.data.transforms import normalize
 from fcn.errors import UserError
 from fcn.metrics import confusion_matrix
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class EpochResult:
     """What one training epoch reports back."""
 
-    step: int  # global optimisation step after the epoch
-    loss: float  # mean training loss over the epoch's steps
+    step: int  # global step after the epoch (every batch drawn counts, skipped or not)
+    loss: float  # mean training loss over the epoch's finite steps
+    batches: int  # batches drawn in this call
+    stopped: bool  # the epoch ended early because a stop was requested
+
+
+class NonFiniteLossError(Exception):
+    """The loss was NaN or inf more times in a row than allowed; weights were not updated with it."""
+
+    def __init__(self, step: int, value: float, consecutive: int) -> None:
+        super().__init__(f"loss {value} at step {step} ({consecutive} non-finite in a row)")
+        self.step, self.value, self.consecutive = step, value, consecutive
 
 
 def train_one_epoch(
@@ -37,39 +50,53 @@ def train_one_epoch(
     step: int,
     epoch: int,
     max_steps: int | None = None,
+    channels_last: bool = False,
+    skip_nonfinite: int = 0,
+    should_stop: Callable[[int], bool] | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
 ) -> EpochResult:
     """Train for one pass over ``loader`` (or ``max_steps`` batches), stepping the lr every batch.
 
+    A NaN or inf loss is never back-propagated: the batch is skipped with a warning, up to
+    ``skip_nonfinite`` times in a row, after which :class:`NonFiniteLossError` is raised.
+    ``should_stop(step)`` is polled after every step; when it says yes the epoch ends there.
     ``on_step(step, loss, lr)`` is called after every optimisation step (for logging).
+    ``channels_last`` feeds the batch in NHWC memory order (pair it with a channels-last model).
     """
     model.train()
-    total, count = 0.0, 0
+    total, count, batches, bad_in_a_row = 0.0, 0, 0, 0
+    stopped = False
     bar = tqdm(loader, desc=f"epoch {epoch}", total=_num_batches(loader, max_steps), leave=False, disable=None)
-    for i, (images, masks) in enumerate(bar):
-        if max_steps is not None and i >= max_steps:
+    for images, masks in bar:
+        if max_steps is not None and batches >= max_steps:
             break
-        images = normalize(images.to(device, non_blocking=True), mean, std)
+        images = _to_model(images, device, mean, std, channels_last)
         masks = masks.to(device, non_blocking=True)
         loss = loss_fn(model(images), masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        step += 1
         value = loss.item()
-        if not math.isfinite(value):
-            raise UserError(
-                f"training loss became {value} at step {step} (epoch {epoch}); lower optim.lr "
-                "or check the data (mask values beyond num_classes)"
-            )
-        total += value
-        count += 1
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-        if on_step is not None:
-            on_step(step, value, lr)
-    return EpochResult(step=step, loss=total / max(1, count))
+        lr = optimizer.param_groups[0]["lr"]
+        step += 1
+        batches += 1
+        if math.isfinite(value):
+            bad_in_a_row = 0
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += value
+            count += 1
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            if on_step is not None:
+                on_step(step, value, lr)
+        else:
+            bad_in_a_row += 1
+            if bad_in_a_row > skip_nonfinite:
+                raise NonFiniteLossError(step, value, bad_in_a_row)
+            log.warning("loss %s at step %d: batch skipped (%d/%d in a row)", value, step, bad_in_a_row, skip_nonfinite)
+        scheduler.step()
+        if should_stop is not None and should_stop(step):
+            stopped = True
+            break
+    return EpochResult(step=step, loss=total / max(1, count), batches=batches, stopped=stopped)
 
 
 @dataclass
@@ -92,6 +119,7 @@ def evaluate(
     std: Sequence[float],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     max_batches: int | None = None,
+    channels_last: bool = False,
     desc: str = "eval",
 ) -> EvalResult:
     """Score ``model`` on ``loader`` at each image's own resolution.
@@ -106,7 +134,7 @@ def evaluate(
     for i, (images, masks) in enumerate(bar):
         if max_batches is not None and i >= max_batches:
             break
-        images = normalize(images.to(device, non_blocking=True), mean, std)
+        images = _to_model(images, device, mean, std, channels_last)
         masks = masks.to(device, non_blocking=True)
         logits = model(images)
         if loss_fn is not None:
@@ -117,6 +145,12 @@ def evaluate(
         except ValueError as exc:
             raise UserError(f"{exc}: fix the masks or set data.num_classes / data.ignore_index") from exc
     return EvalResult(confusion=confusion.cpu(), loss=total / count if count else math.nan)
+
+
+def _to_model(images: torch.Tensor, device, mean, std, channels_last: bool) -> torch.Tensor:
+    # uint8 to the device (4x fewer bytes), normalised there; NHWC when the model is channels-last
+    images = normalize(images.to(device, non_blocking=True), mean, std)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 def _num_batches(loader: DataLoader, limit: int | None) -> int | None:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -55,6 +56,8 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
     model_cfg = OmegaConf.create(ckpt["config"]["model"])
     model_cfg.pretrained, model_cfg.backbone_weights = False, None
     model = instantiate(model_cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -65,12 +68,12 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
     prepare_data_root(data)
     dataset = build_dataset(data, data.split, None)
     loader = make_loader(
-        dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, ignore_index=data.ignore_index
+        dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, ignore_index=data.ignore_index
     )
     log.info("evaluating %s on %s/%s (%d images) on %s", cfg.checkpoint, data.name, data.split, len(dataset), device)
     result = evaluate(
         model, loader, num_classes=data.num_classes, ignore_index=data.ignore_index, device=device,
-        mean=ckpt["mean"], std=ckpt["std"], desc=data.split,
+        mean=ckpt["mean"], std=ckpt["std"], channels_last=cfg.channels_last, desc=data.split,
     )  # fmt: skip
     metrics = scores(result.confusion, class_names)
     report = metrics | {

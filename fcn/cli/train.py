@@ -1,15 +1,17 @@
 """``fcn-train`` / ``python scripts/train.py``: train an FCN, then report its best checkpoint.
 
-Reads top to bottom: data, model, optimiser, the epoch loop (train, validate, checkpoint),
-then ``metrics.json`` and a table of the best checkpoint's validation scores.
+Reads top to bottom: data, model, optimiser, resume, the epoch loop (train, validate,
+checkpoint), then ``metrics.json`` and a table of the best checkpoint's validation scores.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -18,12 +20,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fcn.checkpoint import save_checkpoint
+from fcn.checkpoint import check_architecture, load_checkpoint, load_resumable, save_checkpoint
 from fcn.cli.common import CONFIG_DIR, build_dataset, exit_on_user_error, prepare_data_root, resolve_device
 from fcn.data.loader import make_loader, pad_collate
+from fcn.data.sampler import ResumableSampler
 from fcn.data.transforms import normalize
-from fcn.engine import evaluate, train_one_epoch
+from fcn.engine import NonFiniteLossError, evaluate, train_one_epoch
+from fcn.errors import UserError
 from fcn.metrics import format_table, scores
+from fcn.rng import capture_rng_state, restore_rng_state, seed_everything
+from fcn.signals import GracefulStop
 from fcn.visualize import comparison_grid, default_palette
 
 log = logging.getLogger(__name__)
@@ -31,15 +37,25 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou", "per_class_iou")
 
 
-def train(cfg: DictConfig, out_dir: str | Path) -> dict:
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving ``last.pt``; the exit code is 128 + signal."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted by signal {signum}; saved {checkpoint}, continue with resume=auto")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None) -> dict:
     """Train as ``cfg`` says, writing checkpoints, TensorBoard events and ``metrics.json`` to ``out_dir``.
 
-    Returns the best checkpoint's validation metrics.
+    ``stop`` is polled after every step (the entry point passes one wired to SIGTERM/SIGINT).
+    Returns the best checkpoint's validation metrics; raises :class:`TrainingInterrupted` when
+    stopped early.
     """
     out_dir = Path(out_dir)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    log.info("run directory: %s", out_dir.resolve())
+    seed_everything(cfg.seed)
+    _set_deterministic(cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device)
     data, trainer = cfg.data, cfg.trainer
     class_names = list(data.class_names)
@@ -52,47 +68,73 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     log.info(
         "data %s: %d train / %d val images from %s", data.name, len(train_set), len(val_set), Path(data.root).resolve()
     )
+    sampler = ResumableSampler(len(train_set), cfg.seed)
+    drop_last = len(train_set) > trainer.batch_size  # BatchNorm dislikes a last batch of one
     train_loader = make_loader(
         train_set,
         batch_size=trainer.batch_size,
-        shuffle=True,
         num_workers=trainer.num_workers,
         ignore_index=data.ignore_index,
-        drop_last=len(train_set) > trainer.batch_size,  # BatchNorm dislikes a last batch of one
-        generator=torch.Generator().manual_seed(cfg.seed),
+        sampler=sampler,
+        drop_last=drop_last,
+        seed=cfg.seed,
     )
     val_loader = make_loader(
         val_set,
         batch_size=trainer.batch_size,
-        shuffle=False,
         num_workers=trainer.num_workers,
         ignore_index=data.ignore_index,
+        seed=cfg.seed,
     )
+    batches_per_epoch = len(train_set) // trainer.batch_size if drop_last else 1
+    if trainer.limit_train_batches is not None:
+        batches_per_epoch = min(batches_per_epoch, trainer.limit_train_batches)
 
-    model = instantiate(cfg.model).to(device)
+    # Model, optimiser, schedule; then the state of an earlier run, when resuming.
+    model = instantiate(cfg.model)
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.init_from:
+        _init_weights(model, Path(cfg.init_from), model_config)
+    model = model.to(device)
+    if trainer.channels_last:  # NHWC: faster convolutions on CPUs (oneDNN) and on tensor cores
+        model = model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(
-        "model %s: %.2fM parameters (%.2fM trainable), device %s",
-        cfg.model.backbone + "-fcn" + cfg.model.variant,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        sum(p.numel() for p in trainable) / 1e6,
-        device,
-    )
+        "model %s-fcn%s: %.2fM parameters (%.2fM trainable), device %s",
+        cfg.model.backbone, cfg.model.variant, sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() for p in trainable) / 1e6, device,
+    )  # fmt: skip
     optimizer = instantiate(cfg.optim)(trainable)
-    steps_per_epoch = (
-        len(train_loader)
-        if trainer.limit_train_batches is None
-        else min(len(train_loader), trainer.limit_train_batches)
-    )
-    scheduler = instantiate(cfg.sched)(optimizer, total_steps=trainer.epochs * steps_per_epoch)
+    scheduler = instantiate(cfg.sched)(optimizer, total_steps=trainer.epochs * batches_per_epoch)
     loss_fn = instantiate(cfg.loss)
-    writer = _make_writer(cfg.logger, out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    # Where training stands: the epoch in progress, batches of it done, global step, best so far.
+    progress: dict[str, Any] = {"epoch": 1, "epoch_batches": 0, "step": 0, "best": None}
+    resumed = _find_resume_checkpoint(cfg.resume, ckpt_dir)
+    if resumed is not None:
+        state, source = resumed
+        check_architecture(state["config"]["model"], model_config, source)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        progress = state["progress"]
+        log.info("resumed from %s at epoch %d, batch %d, step %d", source, progress["epoch"],
+                 progress["epoch_batches"], progress["step"])  # fmt: skip
+
+    # TensorBoard: on resume, purge whatever the interrupted run logged after its checkpoint.
+    writer = _make_writer(cfg.logger, out_dir, purge_step=progress["step"] + 1 if resumed else None)
     log_every = cfg.logger.log_every_n_steps
 
     def on_step(step: int, loss: float, lr: float) -> None:
         if writer is not None and step % log_every == 0:
             writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("train/lr", lr, step)
+        every = trainer.checkpoint_every_n_steps
+        if every and step % every == 0:
+            done = progress["epoch_batches"] + step - epoch_start_step
+            if done < batches_per_epoch:  # epoch ends are saved after validation
+                save(ckpt_dir / "last.pt", {**progress, "epoch_batches": done, "step": step})
 
     run_info = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -103,49 +145,88 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         "mean": list(data.mean),
         "std": list(data.std),
     }
-    ckpt_dir = out_dir / "checkpoints"
-    sample_indices = np.linspace(0, len(val_set) - 1, min(cfg.logger.num_images, len(val_set))).round().astype(int)
-    best: dict | None = None
-    step = 0
-    for epoch in range(1, trainer.epochs + 1):
-        result = train_one_epoch(
-            model, train_loader, optimizer, scheduler, loss_fn,
-            device=device, mean=data.mean, std=data.std, step=step, epoch=epoch,
-            max_steps=trainer.limit_train_batches, on_step=on_step,
-        )  # fmt: skip
-        step = result.step
-        if epoch % trainer.val_every != 0 and epoch != trainer.epochs:
-            log.info("epoch %d/%d: train loss %.4f", epoch, trainer.epochs, result.loss)
-            continue
-        evaluation = evaluate(
-            model, val_loader,
-            num_classes=data.num_classes, ignore_index=data.ignore_index, device=device,
-            mean=data.mean, std=data.std, loss_fn=loss_fn, max_batches=trainer.limit_val_batches, desc="val",
-        )  # fmt: skip
-        metrics = scores(evaluation.confusion, class_names)
-        log.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, val mIoU %.4f, pixel acc %.4f",
-            epoch, trainer.epochs, result.loss, evaluation.loss, metrics["miou"], metrics["pixel_acc"],
-        )  # fmt: skip
-        if writer is not None:
-            _log_validation(writer, step, evaluation.loss, metrics)
-            _log_samples(writer, step, model, val_set, sample_indices, data, device, palette)
+
+    def save(path: Path, progress_now: dict, metrics: dict | None = None) -> None:
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "metrics": {k: metrics[k] for k in METRIC_KEYS} | {"val_loss": evaluation.loss},
+            "rng": capture_rng_state(),
+            "progress": progress_now,
+            "epoch": progress_now["epoch"],
+            "step": progress_now["step"],
+            "metrics": metrics,
             **run_info,
         }
-        if best is None or metrics["miou"] > best["miou"]:
-            best = metrics | {"epoch": epoch, "step": step}
-            save_checkpoint(state, ckpt_dir / "best.pt")
-        save_checkpoint(state, ckpt_dir / "last.pt")
-    if writer is not None:
-        writer.close()
+        save_checkpoint(state, path, keep_previous=path.name == "last.pt")
 
+    sample_indices = np.linspace(0, len(val_set) - 1, min(cfg.logger.num_images, len(val_set))).round().astype(int)
+    stop = stop or GracefulStop()
+    epoch = progress["epoch"]
+    if progress["epoch_batches"] >= batches_per_epoch:  # the checkpoint closed its epoch
+        epoch, progress = epoch + 1, {**progress, "epoch": epoch + 1, "epoch_batches": 0}
+    try:
+        while epoch <= trainer.epochs:
+            epoch_start_step = progress["step"]
+            sampler.set_epoch(epoch, start=progress["epoch_batches"] * trainer.batch_size)
+            result = train_one_epoch(
+                model, train_loader, optimizer, scheduler, loss_fn,
+                device=device, mean=data.mean, std=data.std, step=progress["step"], epoch=epoch,
+                max_steps=batches_per_epoch - progress["epoch_batches"], channels_last=trainer.channels_last,
+                skip_nonfinite=trainer.skip_nonfinite, should_stop=stop.should_stop, on_step=on_step,
+            )  # fmt: skip
+            progress = {**progress, "step": result.step, "epoch_batches": progress["epoch_batches"] + result.batches}
+            if progress["epoch_batches"] < batches_per_epoch:  # stopped mid-epoch
+                save(ckpt_dir / "last.pt", progress)
+                raise TrainingInterrupted(stop.requested or 0, ckpt_dir / "last.pt")
+            metrics = None
+            if epoch % trainer.val_every == 0 or epoch == trainer.epochs:
+                evaluation = evaluate(
+                    model, val_loader,
+                    num_classes=data.num_classes, ignore_index=data.ignore_index, device=device,
+                    mean=data.mean, std=data.std, loss_fn=loss_fn, max_batches=trainer.limit_val_batches,
+                    channels_last=trainer.channels_last, desc="val",
+                )  # fmt: skip
+                metrics = scores(evaluation.confusion, class_names)
+                metrics["val_loss"] = evaluation.loss
+                log.info(
+                    "epoch %d/%d: train loss %.4f, val loss %.4f, val mIoU %.4f, pixel acc %.4f",
+                    epoch, trainer.epochs, result.loss, evaluation.loss, metrics["miou"], metrics["pixel_acc"],
+                )  # fmt: skip
+                if writer is not None:
+                    _log_validation(writer, progress["step"], metrics)
+                    _log_samples(writer, progress["step"], model, val_set, sample_indices, data, device, palette)
+                if progress["best"] is None or metrics["miou"] > progress["best"]["miou"]:
+                    best = {k: metrics[k] for k in METRIC_KEYS} | {"epoch": epoch, "step": progress["step"]}
+                    progress = {**progress, "best": best}
+                    save(ckpt_dir / "best.pt", progress, metrics)
+            else:
+                log.info("epoch %d/%d: train loss %.4f", epoch, trainer.epochs, result.loss)
+            save(ckpt_dir / "last.pt", progress, metrics)
+            if stop.requested is not None and epoch < trainer.epochs:
+                raise TrainingInterrupted(stop.requested, ckpt_dir / "last.pt")
+            epoch += 1
+            progress = {**progress, "epoch": epoch, "epoch_batches": 0}
+    except NonFiniteLossError as exc:
+        last = ckpt_dir / "last.pt"
+        raise UserError(
+            f"training loss became {exc.value} at step {exc.step} ({exc.consecutive} in a row); "
+            f"last good checkpoint: {last if last.exists() else 'none yet'}. Lower optim.lr, check the data, "
+            "or set trainer.skip_nonfinite=K to skip up to K bad steps in a row"
+        ) from exc
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise UserError(_out_of_memory_message(cfg, device)) from exc
+    except RuntimeError as exc:
+        if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
+            raise UserError(_out_of_memory_message(cfg, device)) from exc
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    return _report(progress["best"], ckpt_dir, out_dir, data)
+
+
+def _report(best: dict, ckpt_dir: Path, out_dir: Path, data: DictConfig) -> dict:
     # The best checkpoint's validation scores were computed with exactly its weights when it was
     # chosen (evaluation is deterministic), so they are reported as they are, not recomputed.
     report = {k: best[k] for k in METRIC_KEYS} | {
@@ -161,16 +242,68 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     return report
 
 
-def _make_writer(logger_cfg: DictConfig, out_dir: Path):
+def _find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, Path] | None:
+    """``resume=auto``: this run directory's newest good ``last.pt`` (or the one before it);
+    ``resume=PATH``: exactly that file."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = load_resumable(ckpt_dir / "last.pt")
+        if found is None:
+            log.warning("resume=auto: no checkpoint in %s yet; starting fresh", ckpt_dir.resolve())
+        return found
+    path = Path(resume)
+    return load_checkpoint(path), path
+
+
+def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> None:
+    """``init_from``: weights only. Layers whose shape follows ``num_classes`` start afresh when
+    the class count differs; any other difference is an error."""
+    state = load_checkpoint(path)
+    saved = state["config"]["model"]
+    check_architecture({**saved, "num_classes": model_config["num_classes"]}, model_config, path)
+    weights = state["model"]
+    if saved["num_classes"] != model_config["num_classes"]:
+        own = model.state_dict()
+        reset = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
+        weights = {k: v for k, v in weights.items() if k not in reset}
+        log.warning(
+            "init_from %s: it has %d classes, this model %d; these layers start from their initialisation: %s",
+            path, saved["num_classes"], model_config["num_classes"], ", ".join(reset),
+        )  # fmt: skip
+        model.load_state_dict(weights, strict=False)
+    else:
+        model.load_state_dict(weights)
+    log.info("initialised weights from %s (optimizer and schedule start fresh)", path)
+
+
+def _set_deterministic(deterministic: bool) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def _out_of_memory_message(cfg: DictConfig, device: torch.device) -> str:
+    return (
+        f"out of memory on {device} with trainer.batch_size={cfg.trainer.batch_size}, "
+        f"data.crop_size={cfg.data.crop_size}, precision float32, model {cfg.model.backbone}-fcn{cfg.model.variant}: "
+        "lower trainer.batch_size first, then data.crop_size (or model.width for the tiny backbone)"
+    )
+
+
+def _make_writer(logger_cfg: DictConfig, out_dir: Path, purge_step: int | None):
     if not logger_cfg.tensorboard:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
 
 
-def _log_validation(writer, step: int, loss: float, metrics: dict) -> None:
-    writer.add_scalar("val/loss", loss, step)
+def _log_validation(writer, step: int, metrics: dict) -> None:
+    writer.add_scalar("val/loss", metrics["val_loss"], step)
     writer.add_scalar("val/mIoU", metrics["miou"], step)
     writer.add_scalar("val/pixel_acc", metrics["pixel_acc"], step)
     writer.add_scalar("val/mean_acc", metrics["mean_acc"], step)
@@ -183,6 +316,8 @@ def _log_validation(writer, step: int, loss: float, metrics: dict) -> None:
 @torch.no_grad()
 def _log_samples(writer, step, model, dataset, indices, data, device, palette) -> None:
     """The same few validation images at every validation: input, ground truth, prediction."""
+    if len(indices) == 0:
+        return
     images, masks = pad_collate([dataset[int(i)] for i in indices], data.ignore_index)
     model.eval()
     preds = model(normalize(images.to(device), data.mean, data.std)).argmax(1)
@@ -193,7 +328,12 @@ def _log_samples(writer, step, model, dataset, indices, data, device, palette) -
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the best val mIoU (for sweepers)."""
-    return train(cfg, HydraConfig.get().runtime.output_dir)["miou"]
+    with GracefulStop() as stop:
+        try:
+            return train(cfg, HydraConfig.get().runtime.output_dir, stop)["miou"]
+        except TrainingInterrupted as exc:
+            log.warning("%s", exc)
+            sys.exit(128 + exc.signum)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fcn.data.transforms import reseed
 from fcn.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -115,7 +116,10 @@ class SegmentationFolder(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``key`` is an index, or ``(index, seed)`` from :class:`fcn.data.sampler.ResumableSampler`
+        to draw this sample's augmentation from its own seed."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image_path, mask_path = self.pairs[index]
         image, mask = read_image(image_path), read_mask(mask_path)
         if image.shape[:2] != mask.shape:
@@ -124,6 +128,8 @@ class SegmentationFolder(Dataset):
                 f"{image.shape[1]}x{image.shape[0]}; masks must have the size of their image"
             )
         if self.transform is not None:
+            if seed is not None:
+                reseed(self.transform, seed)
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

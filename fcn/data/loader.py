@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fcn.rng import seed_worker
 
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,21 +38,24 @@ def make_loader(
     dataset: Dataset,
     *,
     batch_size: int,
-    shuffle: bool,
     num_workers: int,
     ignore_index: int,
+    sampler: Sampler | None = None,
     drop_last: bool = False,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> DataLoader:
-    """A DataLoader with pinned memory and persistent workers where they help."""
+    """A DataLoader over ``sampler`` (dataset order when None), padding batches with
+    :func:`pad_collate`, with pinned memory and persistent workers where they help and workers
+    seeded from ``seed``."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=_PadCollate(ignore_index),
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=seed_worker,
     )

@@ -7,10 +7,12 @@ padded with ``ignore_index``, so padding never counts as a class.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import albumentations as A
 import cv2
+import numpy as np
 import torch
 
 
@@ -64,6 +66,19 @@ def train_transforms(
             )
         )
     return A.Compose(steps)
+
+
+def reseed(transform: A.Compose, seed: int) -> None:
+    """Seed an albumentations pipeline for one sample, each step from its own stream.
+
+    ``Compose.set_random_seed`` gives every step the same seed, which would tie, say, the flip
+    decision to the scale factor; independent child seeds keep the steps independent.
+    """
+    seeds = np.random.SeedSequence(seed).generate_state(len(transform.transforms) + 1)
+    transform.random_generator = np.random.default_rng(seeds[0])
+    transform.py_random = random.Random(int(seeds[0]))
+    for step, child in zip(transform.transforms, seeds[1:]):
+        step.set_random_seed(int(child))
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
