@@ -52,6 +52,8 @@ def train_one_epoch(
     max_steps: int | None = None,
     channels_last: bool = False,
     skip_nonfinite: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     should_stop: Callable[[int], bool] | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
 ) -> EpochResult:
@@ -62,6 +64,8 @@ def train_one_epoch(
     ``should_stop(step)`` is polled after every step; when it says yes the epoch ends there.
     ``on_step(step, loss, lr)`` is called after every optimisation step (for logging).
     ``channels_last`` feeds the batch in NHWC memory order (pair it with a channels-last model).
+    ``amp_dtype`` (bfloat16 or float16) runs the forward pass under autocast; float16 needs a
+    ``scaler`` to keep small gradients from underflowing.
     """
     model.train()
     total, count, batches, bad_in_a_row = 0.0, 0, 0, 0
@@ -72,7 +76,8 @@ def train_one_epoch(
             break
         images = _to_model(images, device, mean, std, channels_last)
         masks = masks.to(device, non_blocking=True)
-        loss = loss_fn(model(images), masks)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model(images), masks)
         value = loss.item()
         lr = optimizer.param_groups[0]["lr"]
         step += 1
@@ -80,8 +85,13 @@ def train_one_epoch(
         if math.isfinite(value):
             bad_in_a_row = 0
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             total += value
             count += 1
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
@@ -105,6 +115,7 @@ class EvalResult:
 
     confusion: torch.Tensor  # num_classes x num_classes counts, rows = ground truth
     loss: float  # mean loss per batch (nan when no loss function was given)
+    images: int  # images scored
 
 
 @torch.no_grad()
@@ -120,6 +131,7 @@ def evaluate(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     max_batches: int | None = None,
     channels_last: bool = False,
+    amp_dtype: torch.dtype | None = None,
     desc: str = "eval",
 ) -> EvalResult:
     """Score ``model`` on ``loader`` at each image's own resolution.
@@ -129,14 +141,16 @@ def evaluate(
     """
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    total, count = 0.0, 0
+    total, count, images_seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, total=_num_batches(loader, max_batches), leave=False, disable=None)
     for i, (images, masks) in enumerate(bar):
         if max_batches is not None and i >= max_batches:
             break
+        images_seen += images.shape[0]
         images = _to_model(images, device, mean, std, channels_last)
         masks = masks.to(device, non_blocking=True)
-        logits = model(images)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
         if loss_fn is not None:
             total += loss_fn(logits, masks).item()
             count += 1
@@ -144,7 +158,7 @@ def evaluate(
             confusion += confusion_matrix(logits.argmax(1), masks, num_classes, ignore_index)
         except ValueError as exc:
             raise UserError(f"{exc}: fix the masks or set data.num_classes / data.ignore_index") from exc
-    return EvalResult(confusion=confusion.cpu(), loss=total / count if count else math.nan)
+    return EvalResult(confusion=confusion.cpu(), loss=total / count if count else math.nan, images=images_seen)
 
 
 def _to_model(images: torch.Tensor, device, mean, std, channels_last: bool) -> torch.Tensor:

@@ -12,13 +12,19 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fcn.checkpoint import load_checkpoint
-from fcn.cli.common import CONFIG_DIR, build_dataset, exit_on_user_error, prepare_data_root, resolve_device
+from fcn.cli.common import (
+    CONFIG_DIR,
+    build_dataset,
+    build_model,
+    exit_on_user_error,
+    prepare_data_root,
+    resolve_device,
+    resolve_precision,
+)
 from fcn.data.loader import make_loader
 from fcn.engine import evaluate
 from fcn.errors import UserError
@@ -55,9 +61,7 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
     # Rebuild the network exactly as trained; its weights come from the checkpoint, not a download.
     model_cfg = OmegaConf.create(ckpt["config"]["model"])
     model_cfg.pretrained, model_cfg.backbone_weights = False, None
-    model = instantiate(model_cfg).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(model_cfg, device, cfg.channels_last)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -73,7 +77,8 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
     log.info("evaluating %s on %s/%s (%d images) on %s", cfg.checkpoint, data.name, data.split, len(dataset), device)
     result = evaluate(
         model, loader, num_classes=data.num_classes, ignore_index=data.ignore_index, device=device,
-        mean=ckpt["mean"], std=ckpt["std"], channels_last=cfg.channels_last, desc=data.split,
+        mean=ckpt["mean"], std=ckpt["std"], channels_last=cfg.channels_last,
+        amp_dtype=resolve_precision(cfg.precision, device), desc=data.split,
     )  # fmt: skip
     metrics = scores(result.confusion, class_names)
     report = metrics | {

@@ -21,7 +21,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fcn.checkpoint import check_architecture, load_checkpoint, load_resumable, save_checkpoint
-from fcn.cli.common import CONFIG_DIR, build_dataset, exit_on_user_error, prepare_data_root, resolve_device
+from fcn.cli.common import (
+    CONFIG_DIR,
+    build_dataset,
+    build_model,
+    exit_on_user_error,
+    maybe_compile,
+    prepare_data_root,
+    resolve_device,
+    resolve_precision,
+)
 from fcn.data.loader import make_loader, pad_collate
 from fcn.data.sampler import ResumableSampler
 from fcn.data.transforms import normalize
@@ -91,19 +100,21 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         batches_per_epoch = min(batches_per_epoch, trainer.limit_train_batches)
 
     # Model, optimiser, schedule; then the state of an earlier run, when resuming.
-    model = instantiate(cfg.model)
+    model = build_model(cfg.model, device, trainer.channels_last)
     model_config = OmegaConf.to_container(cfg.model, resolve=True)
     if cfg.init_from:
         _init_weights(model, Path(cfg.init_from), model_config)
-    model = model.to(device)
-    if trainer.channels_last:  # NHWC: faster convolutions on CPUs (oneDNN) and on tensor cores
-        model = model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(
         "model %s-fcn%s: %.2fM parameters (%.2fM trainable), device %s",
         cfg.model.backbone, cfg.model.variant, sum(p.numel() for p in model.parameters()) / 1e6,
         sum(p.numel() for p in trainable) / 1e6, device,
     )  # fmt: skip
+    amp_dtype = resolve_precision(trainer.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    example = torch.zeros(trainer.batch_size, 3, *_pair(data.crop_size), device=device)
+    net = maybe_compile(model, trainer.compile, example.contiguous(memory_format=torch.channels_last)
+                        if trainer.channels_last else example)  # fmt: skip
     optimizer = instantiate(cfg.optim)(trainable)
     scheduler = instantiate(cfg.sched)(optimizer, total_steps=trainer.epochs * batches_per_epoch)
     loss_fn = instantiate(cfg.loss)
@@ -118,6 +129,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         progress = state["progress"]
         log.info("resumed from %s at epoch %d, batch %d, step %d", source, progress["epoch"],
                  progress["epoch_batches"], progress["step"])  # fmt: skip
@@ -152,6 +165,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": capture_rng_state(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "progress": progress_now,
             "epoch": progress_now["epoch"],
             "step": progress_now["step"],
@@ -170,10 +184,11 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
             epoch_start_step = progress["step"]
             sampler.set_epoch(epoch, start=progress["epoch_batches"] * trainer.batch_size)
             result = train_one_epoch(
-                model, train_loader, optimizer, scheduler, loss_fn,
+                net, train_loader, optimizer, scheduler, loss_fn,
                 device=device, mean=data.mean, std=data.std, step=progress["step"], epoch=epoch,
                 max_steps=batches_per_epoch - progress["epoch_batches"], channels_last=trainer.channels_last,
-                skip_nonfinite=trainer.skip_nonfinite, should_stop=stop.should_stop, on_step=on_step,
+                skip_nonfinite=trainer.skip_nonfinite, amp_dtype=amp_dtype, scaler=scaler,
+                should_stop=stop.should_stop, on_step=on_step,
             )  # fmt: skip
             progress = {**progress, "step": result.step, "epoch_batches": progress["epoch_batches"] + result.batches}
             if progress["epoch_batches"] < batches_per_epoch:  # stopped mid-epoch
@@ -182,10 +197,10 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
             metrics = None
             if epoch % trainer.val_every == 0 or epoch == trainer.epochs:
                 evaluation = evaluate(
-                    model, val_loader,
+                    net, val_loader,
                     num_classes=data.num_classes, ignore_index=data.ignore_index, device=device,
                     mean=data.mean, std=data.std, loss_fn=loss_fn, max_batches=trainer.limit_val_batches,
-                    channels_last=trainer.channels_last, desc="val",
+                    channels_last=trainer.channels_last, amp_dtype=amp_dtype, desc="val",
                 )  # fmt: skip
                 metrics = scores(evaluation.confusion, class_names)
                 metrics["val_loss"] = evaluation.loss
@@ -195,7 +210,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
                 )  # fmt: skip
                 if writer is not None:
                     _log_validation(writer, progress["step"], metrics)
-                    _log_samples(writer, progress["step"], model, val_set, sample_indices, data, device, palette)
+                    _log_samples(writer, progress["step"], net, val_set, sample_indices, data, device, palette)
                 if progress["best"] is None or metrics["miou"] > progress["best"]["miou"]:
                     best = {k: metrics[k] for k in METRIC_KEYS} | {"epoch": epoch, "step": progress["step"]}
                     progress = {**progress, "best": best}
@@ -215,10 +230,10 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
             "or set trainer.skip_nonfinite=K to skip up to K bad steps in a row"
         ) from exc
     except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise UserError(_out_of_memory_message(cfg, device)) from exc
+        raise UserError(_out_of_memory_message(cfg, device, amp_dtype)) from exc
     except RuntimeError as exc:
         if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
-            raise UserError(_out_of_memory_message(cfg, device)) from exc
+            raise UserError(_out_of_memory_message(cfg, device, amp_dtype)) from exc
         raise
     finally:
         if writer is not None:
@@ -286,12 +301,19 @@ def _set_deterministic(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _out_of_memory_message(cfg: DictConfig, device: torch.device) -> str:
+def _out_of_memory_message(cfg: DictConfig, device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    precision = str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "float32"
+    hint = "" if amp_dtype is not None or device.type != "cuda" else ", or trainer.precision=bf16"
     return (
         f"out of memory on {device} with trainer.batch_size={cfg.trainer.batch_size}, "
-        f"data.crop_size={cfg.data.crop_size}, precision float32, model {cfg.model.backbone}-fcn{cfg.model.variant}: "
-        "lower trainer.batch_size first, then data.crop_size (or model.width for the tiny backbone)"
+        f"data.crop_size={cfg.data.crop_size}, precision {precision}, "
+        f"model {cfg.model.backbone}-fcn{cfg.model.variant}: "
+        f"lower trainer.batch_size first, then data.crop_size (or model.width for the tiny backbone){hint}"
     )
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def _make_writer(logger_cfg: DictConfig, out_dir: Path, purge_step: int | None):

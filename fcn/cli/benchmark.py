@@ -1,0 +1,135 @@
+"""``python scripts/benchmark.py [overrides]``: how fast training, loading and evaluation run here.
+
+Prints one JSON object (also written to ``<run dir>/benchmark.json``):
+
+- ``train_img_s_compute``: training steps on batches already in memory;
+- ``train_img_s``: training with the real data loader from disk;
+- ``loader_img_s``: the data loader alone (decode, augment, collate);
+- ``eval_img_s``: evaluation at full resolution, confusion matrix included;
+- ``flops_per_img`` (forward + backward), ``achieved_flop_s``, ``peak_flop_s`` (a large matmul in
+  the same precision, measured in the same run) and their ratio ``mfu``;
+- ``peak_mem_mb``, ``checkpoint_save_s``, ``resume_load_s``, and what was measured on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from itertools import cycle, islice
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from fcn import benchmark
+from fcn.cli.common import (
+    CONFIG_DIR,
+    build_dataset,
+    build_model,
+    exit_on_user_error,
+    maybe_compile,
+    prepare_data_root,
+    resolve_device,
+    resolve_precision,
+)
+from fcn.data.loader import make_loader
+from fcn.data.sampler import ResumableSampler
+from fcn.rng import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Measure the configured training setup; write ``benchmark.json`` to ``out_dir`` and return it."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    data, trainer, bench = cfg.data, cfg.trainer, cfg.bench
+    prepare_data_root(data)
+    train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
+    val_set = build_dataset(data, data.val_split, None)
+    train_loader = make_loader(train_set, batch_size=trainer.batch_size, num_workers=trainer.num_workers,
+                               ignore_index=data.ignore_index, sampler=ResumableSampler(len(train_set), cfg.seed),
+                               drop_last=True, seed=cfg.seed)  # fmt: skip
+    val_loader = make_loader(val_set, batch_size=trainer.batch_size, num_workers=trainer.num_workers,
+                             ignore_index=data.ignore_index, seed=cfg.seed)  # fmt: skip
+    model = build_model(cfg.model, device, trainer.channels_last)
+    amp_dtype = resolve_precision(trainer.precision, device)
+    crop = (data.crop_size, data.crop_size) if isinstance(data.crop_size, int) else tuple(data.crop_size)
+    example = torch.zeros(trainer.batch_size, 3, *crop, device=device)
+    net = maybe_compile(model, trainer.compile, example.contiguous(memory_format=torch.channels_last)
+                        if trainer.channels_last else example)  # fmt: skip
+    optimizer = instantiate(cfg.optim)([p for p in model.parameters() if p.requires_grad])
+    loss_fn = instantiate(cfg.loss)
+    common = {"device": device, "mean": data.mean, "std": data.std, "channels_last": trainer.channels_last,
+              "amp_dtype": amp_dtype}  # fmt: skip
+    timing = {"warmup": bench.warmup, "repeats": bench.repeats}
+
+    # A few real batches kept in memory (uint8, as the loader yields them) for the compute-only rate.
+    held = list(islice(iter(train_loader), 4))
+    in_memory = list(islice(cycle(held), bench.steps + bench.warmup))
+    log.info("timing training steps on batches in memory")
+    compute = benchmark.training_rate(net, optimizer, loss_fn, in_memory, steps=bench.steps,
+                                      batch_size=trainer.batch_size, **timing, **common)  # fmt: skip
+    log.info("timing training with the data loader")
+    real = benchmark.training_rate(net, optimizer, loss_fn, train_loader, steps=bench.steps,
+                                   batch_size=trainer.batch_size, **timing, **common)  # fmt: skip
+    log.info("timing the data loader alone")
+    loader = benchmark.loader_rate(train_loader, batches=bench.steps, **timing)
+    log.info("timing evaluation")
+    evaluation = benchmark.evaluation_rate(
+        net, val_loader, batches=bench.eval_batches, repeats=bench.repeats,
+        num_classes=data.num_classes, ignore_index=data.ignore_index, **common,
+    )  # fmt: skip
+    images, masks = held[0]
+    images = images.to(device)
+    if trainer.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    flops = benchmark.flops_per_image(model, images, masks.to(device), loss_fn, data.mean, data.std, amp_dtype)
+    precision = amp_dtype or torch.float32
+    peak = benchmark.matmul_peak(device, precision, bench.repeats)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": {}}
+    save_s, load_s = benchmark.checkpoint_times(state, model, optimizer, bench.checkpoint_repeats)
+    result = {
+        "model": f"{cfg.model.backbone}-fcn{cfg.model.variant}",
+        "width": cfg.model.width,
+        "data": data.name,
+        "crop": list(images.shape[-2:]),
+        "batch_size": trainer.batch_size,
+        "num_workers": trainer.num_workers,
+        "channels_last": trainer.channels_last,
+        "compile": net is not model,
+        "train_img_s_compute": round(compute, 2),
+        "train_img_s": round(real, 2),
+        "loader_img_s": round(loader, 2),
+        "loader_ratio": round(real / compute, 3),
+        "eval_img_s": round(evaluation, 2),
+        "flops_per_img": flops,
+        "achieved_flop_s": flops * compute,
+        "peak_flop_s": peak,
+        "mfu": round(flops * compute / peak, 4),
+        "peak_mem_mb": round(benchmark.peak_memory_mb(device), 1),
+        "checkpoint_save_s": round(save_s, 4),
+        "resume_load_s": round(load_s, 4),
+        "device": benchmark.device_name(device),
+        "device_type": device.type,
+        "precision": str(precision).removeprefix("torch."),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="benchmark")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    run_benchmark(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

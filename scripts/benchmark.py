@@ -1,0 +1,6 @@
+"""Measure training, loading and evaluation speed: ``python scripts/benchmark.py [overrides]``."""
+
+from fcn.cli.benchmark import main
+
+if __name__ == "__main__":
+    main()
