@@ -42,11 +42,11 @@ def _median_rate(run: Callable[[], int], device: torch.device, repeats: int) -> 
     return statistics.median(rates)
 
 
-def training_rate(
+def training_rates(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_fn: Callable,
-    batches: Iterable,
+    sources: dict[str, Iterable],
     *,
     steps: int,
     warmup: int,
@@ -57,19 +57,26 @@ def training_rate(
     std: Sequence[float],
     channels_last: bool,
     amp_dtype: torch.dtype | None = None,
-) -> float:
-    """Images per second of full training steps over ``batches`` (a list in memory, or a loader)."""
+) -> dict[str, float]:
+    """Images per second of full training steps drawing batches from each of ``sources`` (a list
+    in memory, a data loader). The sources take turns within every repeat, so a slow spell of a
+    shared machine slows all of them alike and their ratio stays meaningful."""
     scheduler = constant(optimizer, total_steps=0)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
-    def run(n: int) -> int:
+    def run(batches: Iterable, n: int) -> int:
         train_one_epoch(model, batches, optimizer, scheduler, loss_fn, device=device, mean=mean, std=std,
                         step=0, epoch=0, max_steps=n, channels_last=channels_last, amp_dtype=amp_dtype,
                         scaler=scaler)  # fmt: skip
         return n * batch_size
 
-    run(warmup)
-    return _median_rate(lambda: run(steps), device, repeats)
+    rates: dict[str, list[float]] = {name: [] for name in sources}
+    for batches in sources.values():
+        run(batches, warmup)
+    for _ in range(repeats):
+        for name, batches in sources.items():
+            rates[name].append(_median_rate(lambda b=batches: run(b, steps), device, 1))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def loader_rate(loader: Iterable, *, batches: int, warmup: int, repeats: int) -> float:

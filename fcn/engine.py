@@ -132,12 +132,17 @@ def evaluate(
     max_batches: int | None = None,
     channels_last: bool = False,
     amp_dtype: torch.dtype | None = None,
+    infer: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     desc: str = "eval",
 ) -> EvalResult:
     """Score ``model`` on ``loader`` at each image's own resolution.
 
     Batches padded by :func:`fcn.data.loader.pad_collate` carry ``ignore_index`` in the padding,
-    so only real pixels count.
+    so only real pixels count. ``infer(model, images)`` replaces the plain forward pass (sliding
+    windows, test-time augmentation: see :mod:`fcn.inference`); ``on_batch(images, masks,
+    predictions)`` sees every batch (uint8 images as loaded, on the CPU), for saving or ranking
+    predictions.
     """
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -147,15 +152,19 @@ def evaluate(
         if max_batches is not None and i >= max_batches:
             break
         images_seen += images.shape[0]
+        raw = images
         images = _to_model(images, device, mean, std, channels_last)
         masks = masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
+            logits = model(images) if infer is None else infer(model, images)
         if loss_fn is not None:
-            total += loss_fn(logits, masks).item()
+            total += loss_fn(logits.float(), masks).item()
             count += 1
+        preds = logits.argmax(1)
+        if on_batch is not None:
+            on_batch(raw, masks.cpu(), preds.cpu())
         try:
-            confusion += confusion_matrix(logits.argmax(1), masks, num_classes, ignore_index)
+            confusion += confusion_matrix(preds, masks, num_classes, ignore_index)
         except ValueError as exc:
             raise UserError(f"{exc}: fix the masks or set data.num_classes / data.ignore_index") from exc
     return EvalResult(confusion=confusion.cpu(), loss=total / count if count else math.nan, images=images_seen)

@@ -30,42 +30,70 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 def scores(confusion: torch.Tensor, class_names: Sequence[str] | None = None) -> dict:
-    """The FCN scores of a confusion matrix, as plain Python floats in [0, 1].
+    """The scores of a confusion matrix, as plain Python floats in [0, 1].
 
-    Returns ``pixel_acc``, ``mean_acc``, ``miou``, ``fwiou`` and ``per_class_iou`` (class name ->
-    IoU). A class absent from both ground truth and prediction has no IoU: it is reported as
-    ``None`` and left out of the means, as ``nanmean`` does in FCN's ``score.py``.
+    Returns the four FCN scores (``pixel_acc``, ``mean_acc``, ``miou``, ``fwiou``, with the
+    formulas of FCN's ``score.py``), ``mean_dice``, and per class (class name -> value)
+    ``per_class_iou``, ``per_class_dice``, ``per_class_precision``, ``per_class_recall``.
+    A score whose denominator is zero is ``None`` (n/a) and is left out of the means, as
+    ``nanmean`` does in ``score.py``: a class absent from both ground truth and prediction has no
+    IoU or Dice, one never predicted has no precision, one absent from the ground truth no recall.
+    ``absent_classes`` lists the classes absent from both.
     """
     hist = confusion.double().cpu()
     num_classes = hist.shape[0]
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     total = hist.sum()
-    diag = hist.diag()
+    tp = hist.diag()
     gt = hist.sum(1)
-    union = gt + hist.sum(0) - diag
-    acc = diag / gt  # nan for classes absent from the ground truth
-    iou = diag / union  # nan for classes absent from ground truth and prediction
+    predicted = hist.sum(0)
+    union = gt + predicted - tp
+    # 0/0 gives nan: exactly the "not defined" cases described above
+    iou = tp / union
+    dice = 2 * tp / (gt + predicted)
+    recall = tp / gt
+    precision = tp / predicted
     freq = gt / total if total > 0 else gt
     seen = freq > 0
+
+    def per_class(values: torch.Tensor) -> dict[str, float | None]:
+        return {name: (None if math.isnan(v) else float(v)) for name, v in zip(names, values.tolist())}
+
     return {
-        "pixel_acc": float(diag.sum() / total) if total > 0 else math.nan,
-        "mean_acc": float(acc.nanmean()),
+        "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
+        "mean_acc": float(recall.nanmean()),
         "miou": float(iou.nanmean()),
         "fwiou": float((freq[seen] * iou[seen]).sum()),
-        "per_class_iou": {name: (None if math.isnan(v) else float(v)) for name, v in zip(names, iou.tolist())},
+        "mean_dice": float(dice.nanmean()),
+        "per_class_iou": per_class(iou),
+        "per_class_dice": per_class(dice),
+        "per_class_precision": per_class(precision),
+        "per_class_recall": per_class(recall),
+        "absent_classes": [name for name, u in zip(names, union.tolist()) if u == 0],
     }
 
 
 def format_table(metrics: dict) -> str:
-    """A plain-text table of per-class IoU and the four summary scores, for the console."""
+    """A plain-text table of the per-class scores present in ``metrics`` and the summary scores."""
+    columns = [(k, label) for k, label in (("per_class_iou", "IoU"), ("per_class_dice", "Dice"),
+               ("per_class_precision", "Prec"), ("per_class_recall", "Recall")) if k in metrics]  # fmt: skip
     names = list(metrics["per_class_iou"])
     width = max(12, *(len(n) for n in names))
-    lines = [f"{'class':<{width}}  IoU", "-" * (width + 8)]
-    for name, value in metrics["per_class_iou"].items():
-        lines.append(f"{name:<{width}}  {'n/a' if value is None else f'{100 * value:5.1f}'}")
-    lines.append("-" * (width + 8))
-    for key, label in (("miou", "mean IoU"), ("pixel_acc", "pixel acc"), ("mean_acc", "mean acc"), ("fwiou", "fw IoU")):
-        lines.append(f"{label:<{width}}  {100 * metrics[key]:5.1f}")
+
+    def cell(value: float | None) -> str:
+        return f"{'n/a' if value is None else f'{100 * value:.1f}':>7}"
+
+    header = f"{'class':<{width}}" + "".join(f"{label:>7}" for _, label in columns)
+    rule = "-" * len(header)
+    lines = [header, rule]
+    for name in names:
+        lines.append(f"{name:<{width}}" + "".join(cell(metrics[key][name]) for key, _ in columns))
+    lines.append(rule)
+    summary = (("miou", "mean IoU"), ("mean_dice", "mean Dice"), ("pixel_acc", "pixel acc"),
+               ("mean_acc", "mean acc"), ("fwiou", "fw IoU"))  # fmt: skip
+    for key, label in summary:
+        if key in metrics:
+            lines.append(f"{label:<{width}}{cell(metrics[key])}")
     if any(v is None for v in metrics["per_class_iou"].values()):
         lines.append("n/a: class absent from ground truth and prediction; left out of the means")
     return "\n".join(lines)

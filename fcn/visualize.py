@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-from torchvision.utils import make_grid
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import draw_segmentation_masks, make_grid
 
 
 def colorize(masks: torch.Tensor, palette: Sequence[Sequence[int]], ignore_index: int) -> torch.Tensor:
@@ -43,3 +45,50 @@ def default_palette(num_classes: int) -> list[list[int]]:
             c >>= 3
         palette.append([r, g, b])
     return palette
+
+
+def overlay(
+    image: torch.Tensor, mask: torch.Tensor, palette: Sequence[Sequence[int]], alpha: float = 0.5
+) -> torch.Tensor:
+    """The ``3 x H x W`` uint8 image with each class painted over it in its palette colour."""
+    classes = torch.arange(len(palette), device=mask.device)[:, None, None]
+    return draw_segmentation_masks(image.cpu(), (mask.cpu() == classes.cpu()), alpha=alpha,
+                                   colors=[tuple(c) for c in palette])  # fmt: skip
+
+
+def index_png(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """A mode "P" PNG image: pixel values are class indices, shown in the palette's colours."""
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    flat = [v for colour in palette for v in colour]
+    image.putpalette(flat + [0] * (768 - len(flat)))
+    return image
+
+
+def confusion_image(confusion: torch.Tensor, class_names: Sequence[str], cell: int = 36) -> Image.Image:
+    """The row-normalised confusion matrix as a picture: rows are ground truth, columns are
+    predictions, each cell shaded by the fraction of its row and labelled in percent."""
+    rows = confusion.double()
+    norm = rows / rows.sum(1, keepdim=True).clamp(min=1)
+    n = len(class_names)
+    font = ImageFont.load_default()
+    label = max(font.getlength(name) for name in class_names) + 10
+    margin = int(label) + 20
+    footer = "rows: ground truth, columns: predicted (% of row)"
+    size = (int(max(margin + n * cell, 10 + font.getlength(footer))) + 10, margin + n * cell + 22)
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        for j in range(n):
+            v = float(norm[i, j])
+            shade = int(255 * (1 - v))
+            x, y = margin + j * cell, margin + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255), outline=(200, 200, 200))
+            draw.text((x + 3, y + cell // 3), f"{100 * v:.0f}", fill="white" if v > 0.5 else "black", font=font)
+    for k, name in enumerate(class_names):
+        draw.text((5, margin + k * cell + cell // 3), name, fill="black", font=font)  # rows: ground truth
+        column = Image.new("RGBA", (int(label), 14), (255, 255, 255, 0))
+        ImageDraw.Draw(column).text((0, 0), name, fill="black", font=font)
+        rotated = column.rotate(90, expand=True)
+        canvas.paste(rotated, (margin + k * cell + cell // 3, 5), rotated)  # columns: prediction
+    draw.text((5, size[1] - 14), footer, fill="gray", font=font)
+    return canvas

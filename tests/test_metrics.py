@@ -75,3 +75,39 @@ def test_out_of_range_labels_raise_instead_of_being_dropped():
 def test_empty_confusion_gives_nan_not_a_crash():
     s = scores(torch.zeros(2, 2, dtype=torch.long))
     assert math.isnan(s["pixel_acc"]) and math.isnan(s["miou"])
+
+
+def _score_py(hist):
+    """The formulas of the original FCN score.py (numpy), as an independent oracle."""
+    import numpy as np
+
+    hist = hist.numpy().astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        acc = np.diag(hist).sum() / hist.sum()
+        acc_cls = np.nanmean(np.diag(hist) / hist.sum(1))
+        iu = np.diag(hist) / (hist.sum(1) + hist.sum(0) - np.diag(hist))
+        mean_iu = np.nanmean(iu)
+        freq = hist.sum(1) / hist.sum()
+        fwavacc = (freq[freq > 0] * iu[freq > 0]).sum()
+    return acc, acc_cls, mean_iu, fwavacc
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scores_match_fcn_score_py_and_torchmetrics_dice_precision_recall(seed):
+    from torchmetrics.classification import MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+
+    g = torch.Generator().manual_seed(seed)
+    num_classes, ignore = 4, 255
+    target = torch.randint(0, num_classes, (3, 20, 20), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.15] = ignore
+    pred = torch.randint(0, num_classes, target.shape, generator=g)
+    ours = scores(confusion_matrix(pred, target, num_classes, ignore))
+    acc, acc_cls, mean_iu, fwavacc = _score_py(confusion_matrix(pred, target, num_classes, ignore))
+    assert (ours["pixel_acc"], ours["mean_acc"], ours["miou"], ours["fwiou"]) == pytest.approx(
+        (acc, acc_cls, mean_iu, fwavacc), abs=1e-9
+    )
+    kwargs = {"num_classes": num_classes, "ignore_index": ignore, "average": "none"}
+    for key, oracle in (("per_class_dice", MulticlassF1Score), ("per_class_precision", MulticlassPrecision),
+                        ("per_class_recall", MulticlassRecall)):  # fmt: skip
+        expected = oracle(**kwargs)(pred, target).tolist()
+        assert list(ours[key].values()) == pytest.approx(expected, abs=1e-6), key

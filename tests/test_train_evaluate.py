@@ -10,7 +10,6 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fcn.cli.evaluate import run_evaluation
-from fcn.cli.train import train
 from fcn.errors import UserError
 from tests.conftest import compose_config, tiny_train_overrides
 
@@ -18,11 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"miou", "pixel_acc", "mean_acc", "fwiou", "per_class_iou"}
 
 
-@pytest.fixture(scope="module")
-def run_dir(shapes_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train_run")
-    train(compose_config("train", tiny_train_overrides(shapes_root)), out)
-    return out
+@pytest.fixture
+def run_dir(trained_run) -> Path:
+    return trained_run
 
 
 def test_training_writes_both_checkpoints_and_metrics(run_dir):

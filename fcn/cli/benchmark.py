@@ -70,12 +70,10 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     # A few real batches kept in memory (uint8, as the loader yields them) for the compute-only rate.
     held = list(islice(iter(train_loader), 4))
     in_memory = list(islice(cycle(held), bench.steps + bench.warmup))
-    log.info("timing training steps on batches in memory")
-    compute = benchmark.training_rate(net, optimizer, loss_fn, in_memory, steps=bench.steps,
-                                      batch_size=trainer.batch_size, **timing, **common)  # fmt: skip
-    log.info("timing training with the data loader")
-    real = benchmark.training_rate(net, optimizer, loss_fn, train_loader, steps=bench.steps,
-                                   batch_size=trainer.batch_size, **timing, **common)  # fmt: skip
+    log.info("timing training steps on batches in memory, and with the data loader, in turns")
+    rates = benchmark.training_rates(net, optimizer, loss_fn, {"compute": in_memory, "loader": train_loader},
+                                     steps=bench.steps, batch_size=trainer.batch_size, **timing, **common)  # fmt: skip
+    compute, real = rates["compute"], rates["loader"]
     log.info("timing the data loader alone")
     loader = benchmark.loader_rate(train_loader, batches=bench.steps, **timing)
     log.info("timing evaluation")

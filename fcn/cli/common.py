@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from fcn.checkpoint import load_checkpoint
 from fcn.data.folder import SegmentationFolder, find_pairs
 from fcn.data.shapes import ensure_shapes
 from fcn.errors import UserError
+from fcn.inference import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +124,35 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, example: torch.Tensor) 
         model.load_state_dict(saved)
     log.info("model compiled with torch.compile")
     return compiled
+
+
+def model_from_checkpoint(path: str | Path, device: torch.device, channels_last: bool) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network a checkpoint was trained as, with its weights, in eval mode.
+
+    The model settings come from the checkpoint's own config; weights come from the checkpoint,
+    never from a download (``pretrained`` and ``backbone_weights`` are switched off).
+    """
+    ckpt = load_checkpoint(path)
+    model_cfg = OmegaConf.create(ckpt["config"]["model"])
+    model_cfg.pretrained, model_cfg.backbone_weights = False, None
+    model = build_model(model_cfg, device, channels_last)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not fit its own model config: {str(exc).splitlines()[0]}") from exc
+    return model.eval(), ckpt
+
+
+def inference_fn(eval_cfg: DictConfig, num_classes: int) -> Callable | None:
+    """The ``infer(model, images)`` the ``eval`` settings ask for, or None for a plain forward pass."""
+    plain = eval_cfg.window is None and list(eval_cfg.scales) == [1.0] and not eval_cfg.hflip
+    if plain:
+        return None
+    return functools.partial(
+        predict_logits,
+        num_classes=num_classes,
+        window=list(eval_cfg.window) if eval_cfg.window is not None else None,
+        stride=list(eval_cfg.stride) if eval_cfg.stride is not None else None,
+        scales=list(eval_cfg.scales),
+        hflip=eval_cfg.hflip,
+    )

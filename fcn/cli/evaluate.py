@@ -2,25 +2,26 @@
 
 The model, class names, palette and the dataset it was trained on all come from the checkpoint.
 ``data=...`` picks another dataset config; ``data.KEY=VALUE`` changes one setting of whichever
-dataset is used (for example ``data.split=train`` or ``data.root=/elsewhere``).
+dataset is used (for example ``data.split=train`` or ``data.root=/elsewhere``). ``eval=...``
+chooses sliding windows or test-time augmentation (configs/eval/).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fcn.checkpoint import load_checkpoint
 from fcn.cli.common import (
     CONFIG_DIR,
     build_dataset,
-    build_model,
     exit_on_user_error,
+    inference_fn,
+    model_from_checkpoint,
     prepare_data_root,
     resolve_device,
     resolve_precision,
@@ -29,6 +30,8 @@ from fcn.data.loader import make_loader
 from fcn.engine import evaluate
 from fcn.errors import UserError
 from fcn.metrics import format_table, scores
+from fcn.report import PredictionWriter, WorstImages, write_metrics
+from fcn.visualize import comparison_grid
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +46,19 @@ def data_config(checkpoint_config: dict, cfg: DictConfig, overrides: list[str]) 
 
 
 def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -> dict:
-    """Score ``cfg.checkpoint`` on the chosen split; write ``metrics.json`` to ``out_dir`` and return it."""
+    """Score ``cfg.checkpoint`` on the chosen split; write the reports to ``out_dir`` and return the metrics."""
     if cfg.checkpoint is None:
         raise UserError("no checkpoint given: pass checkpoint=PATH (e.g. outputs/train/<run>/checkpoints/best.pt)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    ckpt = load_checkpoint(cfg.checkpoint)
+    model, ckpt = model_from_checkpoint(cfg.checkpoint, device, cfg.channels_last)
     data = data_config(ckpt["config"], cfg, overrides)
     if data.num_classes != ckpt["num_classes"]:
         raise UserError(
             f"checkpoint {cfg.checkpoint} predicts {ckpt['num_classes']} classes but data {data.name} "
             f"has {data.num_classes}; evaluate on the dataset it was trained for"
         )
-    class_names = ckpt["class_names"]
-
-    # Rebuild the network exactly as trained; its weights come from the checkpoint, not a download.
-    model_cfg = OmegaConf.create(ckpt["config"]["model"])
-    model_cfg.pretrained, model_cfg.backbone_weights = False, None
-    model = build_model(model_cfg, device, cfg.channels_last)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise UserError(
-            f"checkpoint {cfg.checkpoint} does not fit its own model config: {str(exc).splitlines()[0]}"
-        ) from exc
+    class_names, palette = ckpt["class_names"], ckpt["palette"]
 
     prepare_data_root(data)
     dataset = build_dataset(data, data.split, None)
@@ -75,32 +66,63 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
         dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, ignore_index=data.ignore_index
     )
     log.info("evaluating %s on %s/%s (%d images) on %s", cfg.checkpoint, data.name, data.split, len(dataset), device)
+    worst = WorstImages(cfg.eval.worst_images, data.num_classes, data.ignore_index)
+    writer = PredictionWriter(out_dir / "predictions", [p for p, _ in dataset.pairs], palette)
+
+    def on_batch(images, masks, preds):
+        worst.add(images, masks, preds)
+        if cfg.eval.save_predictions:
+            writer(images, masks, preds)
+
     result = evaluate(
         model, loader, num_classes=data.num_classes, ignore_index=data.ignore_index, device=device,
         mean=ckpt["mean"], std=ckpt["std"], channels_last=cfg.channels_last,
-        amp_dtype=resolve_precision(cfg.precision, device), desc=data.split,
+        amp_dtype=resolve_precision(cfg.precision, device), infer=inference_fn(cfg.eval, data.num_classes),
+        on_batch=on_batch, desc=data.split,
     )  # fmt: skip
     metrics = scores(result.confusion, class_names)
     report = metrics | {
         "checkpoint": str(cfg.checkpoint),
         "dataset": data.name,
         "split": data.split,
-        "images": len(dataset),
+        "images": result.images,
+        "eval": OmegaConf.to_container(cfg.eval),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_metrics(out_dir, report, result.confusion, class_names)
     if cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:
-            for key in ("miou", "pixel_acc", "mean_acc", "fwiou"):
-                writer.add_scalar(f"eval/{key}", metrics[key], ckpt["step"])
-            for name, iou in metrics["per_class_iou"].items():
-                if iou is not None:
-                    writer.add_scalar(f"eval/IoU/{name}", iou, ckpt["step"])
-    print(f"\n{cfg.checkpoint} on {data.name} {data.split} ({len(dataset)} images):")
+        _log_tensorboard(out_dir, ckpt["step"], metrics, worst, palette, data.ignore_index)
+    print(f"\n{cfg.checkpoint} on {data.name} {data.split} ({result.images} images):")
     print(format_table(report))
-    print(f"metrics: {out_dir / 'metrics.json'}")
+    if metrics["absent_classes"]:
+        print(f"absent from ground truth and prediction: {', '.join(metrics['absent_classes'])}")
+    print(f"reports: {out_dir} (metrics.json, per_class.csv, confusion_matrix.csv/.png)")
     return report
+
+
+def _log_tensorboard(out_dir: Path, step: int, metrics: dict, worst: WorstImages, palette, ignore_index: int) -> None:
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:
+        for key in ("miou", "pixel_acc", "mean_acc", "fwiou", "mean_dice"):
+            writer.add_scalar(f"eval/{key}", metrics[key], step)
+        for name, iou in metrics["per_class_iou"].items():
+            if iou is not None:
+                writer.add_scalar(f"eval/IoU/{name}", iou, step)
+        picture = np.asarray(Image.open(out_dir / "confusion_matrix.png").convert("RGB"))
+        writer.add_image("eval/confusion_matrix", picture, step, dataformats="HWC")
+        ranked = worst.worst()
+        if ranked:
+            # crop to a common size so images of different sizes fit one grid
+            height = min(image.shape[-2] for _, image, _, _ in ranked)
+            width = min(image.shape[-1] for _, image, _, _ in ranked)
+            images = torch.stack([i[:, :height, :width] for _, i, _, _ in ranked])
+            masks = torch.stack([m[:height, :width] for _, _, m, _ in ranked])
+            preds = torch.stack([p[:height, :width] for _, _, _, p in ranked])
+            grid = comparison_grid(images, masks, preds, palette, ignore_index)
+            writer.add_image("eval/worst_images", grid, step)
+            writer.add_text("eval/worst_images", ", ".join(f"{100 * m:.1f}" for m, *_ in ranked), step)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

@@ -295,7 +295,9 @@ def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> Non
 def _set_deterministic(deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
-        torch.use_deterministic_algorithms(True)
+        # warn_only: a few CUDA kernels FCN needs (max-pool and 2-D NLL-loss backward) have no
+        # deterministic version; torch warns about each instead of refusing to train.
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True

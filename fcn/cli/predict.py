@@ -1,0 +1,110 @@
+"""``python scripts/predict.py checkpoint=PATH input=DIR_OR_GLOB_OR_FILE output=DIR``: masks for your images.
+
+A file that cannot be read is reported and skipped; the others are still written, and the exit
+code (1) says that some failed.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from fcn.cli.common import (
+    CONFIG_DIR,
+    exit_on_user_error,
+    inference_fn,
+    model_from_checkpoint,
+    resolve_device,
+    resolve_precision,
+)
+from fcn.data.folder import IMAGE_EXTENSIONS, read_image
+from fcn.data.transforms import normalize
+from fcn.errors import UserError
+from fcn.report import save_prediction
+
+log = logging.getLogger(__name__)
+
+
+def find_inputs(spec: str) -> list[Path]:
+    """The images named by a folder, a glob pattern or a single file."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    if not files:
+        raise UserError(f"input={spec}: no image files found (a folder, a glob such as 'photos/*.jpg', or a file)")
+    return files
+
+
+def run_prediction(cfg: DictConfig) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Predict every input; returns the images written and the ``(file, reason)`` of those skipped."""
+    if cfg.checkpoint is None:
+        raise UserError("no checkpoint given: pass checkpoint=PATH (predict never runs with random weights)")
+    if cfg.input is None or cfg.output is None:
+        raise UserError("pass input=DIR_OR_GLOB_OR_FILE and output=DIR")
+    device = resolve_device(cfg.device)
+    model, ckpt = model_from_checkpoint(cfg.checkpoint, device, cfg.channels_last)
+    infer = inference_fn(cfg.eval, ckpt["num_classes"])
+    amp_dtype = resolve_precision(cfg.precision, device)
+    files = find_inputs(str(cfg.input))
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    failed: list[tuple[Path, str]] = []
+    batch: list[tuple[Path, np.ndarray]] = []
+
+    @torch.no_grad()
+    def flush() -> None:
+        images = torch.stack([torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))) for _, a in batch])
+        x = normalize(images.to(device), ckpt["mean"], ckpt["std"])
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = (model(x) if infer is None else infer(model, x)).float()
+        preds = logits.argmax(1).cpu()
+        probs = logits.softmax(1).half().cpu().numpy() if cfg.save_probs else None
+        for k, (path, _) in enumerate(batch):
+            save_prediction(out_dir, path.stem, images[k], preds[k], ckpt["palette"])
+            if probs is not None:
+                np.save(out_dir / f"{path.stem}.npy", probs[k])
+            written.append(path)
+        batch.clear()
+
+    for path in files:
+        try:
+            array = read_image(path)
+        except UserError as exc:
+            log.error("skipped %s", exc)
+            failed.append((path, str(exc)))
+            continue
+        if batch and (array.shape != batch[0][1].shape or len(batch) == cfg.batch_size):
+            flush()  # a batch holds images of one size
+        batch.append((path, array))
+    if batch:
+        flush()
+    print(f"wrote {len(written)} predictions to {out_dir}" + (f"; {len(failed)} files failed:" if failed else ""))
+    for path, reason in failed:
+        print(f"  {path}: {reason}")
+    return written, failed
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    _, failed = run_prediction(cfg)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Shipping a trained model: ONNX with dynamic batch and image size, or safetensors weights with a
+JSON sidecar from which :func:`load_safetensors` rebuilds the model without the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fcn.errors import UserError
+from fcn.models import FCN
+
+
+def export_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
+    """Write ``model`` (eval mode, float32, CPU) to ``path``; batch, height and width are dynamic."""
+    try:
+        import onnxscript  # noqa: F401  (the exporter needs it)
+    except ImportError as exc:
+        raise UserError("ONNX export needs the export extra: pip install -e '.[export]'") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, 3, 64, 64)
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    torch.onnx.export(
+        model.eval(), (example,), str(path), input_names=["images"], output_names=["logits"],
+        dynamic_shapes={"x": dims}, dynamo=True, opset_version=opset, verbose=False,
+    )  # fmt: skip
+
+
+def check_onnx(model: nn.Module, path: Path, shapes: Sequence[Sequence[int]], seed: int = 0) -> float:
+    """Largest absolute difference between onnxruntime and PyTorch logits on random inputs of ``shapes``."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise UserError("checking the ONNX file needs onnxruntime: pip install -e '.[export]'") from exc
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for shape in shapes:
+        x = torch.randn(*shape, generator=generator)
+        (onnx_out,) = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            torch_out = model.eval()(x).numpy()
+        if onnx_out.shape != torch_out.shape:
+            raise UserError(f"ONNX output shape {onnx_out.shape} differs from PyTorch's {torch_out.shape} for {shape}")
+        worst = max(worst, float(np.abs(onnx_out - torch_out).max()))
+    return worst
+
+
+def save_safetensors(model: nn.Module, path: Path, metadata: dict[str, Any]) -> Path:
+    """Weights to ``path`` (.safetensors) and ``metadata`` to a ``.json`` sidecar; returns the sidecar."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
+    return sidecar
+
+
+def load_safetensors(path: str | Path) -> tuple[FCN, dict[str, Any]]:
+    """Rebuild an exported model from ``path`` and its ``.json`` sidecar.
+
+    Returns the model in eval mode and the sidecar: class names, palette, normalisation
+    (``mean``/``std`` of images scaled to [0, 1]) and the model settings.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    for file in (path, sidecar):
+        if not file.is_file():
+            raise UserError(f"exported model file not found: {file.resolve()}")
+    metadata = json.loads(sidecar.read_text())
+    model = FCN(**metadata["model"])
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), metadata

@@ -1,0 +1,90 @@
+"""Evaluation outputs written next to each other in a run directory: the metrics as JSON and CSV,
+the confusion matrix as counts and as a picture, and predicted masks."""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fcn.metrics import confusion_matrix, scores
+from fcn.visualize import confusion_image, index_png, overlay
+
+
+def write_metrics(out_dir: Path, metrics: dict, confusion: torch.Tensor, class_names: Sequence[str]) -> None:
+    """``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv`` (counts) and
+    ``confusion_matrix.png`` (row-normalised)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(out_dir / "per_class.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "iou", "dice", "precision", "recall", "pixels"])
+        pixels = confusion.sum(1).tolist()
+        for k, name in enumerate(class_names):
+            row = [metrics[key][name] for key in ("per_class_iou", "per_class_dice", "per_class_precision",
+                                                   "per_class_recall")]  # fmt: skip
+            writer.writerow([name, *("" if v is None else f"{v:.6f}" for v in row), pixels[k]])
+    with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ground_truth \\ predicted", *class_names])
+        for name, row in zip(class_names, confusion.tolist()):
+            writer.writerow([name, *row])
+    confusion_image(confusion, class_names).save(out_dir / "confusion_matrix.png")
+
+
+class WorstImages:
+    """Keeps the ``k`` images of lowest mean IoU seen so far (image, ground truth, prediction)."""
+
+    def __init__(self, k: int, num_classes: int, ignore_index: int) -> None:
+        self.k, self.num_classes, self.ignore_index = k, num_classes, ignore_index
+        self._heap: list[tuple[float, int, tuple]] = []
+        self._seen = 0
+
+    def add(self, images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> None:
+        for image, mask, pred in zip(images, masks, preds):
+            self._seen += 1
+            miou = scores(confusion_matrix(pred, mask, self.num_classes, self.ignore_index))["miou"]
+            if np.isnan(miou):
+                continue
+            item = (-miou, self._seen, (image, mask, pred))  # max-heap on badness
+            if len(self._heap) < self.k:
+                heapq.heappush(self._heap, item)
+            elif item > self._heap[0]:
+                heapq.heapreplace(self._heap, item)
+
+    def worst(self) -> list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(miou, image, mask, prediction)``, worst first."""
+        return [(-neg, *tensors) for neg, _, tensors in sorted(self._heap, reverse=True)]
+
+
+class PredictionWriter:
+    """Writes ``<stem>.png`` (index mask with the palette) and ``<stem>_overlay.jpg`` per image,
+    cropped to each image's own size, for a loader that yields ``paths`` in order."""
+
+    def __init__(self, out_dir: Path, paths: Sequence[Path], palette: Sequence[Sequence[int]]) -> None:
+        self.out_dir, self.paths, self.palette = out_dir, list(paths), palette
+        self._next = 0
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> None:
+        del masks
+        for image, pred in zip(images, preds):
+            path = self.paths[self._next]
+            self._next += 1
+            with Image.open(path) as original:
+                width, height = original.size
+            pred = pred[:height, :width]
+            save_prediction(self.out_dir, path.stem, image[:, :height, :width], pred, self.palette)
+
+
+def save_prediction(out_dir: Path, stem: str, image: torch.Tensor, pred: torch.Tensor, palette) -> None:
+    """One image's ``<stem>.png`` (mode "P") and ``<stem>_overlay.jpg``."""
+    index_png(pred.numpy(), palette).save(out_dir / f"{stem}.png")
+    painted = overlay(image, pred, palette).permute(1, 2, 0).numpy()
+    Image.fromarray(painted).save(out_dir / f"{stem}_overlay.jpg", quality=90)

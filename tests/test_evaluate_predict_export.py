@@ -1,0 +1,121 @@
+"""Evaluation reports, prediction on folders, and export, from a checkpoint trained in the tests."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fcn.checkpoint import load_checkpoint
+from fcn.cli.common import model_from_checkpoint
+from fcn.cli.evaluate import run_evaluation
+from fcn.cli.export import run_export
+from fcn.cli.predict import run_prediction
+from fcn.errors import UserError
+from fcn.export import load_safetensors
+from tests.conftest import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _best(run: Path) -> Path:
+    return run / "checkpoints" / "best.pt"
+
+
+def test_evaluation_writes_every_report(trained_run, tmp_path):
+    cfg = compose_config(
+        "evaluate", [f"checkpoint={_best(trained_run)}", "num_workers=0", "eval.save_predictions=true"]
+    )
+    report = run_evaluation(cfg, tmp_path, overrides=[])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("miou", "pixel_acc", "mean_acc", "fwiou", "mean_dice", "per_class_dice", "per_class_precision",
+                "per_class_recall", "absent_classes"):  # fmt: skip
+        assert key in metrics, key
+    rows = list(csv.DictReader(open(tmp_path / "per_class.csv")))
+    assert [r["class"] for r in rows] == list(report["per_class_iou"])
+    counts = list(csv.reader(open(tmp_path / "confusion_matrix.csv")))
+    assert sum(int(v) for row in counts[1:] for v in row[1:]) == sum(int(r["pixels"]) for r in rows)
+    assert Image.open(tmp_path / "confusion_matrix.png").size[0] > 100
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"eval/confusion_matrix", "eval/worst_images"} <= set(events.Tags()["images"])
+    # saved predictions: index PNGs in the image's size with the checkpoint's palette, plus overlays
+    masks = sorted((tmp_path / "predictions").glob("*[0-9].png"))
+    assert len(masks) == report["images"] == 5
+    mask = Image.open(masks[0])
+    assert mask.mode == "P" and mask.size == (48, 48)
+    assert mask.getpalette()[3:6] == load_checkpoint(_best(trained_run))["palette"][1]
+    assert (tmp_path / "predictions" / f"{masks[0].stem}_overlay.jpg").is_file()
+
+
+def test_tta_and_sliding_window_evaluation_run_at_full_resolution(trained_run, tmp_path):
+    for option, extra in (("eval=tta", "eval.hflip=true"), ("eval=sliding", "eval.window=[32,32]")):
+        cfg = compose_config("evaluate", [f"checkpoint={_best(trained_run)}", "num_workers=0", option, extra])
+        report = run_evaluation(cfg, tmp_path / option, overrides=[])
+        assert report["images"] == 5 and 0 <= report["miou"] <= 1
+
+
+def _images(folder: Path) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (33, 29, 3), dtype=np.uint8)).save(folder / "b.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(folder / "c.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+
+
+def test_predict_writes_masks_and_overlays_and_reports_bad_files(trained_run, tmp_path):
+    _images(tmp_path / "in")
+    cfg = compose_config("predict", [f"checkpoint={_best(trained_run)}", f"input={tmp_path / 'in'}",
+                                     f"output={tmp_path / 'out'}", "save_probs=true", "batch_size=2"])  # fmt: skip
+    written, failed = run_prediction(cfg)
+    assert [p.name for p in written] == ["a.png", "b.jpg", "c.png"]
+    assert [p.name for p, _ in failed] == ["broken.jpg"]
+    for stem, size in (("a", (52, 40)), ("b", (29, 33)), ("c", (52, 40))):
+        mask = Image.open(tmp_path / "out" / f"{stem}.png")
+        assert mask.mode == "P" and mask.size == size
+        assert Image.open(tmp_path / "out" / f"{stem}_overlay.jpg").size == size
+        probs = np.load(tmp_path / "out" / f"{stem}.npy")
+        assert probs.shape == (6, size[1], size[0]) and np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+
+
+def test_predict_cli_exit_code_says_some_failed(trained_run, tmp_path):
+    _images(tmp_path / "in")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "predict.py"), f"checkpoint={_best(trained_run)}",
+         f"input={tmp_path / 'in' / '*'}", f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "wrote 3 predictions" in proc.stdout and "broken.jpg" in proc.stdout
+    assert (tmp_path / "out" / "c.png").is_file()
+
+
+def test_predict_refuses_to_run_without_a_checkpoint(tmp_path):
+    cfg = compose_config("predict", [f"input={tmp_path}", f"output={tmp_path / 'out'}"])
+    with pytest.raises(UserError, match="never runs with random weights"):
+        run_prediction(cfg)
+
+
+def test_onnx_export_matches_pytorch(trained_run, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    run_export(compose_config("export", [f"checkpoint={_best(trained_run)}", "format=onnx", f"output={out}"]))
+    assert out.is_file()
+    assert "max abs difference" in capsys.readouterr().out
+
+
+def test_safetensors_export_rebuilds_the_model_without_the_checkpoint(trained_run, tmp_path):
+    out = tmp_path / "model.safetensors"
+    run_export(compose_config("export", [f"checkpoint={_best(trained_run)}", "format=safetensors", f"output={out}"]))
+    rebuilt, meta = load_safetensors(out)
+    original, ckpt = model_from_checkpoint(_best(trained_run), torch.device("cpu"), channels_last=False)
+    assert meta["class_names"] == ckpt["class_names"] and meta["mean"] == ckpt["mean"]
+    x = torch.randn(1, 3, 37, 41)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), original(x))
