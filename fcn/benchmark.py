@@ -7,6 +7,7 @@ so a speed-up measured here is a speed-up of training.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import platform
 import resource
 import statistics
@@ -22,6 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from fcn.checkpoint import load_checkpoint, save_checkpoint
 from fcn.data.transforms import normalize
 from fcn.engine import evaluate, train_one_epoch
+from fcn.inference import predict_logits
+from fcn.metrics import confusion_matrix
+from fcn.models import FCN
 from fcn.schedule import constant
 
 
@@ -96,7 +100,7 @@ def loader_rate(loader: Iterable, *, batches: int, warmup: int, repeats: int) ->
 
 def evaluation_rate(
     model: nn.Module, loader: Iterable, *, batches: int, repeats: int, device: torch.device, **evaluate_kwargs
-) -> float:
+) -> float:  # evaluate_kwargs: what fcn.engine.evaluate takes (infer= for sliding windows or TTA)
     """Images per second of :func:`fcn.engine.evaluate`, confusion matrix included."""
 
     def run() -> int:
@@ -179,3 +183,45 @@ def checkpoint_times(
             optimizer.load_state_dict(loaded["optimizer"])
             loads.append(time.perf_counter() - start)
     return statistics.median(saves), statistics.median(loads)
+
+
+def confusion_seconds_per_image(preds: torch.Tensor, masks: torch.Tensor, num_classes: int, ignore_index: int,
+                                repeats: int) -> float:  # fmt: skip
+    """Median seconds per image of the confusion-matrix update of one batch (to set against
+    evaluation time: the metric overhead)."""
+    device = preds.device
+
+    def run() -> int:
+        for _ in range(20):
+            confusion_matrix(preds, masks, num_classes, ignore_index)
+        return 20 * preds.shape[0]
+
+    run()
+    return 1 / _median_rate(run, device, repeats)
+
+
+def _sliding_window_child(model_kwargs: dict, size: Sequence[int], window: Sequence[int],
+                          stride: Sequence[int], queue) -> None:  # fmt: skip
+    torch.set_num_threads(torch.get_num_threads())
+    model = FCN(**model_kwargs).eval()
+    image = torch.randn(1, 3, *size)
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = predict_logits(model, image, num_classes=model_kwargs["num_classes"], window=window, stride=stride)
+    seconds = time.perf_counter() - start
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, seconds, list(logits.shape)))
+
+
+def sliding_window_peak(model_kwargs: dict, size: Sequence[int], window: Sequence[int],
+                        stride: Sequence[int]) -> dict:  # fmt: skip
+    """Peak resident memory (MB) and seconds of sliding-window inference on one ``size`` image on
+    the CPU, measured in a fresh process so nothing else this process did counts."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_sliding_window_child, args=(model_kwargs, list(size), list(window),
+                                                                list(stride), queue))  # fmt: skip
+    child.start()
+    peak_mb, seconds, shape = queue.get(timeout=600)
+    child.join()
+    return {"image": list(size), "window": list(window), "stride": list(stride), "peak_mem_mb": round(peak_mb, 1),
+            "seconds": round(seconds, 2), "output": shape}  # fmt: skip

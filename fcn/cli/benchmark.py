@@ -22,7 +22,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fcn import benchmark
 from fcn.cli.common import (
@@ -30,6 +30,7 @@ from fcn.cli.common import (
     build_dataset,
     build_model,
     exit_on_user_error,
+    inference_fn,
     maybe_compile,
     prepare_data_root,
     resolve_device,
@@ -37,6 +38,7 @@ from fcn.cli.common import (
 )
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
+from fcn.data.transforms import normalize
 from fcn.rng import seed_everything
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,21 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         net, val_loader, batches=bench.eval_batches, repeats=bench.repeats,
         num_classes=data.num_classes, ignore_index=data.ignore_index, **common,
     )  # fmt: skip
+    tta = inference_fn(OmegaConf.create({"window": None, "stride": None, "scales": list(bench.tta_scales),
+                                         "hflip": True}), data.num_classes)  # fmt: skip
+    evaluation_tta = benchmark.evaluation_rate(
+        net, val_loader, batches=bench.eval_batches, repeats=bench.repeats, infer=tta,
+        num_classes=data.num_classes, ignore_index=data.ignore_index, **common,
+    )  # fmt: skip
+    val_images, val_masks = next(iter(val_loader))
+    with torch.no_grad():
+        val_preds = net(normalize(val_images.to(device), data.mean, data.std)).argmax(1)
+    metric_s = benchmark.confusion_seconds_per_image(val_preds, val_masks.to(device), data.num_classes,
+                                                     data.ignore_index, bench.repeats)  # fmt: skip
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if not k.startswith("_")}
+    model_kwargs.update(pretrained=False, backbone_weights=None)
+    log.info("sliding-window inference on a %s image in a fresh process", list(bench.large_image))
+    sliding = benchmark.sliding_window_peak(model_kwargs, bench.large_image, bench.window, bench.stride)
     images, masks = held[0]
     images = images.to(device)
     if trainer.channels_last:
@@ -104,6 +121,10 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "loader_img_s": round(loader, 2),
         "loader_ratio": round(real / compute, 3),
         "eval_img_s": round(evaluation, 2),
+        "eval_img_s_tta": round(evaluation_tta, 2),
+        "tta": {"scales": list(bench.tta_scales), "hflip": True},
+        "eval_metric_overhead": round(metric_s * evaluation, 4),
+        "sliding_window": sliding,
         "flops_per_img": flops,
         "achieved_flop_s": flops * compute,
         "peak_flop_s": peak,
