@@ -69,10 +69,10 @@ def training_rates(
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     def run(batches: Iterable, n: int) -> int:
-        train_one_epoch(model, batches, optimizer, scheduler, loss_fn, device=device, mean=mean, std=std,
-                        step=0, epoch=0, max_steps=n, channels_last=channels_last, amp_dtype=amp_dtype,
-                        scaler=scaler)  # fmt: skip
-        return n * batch_size
+        result = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, device=device, mean=mean,
+                                 std=std, step=0, epoch=0, max_steps=n, channels_last=channels_last,
+                                 amp_dtype=amp_dtype, scaler=scaler)  # fmt: skip
+        return result.batches * batch_size  # fewer than n when the loader runs out
 
     rates: dict[str, list[float]] = {name: [] for name in sources}
     for batches in sources.values():
@@ -202,7 +202,6 @@ def confusion_seconds_per_image(preds: torch.Tensor, masks: torch.Tensor, num_cl
 
 def _sliding_window_child(model_kwargs: dict, size: Sequence[int], window: Sequence[int],
                           stride: Sequence[int], queue) -> None:  # fmt: skip
-    torch.set_num_threads(torch.get_num_threads())
     model = FCN(**model_kwargs).eval()
     image = torch.randn(1, 3, *size)
     start = time.perf_counter()

@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -46,15 +45,17 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
     path = Path(path)
     _check_finite(state.get("model", {}), path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
+    tmp: Path | None = None
     try:
         tmp = _write_durably({"format_version": FORMAT_VERSION, **state}, path)
         if keep_previous and path.exists():
             # A hard link, not a rename: `path` exists at every moment, old or new.
-            link = path.parent / f".{path.name}.prev-{os.getpid()}"
-            link.unlink(missing_ok=True)
+            link = path.parent / f".{path.name}.prev-{os.getpid()}.tmp"
             os.link(path, link)
             os.replace(link, previous_path(path))
         os.replace(tmp, path)
+        tmp = None
         _fsync_dir(path.parent)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -63,33 +64,48 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
                 f"(if any) is intact; free space on {path.parent} and resume with resume=auto"
             ) from exc
         raise
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        _remove_leftovers(path)
+
+
+def _remove_leftovers(path: Path) -> None:
+    # Complete temporaries a kill left between writing and renaming (one writer per checkpoint).
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 def _write_durably(state: dict[str, Any], path: Path) -> Path:
     """Serialise to a temporary file next to ``path``, fsync it, and return its name."""
+    name = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
     except (AttributeError, OSError):  # no O_TMPFILE (not Linux, or a file system without it)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd = None
+    if fd is not None:
         try:
-            _dump(state, fd)
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
-            raise
-        return Path(name)
-    try:
-        _dump(state, fd, close=False)
-        name = path.parent / f".{path.name}.{os.getpid()}.tmp"
-        name.unlink(missing_ok=True)
-        # Give the finished file a name. A directory fd makes os.link call linkat() with
-        # AT_SYMLINK_FOLLOW, which links the open file rather than the /proc symlink.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.link(f"/proc/self/fd/{fd}", name.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+            _dump(state, fd, close=False)
+            # Give the finished file a name. A directory fd makes os.link call linkat() with
+            # AT_SYMLINK_FOLLOW, which links the open file rather than the /proc symlink.
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.link(f"/proc/self/fd/{fd}", name.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                return name
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # no /proc, or no hard links here: fall through to a named temporary file
+            finally:
+                os.close(dir_fd)
         finally:
-            os.close(dir_fd)
-    finally:
-        os.close(fd)
+            os.close(fd)
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _dump(state, fd)
+    except BaseException:
+        name.unlink(missing_ok=True)
+        raise
     return name
 
 
@@ -130,6 +146,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"checkpoint {path} is corrupt or truncated ({exc.__class__.__name__}: {exc})") from exc
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not an fcn checkpoint (no 'model' and 'config' entries)")
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint {path} has format {state['format_version']}, newer than this fcn reads "
+            f"({FORMAT_VERSION}); upgrade fcn"
+        )
     return state
 
 

@@ -26,7 +26,6 @@ class EpochResult:
     step: int  # global step after the epoch (every batch drawn counts, skipped or not)
     loss: float  # mean training loss over the epoch's finite steps
     batches: int  # batches drawn in this call
-    stopped: bool  # the epoch ended early because a stop was requested
 
 
 class NonFiniteLossError(Exception):
@@ -69,11 +68,10 @@ def train_one_epoch(
     """
     model.train()
     total, count, batches, bad_in_a_row = 0.0, 0, 0, 0
-    stopped = False
     bar = tqdm(loader, desc=f"epoch {epoch}", total=_num_batches(loader, max_steps), leave=False, disable=None)
+    if max_steps is not None and max_steps <= 0:
+        return EpochResult(step=step, loss=0.0, batches=0)
     for images, masks in bar:
-        if max_steps is not None and batches >= max_steps:
-            break
         images = _to_model(images, device, mean, std, channels_last)
         masks = masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -82,7 +80,8 @@ def train_one_epoch(
         lr = optimizer.param_groups[0]["lr"]
         step += 1
         batches += 1
-        if math.isfinite(value):
+        finite = math.isfinite(value)
+        if finite:
             bad_in_a_row = 0
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -95,18 +94,19 @@ def train_one_epoch(
             total += value
             count += 1
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-            if on_step is not None:
-                on_step(step, value, lr)
         else:
             bad_in_a_row += 1
             if bad_in_a_row > skip_nonfinite:
                 raise NonFiniteLossError(step, value, bad_in_a_row)
             log.warning("loss %s at step %d: batch skipped (%d/%d in a row)", value, step, bad_in_a_row, skip_nonfinite)
         scheduler.step()
-        if should_stop is not None and should_stop(step):
-            stopped = True
+        # after the scheduler: a checkpoint written by on_step holds the state of the next step
+        if finite and on_step is not None:
+            on_step(step, value, lr)
+        stop = should_stop is not None and should_stop(step)  # polled every step, also the epoch's last
+        if stop or (max_steps is not None and batches >= max_steps):
             break
-    return EpochResult(step=step, loss=total / max(1, count), batches=batches, stopped=stopped)
+    return EpochResult(step=step, loss=total / max(1, count), batches=batches)
 
 
 @dataclass
@@ -147,10 +147,10 @@ def evaluate(
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     total, count, images_seen = 0.0, 0, 0
+    if max_batches is not None and max_batches <= 0:
+        return EvalResult(confusion=confusion.cpu(), loss=math.nan, images=0)
     bar = tqdm(loader, desc=desc, total=_num_batches(loader, max_batches), leave=False, disable=None)
     for i, (images, masks) in enumerate(bar):
-        if max_batches is not None and i >= max_batches:
-            break
         images_seen += images.shape[0]
         raw = images
         images = _to_model(images, device, mean, std, channels_last)
@@ -167,6 +167,8 @@ def evaluate(
             confusion += confusion_matrix(preds, masks, num_classes, ignore_index)
         except ValueError as exc:
             raise UserError(f"{exc}: fix the masks or set data.num_classes / data.ignore_index") from exc
+        if max_batches is not None and i + 1 >= max_batches:
+            break  # checked last, so no batch is loaded only to be dropped
     return EvalResult(confusion=confusion.cpu(), loss=total / count if count else math.nan, images=images_seen)
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import heapq
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,11 +19,26 @@ from fcn.metrics import confusion_matrix, scores
 from fcn.visualize import confusion_image, index_png, overlay
 
 
-def write_metrics(out_dir: Path, metrics: dict, confusion: torch.Tensor, class_names: Sequence[str]) -> None:
+def to_json(obj: Any) -> str:
+    """Indented JSON where NaN (a score with nothing to score) becomes ``null``: valid JSON."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False) + "\n"
+
+
+def write_metrics(out_dir: Path, metrics: dict, confusion: torch.Tensor, class_names: Sequence[str]) -> Image.Image:
     """``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv`` (counts) and
-    ``confusion_matrix.png`` (row-normalised)."""
+    ``confusion_matrix.png`` (row-normalised, also returned)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "metrics.json").write_text(to_json(metrics))
     with open(out_dir / "per_class.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "iou", "dice", "precision", "recall", "pixels"])
@@ -35,7 +52,9 @@ def write_metrics(out_dir: Path, metrics: dict, confusion: torch.Tensor, class_n
         writer.writerow(["ground_truth \\ predicted", *class_names])
         for name, row in zip(class_names, confusion.tolist()):
             writer.writerow([name, *row])
-    confusion_image(confusion, class_names).save(out_dir / "confusion_matrix.png")
+    picture = confusion_image(confusion, class_names)
+    picture.save(out_dir / "confusion_matrix.png")
+    return picture
 
 
 class WorstImages:
@@ -47,6 +66,8 @@ class WorstImages:
         self._seen = 0
 
     def add(self, images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> None:
+        if self.k <= 0:
+            return
         for image, mask, pred in zip(images, masks, preds):
             self._seen += 1
             miou = scores(confusion_matrix(pred, mask, self.num_classes, self.ignore_index))["miou"]

@@ -119,3 +119,34 @@ def test_safetensors_export_rebuilds_the_model_without_the_checkpoint(trained_ru
     x = torch.randn(1, 3, 37, 41)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), original(x))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["eval=sliding", "eval.stride=[600,600]"], "larger than eval.window"),
+        (["eval.window=[0,32]"], "two positive integers"),
+        (["eval.stride=[8,8]"], "eval.stride needs eval.window"),
+        (["eval.scales=[]"], "positive scales"),
+    ],
+)
+def test_bad_inference_settings_name_the_key(trained_run, tmp_path, overrides, message):
+    cfg = compose_config("evaluate", [f"checkpoint={_best(trained_run)}", *overrides])
+    with pytest.raises(UserError, match=message):
+        run_evaluation(cfg, tmp_path, overrides=[])
+
+
+def test_no_worst_images_and_no_tensorboard_still_evaluates(trained_run, tmp_path):
+    cfg = compose_config("evaluate", [f"checkpoint={_best(trained_run)}", "eval.worst_images=0", "tensorboard=false"])
+    assert run_evaluation(cfg, tmp_path, overrides=[])["images"] == 5
+    assert not (tmp_path / "predictions").exists()
+
+
+def test_predict_refuses_inputs_that_would_overwrite_each_other(trained_run, tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / sub / "x.png")
+    cfg = compose_config("predict", [f"checkpoint={_best(trained_run)}", f"input={tmp_path}/*/x.png",
+                                     f"output={tmp_path / 'out'}"])  # fmt: skip
+    with pytest.raises(UserError, match="share the name 'x'"):
+        run_prediction(cfg)

@@ -253,3 +253,49 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path, monkey
     with pytest.raises(UserError, match="refused for safety"):
         load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_periodic_mid_epoch_checkpoint_resumes_exactly_after_a_crash(shapes_root, tmp_path, uninterrupted):
+    # A NaN at step 5 ends the run (as a crash would); last.pt is the one saved after step 4.
+    crashing = _cfg(shapes_root, "trainer.checkpoint_every_n_steps=1", "trainer.num_workers=0",
+                    "loss._target_=tests.test_reliability.NaNAtSteps", "+loss.bad=[5]")  # fmt: skip
+    with pytest.raises(UserError, match="at step 5"):
+        train(crashing, tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 4
+    train(_cfg(shapes_root, "trainer.checkpoint_every_n_steps=1", "trainer.num_workers=0", "resume=auto"), tmp_path)
+    assert _losses(tmp_path) == _losses(uninterrupted[0])
+    ours, theirs = _weights(tmp_path), _weights(uninterrupted[0])
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_resume_with_another_schedule_or_batch_size_is_refused(shapes_root, tmp_path):
+    train(_cfg(shapes_root, "logger=none"), tmp_path)
+    with pytest.raises(UserError, match=r"schedule length \(trainer.epochs\): checkpoint 6, now 9.*init_from"):
+        train(_cfg(shapes_root, "logger=none", "resume=auto", "trainer.epochs=3"), tmp_path)
+    with pytest.raises(UserError, match="trainer.batch_size: checkpoint 4, now 3"):
+        train(_cfg(shapes_root, "logger=none", "resume=auto", "trainer.batch_size=3"), tmp_path)
+
+
+def test_resume_from_another_run_reports_where_the_best_checkpoint_is(shapes_root, tmp_path):
+    first = tmp_path / "first"
+    train(_cfg(shapes_root, "logger=none"), first)
+    report = train(_cfg(shapes_root, "logger=none", f"resume={first / 'checkpoints' / 'last.pt'}"), tmp_path / "second")
+    assert Path(report["checkpoint"]).is_file()
+
+
+def test_ctrl_c_to_the_whole_process_group_with_workers_still_saves(shapes_root, tmp_path):
+    run = tmp_path / "run"
+    args = [a for a in tiny_train_overrides(shapes_root) if not a.startswith("trainer=")]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "train.py"), *args, "trainer.epochs=1000",
+         "trainer.num_workers=2", f"hydra.run.dir={run}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "last.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: main process and workers
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] >= 3

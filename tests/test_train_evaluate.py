@@ -120,3 +120,38 @@ def test_cli_multirun_sweep_trains_each_variant(shapes_root, tmp_path):
     for job in ("0", "1"):
         assert (tmp_path / job / "metrics.json").is_file()
         assert (tmp_path / job / ".hydra" / "config.yaml").is_file()
+
+
+def test_constructor_errors_reach_the_user_as_one_line_despite_hydra_wrapping(capsys):
+    from hydra.utils import instantiate
+
+    from fcn.cli.common import exit_on_user_error
+
+    cfg = compose_config("train", ["model.variant=4s"])
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(lambda: instantiate(cfg.model))()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown FCN variant '4s' (model.variant): choose one of ('32s', '16s', '8s')"]
+
+
+def test_a_bad_mask_met_in_a_worker_is_one_clear_line(shapes_root, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from fcn.cli.common import exit_on_user_error
+    from fcn.cli.train import train
+
+    root = tmp_path / "shapes"
+    shutil.copytree(shapes_root, root)
+    bad = sorted((root / "masks").glob("*.png"))[0]
+    Image.fromarray(np.full((48, 48), 9, np.uint8)).save(bad)
+    overrides = [o for o in tiny_train_overrides(shapes_root) if not o.startswith("data.root")]
+    cfg = compose_config("train", [*overrides, f"data.root={root}", "trainer.num_workers=2", "logger=none"])
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(train)(cfg, tmp_path / "run")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"mask {bad} has values [9] outside [0, 6)" in err[0]

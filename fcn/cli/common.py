@@ -36,15 +36,40 @@ def exit_on_user_error(task: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return task(*args, **kwargs)
-        except UserError as exc:
-            message = f"error: {exc}"
-        except MissingMandatoryValue as exc:
-            message = f"error: setting {exc.full_key} has no value: pass {exc.full_key}=VALUE on the command line"
+        except Exception as exc:  # noqa: BLE001 - re-raised below unless it is the user's mistake
+            cause = _user_error_in_chain(exc)
+            if cause is None:
+                raise
+            if isinstance(cause, MissingMandatoryValue):
+                key = cause.full_key
+                message = f"error: setting {key} has no value: pass {key}=VALUE on the command line"
+            else:
+                message = f"error: {_without_worker_traceback(str(cause))}"
         log.error(message)
         print(message, file=sys.stderr)
         sys.exit(2)
 
     return wrapper
+
+
+def _user_error_in_chain(exc: BaseException) -> BaseException | None:
+    # Hydra's instantiate wraps what a constructor raised; follow the chain to the user's mistake.
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (UserError, MissingMandatoryValue)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _without_worker_traceback(message: str) -> str:
+    # A DataLoader worker re-raises as "Caught UserError in DataLoader worker ... Original
+    # Traceback ...", ending with the original "fcn.errors.UserError: <message>" line.
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split("UserError: ", 1)[-1]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,7 +97,7 @@ def build_dataset(data: DictConfig, split: str, transform: Callable | None) -> S
         split_file=data.split_file,
         mask_suffix=data.mask_suffix,
     )
-    return SegmentationFolder(pairs, transform)
+    return SegmentationFolder(pairs, transform, num_classes=data.num_classes, ignore_index=data.ignore_index)
 
 
 def build_model(model_cfg: DictConfig, device: torch.device, channels_last: bool) -> torch.nn.Module:
@@ -143,16 +168,34 @@ def model_from_checkpoint(path: str | Path, device: torch.device, channels_last:
     return model.eval(), ckpt
 
 
+def _pair_setting(value, key: str) -> list[int] | None:
+    if value is None:
+        return None
+    items = list(value) if not isinstance(value, int) else [value, value]
+    if len(items) != 2 or not all(isinstance(v, int) and v > 0 for v in items):
+        raise UserError(f"{key}={value}: give two positive integers [height, width] (or one for both)")
+    return items
+
+
 def inference_fn(eval_cfg: DictConfig, num_classes: int) -> Callable | None:
     """The ``infer(model, images)`` the ``eval`` settings ask for, or None for a plain forward pass."""
-    plain = eval_cfg.window is None and list(eval_cfg.scales) == [1.0] and not eval_cfg.hflip
+    window = _pair_setting(eval_cfg.window, "eval.window")
+    stride = _pair_setting(eval_cfg.stride, "eval.stride")
+    if window is None and stride is not None:
+        raise UserError("eval.stride needs eval.window")
+    if window is not None and stride is not None and any(s > w for s, w in zip(stride, window)):
+        raise UserError(f"eval.stride={stride} is larger than eval.window={window}: pixels between windows "
+                        "would never be predicted")  # fmt: skip
+    if not eval_cfg.scales or any(s <= 0 for s in eval_cfg.scales):
+        raise UserError(f"eval.scales={list(eval_cfg.scales)}: give one or more positive scales")
+    plain = window is None and list(eval_cfg.scales) == [1.0] and not eval_cfg.hflip
     if plain:
         return None
     return functools.partial(
         predict_logits,
         num_classes=num_classes,
-        window=list(eval_cfg.window) if eval_cfg.window is not None else None,
-        stride=list(eval_cfg.stride) if eval_cfg.stride is not None else None,
+        window=window,
+        stride=stride,
         scales=list(eval_cfg.scales),
         hflip=eval_cfg.hflip,
     )

@@ -12,9 +12,11 @@ import logging
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from fcn.cli.common import (
     CONFIG_DIR,
@@ -66,12 +68,14 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
         dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, ignore_index=data.ignore_index
     )
     log.info("evaluating %s on %s/%s (%d images) on %s", cfg.checkpoint, data.name, data.split, len(dataset), device)
-    worst = WorstImages(cfg.eval.worst_images, data.num_classes, data.ignore_index)
-    writer = PredictionWriter(out_dir / "predictions", [p for p, _ in dataset.pairs], palette)
+    worst = WorstImages(cfg.eval.worst_images if cfg.tensorboard else 0, data.num_classes, data.ignore_index)
+    writer = None
+    if cfg.eval.save_predictions:
+        writer = PredictionWriter(out_dir / "predictions", [p for p, _ in dataset.pairs], palette)
 
     def on_batch(images, masks, preds):
         worst.add(images, masks, preds)
-        if cfg.eval.save_predictions:
+        if writer is not None:
             writer(images, masks, preds)
 
     result = evaluate(
@@ -88,9 +92,9 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
         "images": result.images,
         "eval": OmegaConf.to_container(cfg.eval),
     }
-    write_metrics(out_dir, report, result.confusion, class_names)
+    picture = write_metrics(out_dir, report, result.confusion, class_names)
     if cfg.tensorboard:
-        _log_tensorboard(out_dir, ckpt["step"], metrics, worst, palette, data.ignore_index)
+        _log_tensorboard(out_dir, ckpt["step"], metrics, picture, worst, palette, data.ignore_index)
     print(f"\n{cfg.checkpoint} on {data.name} {data.split} ({result.images} images):")
     print(format_table(report))
     if metrics["absent_classes"]:
@@ -99,10 +103,9 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
     return report
 
 
-def _log_tensorboard(out_dir: Path, step: int, metrics: dict, worst: WorstImages, palette, ignore_index: int) -> None:
-    import numpy as np
-    from PIL import Image
-    from torch.utils.tensorboard import SummaryWriter
+def _log_tensorboard(out_dir: Path, step: int, metrics: dict, confusion_picture: Image.Image, worst: WorstImages,
+                     palette, ignore_index: int) -> None:  # fmt: skip
+    from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only needed here
 
     with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:
         for key in ("miou", "pixel_acc", "mean_acc", "fwiou", "mean_dice"):
@@ -110,7 +113,7 @@ def _log_tensorboard(out_dir: Path, step: int, metrics: dict, worst: WorstImages
         for name, iou in metrics["per_class_iou"].items():
             if iou is not None:
                 writer.add_scalar(f"eval/IoU/{name}", iou, step)
-        picture = np.asarray(Image.open(out_dir / "confusion_matrix.png").convert("RGB"))
+        picture = np.asarray(confusion_picture.convert("RGB"))
         writer.add_image("eval/confusion_matrix", picture, step, dataformats="HWC")
         ranked = worst.worst()
         if ranked:

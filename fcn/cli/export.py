@@ -28,8 +28,10 @@ def run_export(cfg: DictConfig) -> Path:
         raise UserError("pass checkpoint=PATH and output=FILE (and format=onnx or format=safetensors)")
     if cfg.format not in ("onnx", "safetensors"):
         raise UserError(f"format={cfg.format!r}: choose onnx or safetensors")
-    model, ckpt = model_from_checkpoint(cfg.checkpoint, torch.device("cpu"), channels_last=False)
     output = Path(cfg.output)
+    if cfg.format == "safetensors" and output.suffix == ".json":
+        raise UserError(f"output={output}: the .json name is taken by the sidecar; use model.safetensors")
+    model, ckpt = model_from_checkpoint(cfg.checkpoint, torch.device("cpu"), channels_last=False)
     if cfg.format == "onnx":
         export_onnx(model, output, cfg.opset)
         diff = check_onnx(model, output, [list(s) for s in cfg.check_sizes])

@@ -43,6 +43,12 @@ def find_inputs(spec: str) -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
     if not files:
         raise UserError(f"input={spec}: no image files found (a folder, a glob such as 'photos/*.jpg', or a file)")
+    stems: dict[str, Path] = {}
+    for file in files:
+        if file.stem in stems:  # outputs are named by stem: one would overwrite the other
+            raise UserError(f"input={spec}: {stems[file.stem]} and {file} share the name {file.stem!r}; "
+                            "predict them into separate output folders")  # fmt: skip
+        stems[file.stem] = file
     return files
 
 

@@ -6,7 +6,6 @@ checkpoint), then ``metrics.json`` and a table of the best checkpoint's validati
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -37,6 +36,7 @@ from fcn.data.transforms import normalize
 from fcn.engine import NonFiniteLossError, evaluate, train_one_epoch
 from fcn.errors import UserError
 from fcn.metrics import format_table, scores
+from fcn.report import to_json
 from fcn.rng import capture_rng_state, restore_rng_state, seed_everything
 from fcn.signals import GracefulStop
 from fcn.visualize import comparison_grid, default_palette
@@ -62,11 +62,17 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     stopped early.
     """
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", out_dir.resolve())
     seed_everything(cfg.seed)
     _set_deterministic(cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device)
     data, trainer = cfg.data, cfg.trainer
+    for key in ("epochs", "batch_size", "val_every"):
+        if trainer[key] < 1:
+            raise UserError(f"trainer.{key}={trainer[key]}: must be at least 1")
+    if cfg.logger.log_every_n_steps < 1:
+        raise UserError(f"logger.log_every_n_steps={cfg.logger.log_every_n_steps}: must be at least 1")
     class_names = list(data.class_names)
     palette = [list(c) for c in data.palette] if data.palette else default_palette(data.num_classes)
 
@@ -120,11 +126,15 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     loss_fn = instantiate(cfg.loss)
     ckpt_dir = out_dir / "checkpoints"
     # Where training stands: the epoch in progress, batches of it done, global step, best so far.
-    progress: dict[str, Any] = {"epoch": 1, "epoch_batches": 0, "step": 0, "best": None}
+    # The shape of the run (batch size, batches per epoch, schedule length) must match on resume.
+    shape = {"batch_size": trainer.batch_size, "batches_per_epoch": batches_per_epoch,
+             "total_steps": trainer.epochs * batches_per_epoch}  # fmt: skip
+    progress: dict[str, Any] = {"epoch": 1, "epoch_batches": 0, "step": 0, "best": None, **shape}
     resumed = _find_resume_checkpoint(cfg.resume, ckpt_dir)
     if resumed is not None:
         state, source = resumed
         check_architecture(state["config"]["model"], model_config, source)
+        _check_same_run_shape(state["progress"], shape, source)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -212,7 +222,9 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
                     _log_validation(writer, progress["step"], metrics)
                     _log_samples(writer, progress["step"], net, val_set, sample_indices, data, device, palette)
                 if progress["best"] is None or metrics["miou"] > progress["best"]["miou"]:
-                    best = {k: metrics[k] for k in METRIC_KEYS} | {"epoch": epoch, "step": progress["step"]}
+                    best = {k: metrics[k] for k in METRIC_KEYS} | {
+                        "epoch": epoch, "step": progress["step"], "checkpoint": str(ckpt_dir / "best.pt")
+                    }  # fmt: skip
                     progress = {**progress, "best": best}
                     save(ckpt_dir / "best.pt", progress, metrics)
             else:
@@ -238,20 +250,21 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     finally:
         if writer is not None:
             writer.close()
-    return _report(progress["best"], ckpt_dir, out_dir, data)
+    return _report(progress["best"], out_dir, data)
 
 
-def _report(best: dict, ckpt_dir: Path, out_dir: Path, data: DictConfig) -> dict:
+def _report(best: dict, out_dir: Path, data: DictConfig) -> dict:
     # The best checkpoint's validation scores were computed with exactly its weights when it was
     # chosen (evaluation is deterministic), so they are reported as they are, not recomputed.
+    # Its path is where it was written: a run resumed from another directory may not beat it.
     report = {k: best[k] for k in METRIC_KEYS} | {
-        "checkpoint": str(ckpt_dir / "best.pt"),
+        "checkpoint": best["checkpoint"],
         "epoch": best["epoch"],
         "step": best["step"],
         "split": data.val_split,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nbest checkpoint {ckpt_dir / 'best.pt'} (epoch {best['epoch']}), {data.name} {data.val_split}:")
+    (out_dir / "metrics.json").write_text(to_json(report))
+    print(f"\nbest checkpoint {best['checkpoint']} (epoch {best['epoch']}), {data.name} {data.val_split}:")
     print(format_table(report))
     print(f"metrics: {out_dir / 'metrics.json'}\nTensorBoard: tensorboard --logdir {out_dir}")
     return report
@@ -269,6 +282,18 @@ def _find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, P
         return found
     path = Path(resume)
     return load_checkpoint(path), path
+
+
+def _check_same_run_shape(saved: dict, shape: dict, source: Path) -> None:
+    """A resumed run continues the same schedule over the same batches; explain any difference."""
+    names = {"batch_size": "trainer.batch_size", "batches_per_epoch": "batches per epoch (data, trainer.batch_size, "
+             "trainer.limit_train_batches)", "total_steps": "schedule length (trainer.epochs)"}  # fmt: skip
+    diffs = [f"{names[k]}: checkpoint {saved.get(k)}, now {v}" for k, v in shape.items() if saved.get(k) != v]
+    if diffs:
+        raise UserError(
+            f"cannot resume {source} exactly: {'; '.join(diffs)}. Resume with the original settings, or start a "
+            "new run from its weights with init_from=PATH"
+        )
 
 
 def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> None:

@@ -109,9 +109,17 @@ class SegmentationFolder(Dataset):
     by :func:`fcn.data.transforms.normalize`) and an ``H x W`` int64 tensor of class indices.
     """
 
-    def __init__(self, pairs: list[tuple[Path, Path]], transform: Callable | None = None) -> None:
+    def __init__(
+        self,
+        pairs: list[tuple[Path, Path]],
+        transform: Callable | None = None,
+        num_classes: int | None = None,
+        ignore_index: int = 255,
+    ) -> None:
         self.pairs = pairs
         self.transform = transform
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -127,6 +135,15 @@ class SegmentationFolder(Dataset):
                 f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
                 f"{image.shape[1]}x{image.shape[0]}; masks must have the size of their image"
             )
+        if self.num_classes is not None:
+            # Checked here, not left to the loss: on a GPU an out-of-range label is a device-side assert.
+            outside = (mask >= self.num_classes) & (mask != self.ignore_index)
+            if outside.any():
+                bad = np.unique(mask[outside])
+                raise UserError(
+                    f"mask {mask_path} has values {bad.tolist()} outside [0, {self.num_classes}) that are not "
+                    f"the ignore index {self.ignore_index}; set data.num_classes / data.ignore_index to match the masks"
+                )
         if self.transform is not None:
             if seed is not None:
                 reseed(self.transform, seed)

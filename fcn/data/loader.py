@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -34,6 +36,14 @@ class _PadCollate:
         return pad_collate(batch, self.ignore_index)
 
 
+def _init_worker(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group. Workers leave it to the main process, which
+    # finishes its step and saves; a worker dying of it first would end the run with an error.
+    # (SIGTERM is left alone: multiprocessing stops workers with it at exit.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seed_worker(worker_id)
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -57,5 +67,5 @@ def make_loader(
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=seed_worker,
+        worker_init_fn=_init_worker,
     )

@@ -86,10 +86,3 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
     return (images.float() / 255 - mean_t) / std_t
-
-
-def denormalize_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Undo :func:`normalize`, for showing inputs in TensorBoard."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return ((images * std_t + mean_t).clamp(0, 1) * 255).to(torch.uint8)
