@@ -27,7 +27,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     torch.onnx.export(
         model.eval(), (example,), str(path), input_names=["images"], output_names=["logits"],
-        dynamic_shapes={"x": dims}, dynamo=True, opset_version=opset, verbose=False,
+        dynamic_shapes={"x": dims}, dynamo=True, opset_version=opset, verbose=False, external_data=False,
     )  # fmt: skip
 
 

@@ -12,7 +12,8 @@ from fcn.cli.common import CONFIG_DIR
 from tests.conftest import compose_config
 
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
+# the eval group belongs to evaluate.yaml and predict.yaml; every other group to train.yaml
+OPTIONS = [(g, p.stem) for g in GROUPS if g != "eval" for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
 # data=folder describes the user's own data: these are the settings it asks the user for.
 USER_DATA = ["data.num_classes=3", "data.class_names=[a,b,c]"]
 
@@ -45,6 +46,16 @@ def test_evaluate_config_composes_with_every_dataset(option):
     cfg = compose_config("evaluate", [f"data={option}", "checkpoint=x.pt", *USER_DATA])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert cfg.data.split == cfg.data.val_split
+
+
+@pytest.mark.parametrize("config", ["evaluate", "predict"])
+@pytest.mark.parametrize("option", [p.stem for p in sorted((Path(CONFIG_DIR) / "eval").glob("*.yaml"))])
+def test_every_eval_option_composes_into_a_valid_inference(config, option):
+    from fcn.cli.common import inference_fn
+
+    cfg = compose_config(config, [f"eval={option}", "checkpoint=x.pt"])
+    infer = inference_fn(cfg.eval, num_classes=3)
+    assert (infer is None) == (option == "default")
 
 
 def test_num_classes_has_one_source_of_truth():

@@ -55,8 +55,11 @@ def test_evaluation_writes_every_report(trained_run, tmp_path):
 
 
 def test_tta_and_sliding_window_evaluation_run_at_full_resolution(trained_run, tmp_path):
-    for option, extra in (("eval=tta", "eval.hflip=true"), ("eval=sliding", "eval.window=[32,32]")):
-        cfg = compose_config("evaluate", [f"checkpoint={_best(trained_run)}", "num_workers=0", option, extra])
+    for option, *extra in (
+        ("eval=tta", "eval.hflip=true"),
+        ("eval=sliding", "eval.window=[32,32]", "eval.stride=[24,24]"),
+    ):
+        cfg = compose_config("evaluate", [f"checkpoint={_best(trained_run)}", "num_workers=0", option, *extra])
         report = run_evaluation(cfg, tmp_path / option, overrides=[])
         assert report["images"] == 5 and 0 <= report["miou"] <= 1
 

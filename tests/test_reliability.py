@@ -43,7 +43,7 @@ class StopAtStep(GracefulStop):
 class NaNAtSteps(torch.nn.CrossEntropyLoss):
     """Cross-entropy that returns NaN on the given (1-based) training calls."""
 
-    def __init__(self, ignore_index: int, bad: list[int]) -> None:
+    def __init__(self, ignore_index: int, bad: list[int], **unused) -> None:
         super().__init__(ignore_index=ignore_index)
         self.bad, self.calls = set(bad), 0
 

@@ -113,7 +113,10 @@ def test_cli_missing_required_setting_says_which(tmp_path):
 
 @pytest.mark.slow
 def test_cli_multirun_sweep_trains_each_variant(shapes_root, tmp_path):
+    # commas separate sweep values, so the generator settings (a dict) are switched off instead:
+    # the tiny dataset is already on disk
     overrides = [o for o in tiny_train_overrides(shapes_root) if not o.startswith("data.generate")]
+    overrides.append("data.generate=null")
     proc = _run("train.py", "-m", "model=fcn32s,fcn16s", "trainer.epochs=1", "logger=none", *overrides,
                 f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -155,3 +158,26 @@ def test_a_bad_mask_met_in_a_worker_is_one_clear_line(shapes_root, tmp_path, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"mask {bad} has values [9] outside [0, 6)" in err[0]
+
+
+def test_camvid_layout_trains_and_evaluates_with_no_code_change(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fcn.cli.train import train
+
+    root = tmp_path / "camvid"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (36, 48, 3), dtype=np.uint8)).save(root / split / f"f{i}.jpg")
+            mask = rng.integers(0, 12, (36, 48), dtype=np.uint8)  # 11 = void, ignored
+            Image.fromarray(mask).save(root / f"{split}annot" / f"f{i}.png")
+    overrides = ["experiment=camvid", f"data.root={root}", "data.crop_size=32", "trainer.epochs=1",
+                 "trainer.batch_size=2", "trainer.num_workers=0", "logger=none"]  # fmt: skip
+    report = train(compose_config("train", overrides), tmp_path / "run")
+    assert list(report["per_class_iou"])[:2] == ["Sky", "Building"] and len(report["per_class_iou"]) == 11
+    cfg = compose_config("evaluate", [f"checkpoint={report['checkpoint']}", "num_workers=0", "tensorboard=false"])
+    assert run_evaluation(cfg, tmp_path / "eval", overrides=[])["images"] == 2

@@ -83,7 +83,7 @@ def read_image(path: Path) -> np.ndarray:
     """Read an image file as an ``H x W x 3`` uint8 RGB array."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc}") from exc
 

@@ -36,7 +36,7 @@ PALETTE = (
     (245, 130, 48),
 )
 # Bump when the drawing code changes, so an old copy on disk is regenerated, not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 META_FILE = "shapes_meta.json"
 
 
@@ -164,8 +164,10 @@ def ensure_shapes(root: str | Path, num_train: int, num_val: int, size: int, see
         for index in indices:
             image, mask = render_sample(seed, index, size)
             stem = f"{index:06d}"
-            Image.fromarray(image).save(tmp / "images" / f"{stem}.png", compress_level=1)
-            Image.fromarray(mask).save(tmp / "masks" / f"{stem}.png", compress_level=1)
+            # Uncompressed PNG: about 4x the bytes of compress_level=1, but decoding (every sample,
+            # every epoch, in the training loop) takes a third less time (measured, 128 px).
+            Image.fromarray(image).save(tmp / "images" / f"{stem}.png", compress_level=0)
+            Image.fromarray(mask).save(tmp / "masks" / f"{stem}.png", compress_level=0)
             stems.append(stem)
         (tmp / "splits" / f"{split}.txt").write_text("\n".join(stems) + "\n")
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
