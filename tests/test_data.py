@@ -115,3 +115,12 @@ def test_normalize_maps_uint8_to_standardised_float():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     out = normalize(x, mean=[0.5] * 3, std=[0.25] * 3)
     assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))
+
+
+def test_a_glob_selects_the_split_without_a_list(tmp_path):
+    for stem in ("seq1_a", "seq1_b", "seq2_a"):
+        _write_pair(tmp_path, stem)
+    pairs = find_pairs(tmp_path, "train", split_file=None, image_glob="seq1_*")
+    assert [i.stem for i, _ in pairs] == ["seq1_a", "seq1_b"]
+    with pytest.raises(UserError, match="no images matching 'seq9_\\*'"):
+        find_pairs(tmp_path, "train", split_file=None, image_glob="seq9_*")

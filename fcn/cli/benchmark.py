@@ -47,14 +47,14 @@ log = logging.getLogger(__name__)
 def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Measure the configured training setup; write ``benchmark.json`` to ``out_dir`` and return it."""
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device, cfg.trainer.threads)
     data, trainer, bench = cfg.data, cfg.trainer, cfg.bench
     prepare_data_root(data)
     train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
     val_set = build_dataset(data, data.val_split, None)
     train_loader = make_loader(train_set, batch_size=trainer.batch_size, num_workers=trainer.num_workers,
                                ignore_index=data.ignore_index, sampler=ResumableSampler(len(train_set), cfg.seed),
-                               drop_last=True, seed=cfg.seed)  # fmt: skip
+                               drop_last=True, seed=cfg.seed, prefetch_factor=trainer.prefetch_factor)  # fmt: skip
     val_loader = make_loader(val_set, batch_size=trainer.batch_size, num_workers=trainer.num_workers,
                              ignore_index=data.ignore_index, seed=cfg.seed)  # fmt: skip
     model = build_model(cfg.model, device, trainer.channels_last)

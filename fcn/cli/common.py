@@ -72,8 +72,13 @@ def _without_worker_traceback(message: str) -> str:
     return last.split("UserError: ", 1)[-1]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; other names are passed to torch."""
+def resolve_device(name: str, threads: int | None = None) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; other names are passed to torch.
+
+    ``threads`` sets torch's CPU threads (None keeps torch's choice: one per physical core).
+    """
+    if threads:
+        torch.set_num_threads(threads)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -96,6 +101,7 @@ def build_dataset(data: DictConfig, split: str, transform: Callable | None) -> S
         mask_dir=data.mask_dir,
         split_file=data.split_file,
         mask_suffix=data.mask_suffix,
+        image_glob=data.get("image_glob"),
     )
     return SegmentationFolder(pairs, transform, num_classes=data.num_classes, ignore_index=data.ignore_index)
 

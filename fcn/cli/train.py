@@ -66,7 +66,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     log.info("run directory: %s", out_dir.resolve())
     seed_everything(cfg.seed)
     _set_deterministic(cfg.trainer.deterministic)
-    device = resolve_device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device, cfg.trainer.threads)
     data, trainer = cfg.data, cfg.trainer
     for key in ("epochs", "batch_size", "val_every"):
         if trainer[key] < 1:
@@ -93,6 +93,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         sampler=sampler,
         drop_last=drop_last,
         seed=cfg.seed,
+        prefetch_factor=trainer.prefetch_factor,
     )
     val_loader = make_loader(
         val_set,

@@ -28,8 +28,9 @@ from fcn.errors import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _files_by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in extensions}
+def _files_by_stem(folder: Path, extensions: tuple[str, ...], pattern: str | None = None) -> dict[str, Path]:
+    files = folder.glob(pattern) if pattern else folder.iterdir()
+    return {p.stem: p for p in sorted(files) if p.suffix.lower() in extensions and p.is_file()}
 
 
 def _first(items: list[str], n: int = 5) -> str:
@@ -44,8 +45,13 @@ def find_pairs(
     mask_dir: str = "masks",
     split_file: str | None = "splits/{split}.txt",
     mask_suffix: str = ".png",
+    image_glob: str | None = None,
 ) -> list[tuple[Path, Path]]:
-    """List ``(image, mask)`` paths of one split, raising :class:`UserError` on a bad layout."""
+    """List ``(image, mask)`` paths of one split, raising :class:`UserError` on a bad layout.
+
+    The split is the stems listed in ``split_file`` or, without one, the images of the image
+    folder, narrowed to those matching ``image_glob`` (e.g. ``"seq01_*"``, ``"**/*.jpg"``) if given.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"dataset root not found: {root.resolve()} (set data.root=PATH)")
@@ -54,7 +60,7 @@ def find_pairs(
     for folder, key in ((images_folder, "data.image_dir"), (masks_folder, "data.mask_dir")):
         if not folder.is_dir():
             raise UserError(f"folder for split {split!r} not found: {folder.resolve()} (check {key} and data.root)")
-    images = _files_by_stem(images_folder, IMAGE_EXTENSIONS)
+    images = _files_by_stem(images_folder, IMAGE_EXTENSIONS, image_glob)
     masks = _files_by_stem(masks_folder, (mask_suffix,))
     if split_file:
         list_path = root / split_file.format(split=split)
@@ -67,8 +73,10 @@ def find_pairs(
     else:
         stems = list(images)
     if not stems:
+        pattern = f" matching {image_glob!r}" if image_glob else ""
         raise UserError(
-            f"split {split!r} is empty: no images with extensions {IMAGE_EXTENSIONS} in {images_folder.resolve()}"
+            f"split {split!r} is empty: no images{pattern} with extensions {IMAGE_EXTENSIONS} in "
+            f"{images_folder.resolve()}"
         )
     unmatched = [s for s in stems if s not in masks]
     if unmatched:

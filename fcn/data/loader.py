@@ -53,6 +53,7 @@ def make_loader(
     sampler: Sampler | None = None,
     drop_last: bool = False,
     seed: int = 0,
+    prefetch_factor: int = 2,
 ) -> DataLoader:
     """A DataLoader over ``sampler`` (dataset order when None), padding batches with
     :func:`pad_collate`, with pinned memory and persistent workers where they help and workers
@@ -68,4 +69,5 @@ def make_loader(
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=_init_worker,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,  # batches each worker loads ahead
     )
