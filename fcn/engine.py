@@ -53,6 +53,7 @@ def train_one_epoch(
     skip_nonfinite: int = 0,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    grad_clip_norm: float | None = None,
     should_stop: Callable[[int], bool] | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
 ) -> EpochResult:
@@ -64,7 +65,8 @@ def train_one_epoch(
     ``on_step(step, loss, lr)`` is called after every optimisation step (for logging).
     ``channels_last`` feeds the batch in NHWC memory order (pair it with a channels-last model).
     ``amp_dtype`` (bfloat16 or float16) runs the forward pass under autocast; float16 needs a
-    ``scaler`` to keep small gradients from underflowing.
+    ``scaler`` to keep small gradients from underflowing. ``grad_clip_norm`` clips the global
+    gradient norm before each update.
     """
     model.train()
     total, count, batches, bad_in_a_row = 0.0, 0, 0, 0
@@ -86,10 +88,15 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
+                if grad_clip_norm:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    _clip(optimizer, grad_clip_norm)
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 loss.backward()
+                if grad_clip_norm:
+                    _clip(optimizer, grad_clip_norm)
                 optimizer.step()
             total += value
             count += 1
@@ -170,6 +177,11 @@ def evaluate(
         if max_batches is not None and i + 1 >= max_batches:
             break  # checked last, so no batch is loaded only to be dropped
     return EvalResult(confusion=confusion.cpu(), loss=total / count if count else math.nan, images=images_seen)
+
+
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def _to_model(images: torch.Tensor, device, mean, std, channels_last: bool) -> torch.Tensor:

@@ -36,10 +36,12 @@ from fcn.data.transforms import normalize
 from fcn.engine import NonFiniteLossError, evaluate, train_one_epoch
 from fcn.errors import UserError
 from fcn.metrics import format_table, scores
+from fcn.optim import build_optimizer
 from fcn.report import to_json
 from fcn.rng import capture_rng_state, restore_rng_state, seed_everything
 from fcn.signals import GracefulStop
-from fcn.visualize import comparison_grid, default_palette
+from fcn.summary import decoder_drift, decoder_kernels, model_summary
+from fcn.visualize import comparison_grid, confusion_image, default_palette
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +113,18 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     model_config = OmegaConf.to_container(cfg.model, resolve=True)
     if cfg.init_from:
         _init_weights(model, Path(cfg.init_from), model_config)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    summary = model_summary(model, _pair(data.crop_size), device)
     log.info(
-        "model %s-fcn%s: %.2fM parameters (%.2fM trainable), device %s",
-        cfg.model.backbone, cfg.model.variant, sum(p.numel() for p in model.parameters()) / 1e6,
-        sum(p.numel() for p in trainable) / 1e6, device,
+        "model %s-fcn%s: %.2fM parameters (%.2fM trainable, %.2fM frozen), %.2f GFLOPs/image forward at %s, device %s",
+        cfg.model.backbone, cfg.model.variant, summary["parameters"] / 1e6, summary["trainable"] / 1e6,
+        summary["frozen"] / 1e6, summary["forward_gflops_per_image"], summary["crop"], device,
     )  # fmt: skip
     amp_dtype = resolve_precision(trainer.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     example = torch.zeros(trainer.batch_size, 3, *_pair(data.crop_size), device=device)
     net = maybe_compile(model, trainer.compile, example.contiguous(memory_format=torch.channels_last)
                         if trainer.channels_last else example)  # fmt: skip
-    optimizer = instantiate(cfg.optim)(trainable)
+    optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
     scheduler = instantiate(cfg.sched)(optimizer, total_steps=trainer.epochs * batches_per_epoch)
     loss_fn = instantiate(cfg.loss)
     ckpt_dir = out_dir / "checkpoints"
@@ -130,7 +132,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     # The shape of the run (batch size, batches per epoch, schedule length) must match on resume.
     shape = {"batch_size": trainer.batch_size, "batches_per_epoch": batches_per_epoch,
              "total_steps": trainer.epochs * batches_per_epoch}  # fmt: skip
-    progress: dict[str, Any] = {"epoch": 1, "epoch_batches": 0, "step": 0, "best": None, **shape}
+    progress: dict[str, Any] = {"epoch": 1, "epoch_batches": 0, "step": 0, "best": None, "stale": 0, **shape}
     resumed = _find_resume_checkpoint(cfg.resume, ckpt_dir)
     if resumed is not None:
         state, source = resumed
@@ -148,6 +150,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
 
     # TensorBoard: on resume, purge whatever the interrupted run logged after its checkpoint.
     writer = _make_writer(cfg.logger, out_dir, purge_step=progress["step"] + 1 if resumed else None)
+    if writer is not None and not resumed:
+        writer.add_text("model/summary", "  \n".join(f"{k}: {v}" for k, v in summary.items()), 0)
     log_every = cfg.logger.log_every_n_steps
 
     def on_step(step: int, loss: float, lr: float) -> None:
@@ -199,7 +203,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
                 device=device, mean=data.mean, std=data.std, step=progress["step"], epoch=epoch,
                 max_steps=batches_per_epoch - progress["epoch_batches"], channels_last=trainer.channels_last,
                 skip_nonfinite=trainer.skip_nonfinite, amp_dtype=amp_dtype, scaler=scaler,
-                should_stop=stop.should_stop, on_step=on_step,
+                grad_clip_norm=trainer.grad_clip_norm, should_stop=stop.should_stop, on_step=on_step,
             )  # fmt: skip
             progress = {**progress, "step": result.step, "epoch_batches": progress["epoch_batches"] + result.batches}
             if progress["epoch_batches"] < batches_per_epoch:  # stopped mid-epoch
@@ -220,19 +224,25 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
                     epoch, trainer.epochs, result.loss, evaluation.loss, metrics["miou"], metrics["pixel_acc"],
                 )  # fmt: skip
                 if writer is not None:
-                    _log_validation(writer, progress["step"], metrics)
+                    _log_validation(writer, progress["step"], metrics, evaluation.confusion, class_names, model)
                     _log_samples(writer, progress["step"], net, val_set, sample_indices, data, device, palette)
                 if progress["best"] is None or metrics["miou"] > progress["best"]["miou"]:
                     best = {k: metrics[k] for k in METRIC_KEYS} | {
                         "epoch": epoch, "step": progress["step"], "checkpoint": str(ckpt_dir / "best.pt")
                     }  # fmt: skip
-                    progress = {**progress, "best": best}
+                    progress = {**progress, "best": best, "stale": 0}
                     save(ckpt_dir / "best.pt", progress, metrics)
+                else:
+                    progress = {**progress, "stale": progress.get("stale", 0) + 1}
             else:
                 log.info("epoch %d/%d: train loss %.4f", epoch, trainer.epochs, result.loss)
             save(ckpt_dir / "last.pt", progress, metrics)
             if stop.requested is not None and epoch < trainer.epochs:
                 raise TrainingInterrupted(stop.requested, ckpt_dir / "last.pt")
+            patience = trainer.early_stopping_patience
+            if patience and progress.get("stale", 0) >= patience:
+                log.info("early stopping: val mIoU has not improved for %d validations", patience)
+                break
             epoch += 1
             progress = {**progress, "epoch": epoch, "epoch_batches": 0}
     except NonFiniteLossError as exc:
@@ -251,6 +261,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     finally:
         if writer is not None:
             writer.close()
+    if cfg.logger.tensorboard and progress["best"] is not None:
+        _log_hparams(out_dir, cfg, progress["best"])
     return _report(progress["best"], out_dir, data)
 
 
@@ -352,7 +364,26 @@ def _make_writer(logger_cfg: DictConfig, out_dir: Path, purge_step: int | None):
     return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
 
 
-def _log_validation(writer, step: int, metrics: dict) -> None:
+def _log_hparams(out_dir: Path, cfg: DictConfig, best: dict) -> None:
+    """The run's main settings beside its best val mIoU, for TensorBoard's HPARAMS tab."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    hparams = {
+        "model": f"{cfg.model.backbone}-fcn{cfg.model.variant}",
+        "width": cfg.model.width,
+        "learnable_upsampling": cfg.model.learnable_upsampling,
+        "optimizer": cfg.optim._target_.rsplit(".", 1)[-1],
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.trainer.batch_size,
+        "epochs": cfg.trainer.epochs,
+        "data": cfg.data.name,
+        "seed": cfg.seed,
+    }
+    with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:
+        writer.add_hparams(hparams, {"hparam/best_val_miou": best["miou"]}, run_name=".")
+
+
+def _log_validation(writer, step: int, metrics: dict, confusion: torch.Tensor, class_names, model) -> None:
     writer.add_scalar("val/loss", metrics["val_loss"], step)
     writer.add_scalar("val/mIoU", metrics["miou"], step)
     writer.add_scalar("val/pixel_acc", metrics["pixel_acc"], step)
@@ -361,6 +392,16 @@ def _log_validation(writer, step: int, metrics: dict) -> None:
     for name, iou in metrics["per_class_iou"].items():
         if iou is not None:
             writer.add_scalar(f"val/IoU/{name}", iou, step)
+    picture = np.asarray(confusion_image(confusion, class_names).convert("RGB"))
+    writer.add_image("val/confusion_matrix", picture, step, dataformats="HWC")
+    # How far each learned upsampling has moved from bilinear interpolation, and what it became.
+    for name, drift in decoder_drift(model).items():
+        writer.add_scalar(f"decoder/drift/{name}", drift, step)
+    for name, kernel in decoder_kernels(model).items():
+        writer.add_image(f"decoder/kernel/{name}", kernel, step)
+    writer.add_scalar(
+        "train/weight_norm", float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm()), step
+    )
 
 
 @torch.no_grad()

@@ -65,6 +65,14 @@ class BilinearUpsample(nn.Module):
             for c in range(self.deconv.in_channels):
                 self.deconv.weight[c, c] = kernel
 
+    def drift(self) -> float:
+        """Relative L2 distance of the kernel from its bilinear initialisation (0 at the start)."""
+        start = torch.zeros_like(self.deconv.weight)
+        kernel = bilinear_kernel(self.factor).to(start)
+        for c in range(start.shape[0]):
+            start[c, c] = kernel
+        return float((self.deconv.weight.detach() - start).norm() / start.norm())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         y = self.deconv(F.pad(x, (1, 1, 1, 1), mode="replicate"))
