@@ -96,6 +96,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         drop_last=drop_last,
         seed=cfg.seed,
         prefetch_factor=trainer.prefetch_factor,
+        pin_memory=trainer.pin_memory,
+        persistent_workers=trainer.persistent_workers,
     )
     val_loader = make_loader(
         val_set,

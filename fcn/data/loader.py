@@ -54,6 +54,8 @@ def make_loader(
     drop_last: bool = False,
     seed: int = 0,
     prefetch_factor: int = 2,
+    pin_memory: bool = True,
+    persistent_workers: bool = True,
 ) -> DataLoader:
     """A DataLoader over ``sampler`` (dataset order when None), padding batches with
     :func:`pad_collate`, with pinned memory and persistent workers where they help and workers
@@ -64,8 +66,8 @@ def make_loader(
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=_PadCollate(ignore_index),
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory and torch.cuda.is_available(),  # page-locked: faster, async host-to-GPU copies
+        persistent_workers=persistent_workers and num_workers > 0,  # no worker start-up every epoch
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=_init_worker,
