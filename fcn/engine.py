@@ -74,7 +74,7 @@ def train_one_epoch(
     if max_steps is not None and max_steps <= 0:
         return EpochResult(step=step, loss=0.0, batches=0)
     for images, masks in bar:
-        images = _to_model(images, device, mean, std, channels_last)
+        images = to_model_input(images, device, mean, std, channels_last)
         masks = masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = loss_fn(model(images), masks)
@@ -100,7 +100,7 @@ def train_one_epoch(
                 optimizer.step()
             total += value
             count += 1
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)  # drawn at tqdm's own pace
         else:
             bad_in_a_row += 1
             if bad_in_a_row > skip_nonfinite:
@@ -160,7 +160,7 @@ def evaluate(
     for i, (images, masks) in enumerate(bar):
         images_seen += images.shape[0]
         raw = images
-        images = _to_model(images, device, mean, std, channels_last)
+        images = to_model_input(images, device, mean, std, channels_last)
         masks = masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images) if infer is None else infer(model, images)
@@ -184,8 +184,9 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
     torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def _to_model(images: torch.Tensor, device, mean, std, channels_last: bool) -> torch.Tensor:
-    # uint8 to the device (4x fewer bytes), normalised there; NHWC when the model is channels-last
+def to_model_input(images: torch.Tensor, device, mean, std, channels_last: bool) -> torch.Tensor:
+    """A uint8 batch as the model takes it: copied to the device as uint8 (4x fewer bytes than
+    float), normalised there, and in NHWC order when the model is channels-last."""
     images = normalize(images.to(device, non_blocking=True), mean, std)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 

@@ -27,7 +27,7 @@ def test_compile_failure_falls_back_to_eager_and_leaves_weights_untouched(monkey
     monkeypatch.setattr(torch, "compile", broken)
     model = FCN(num_classes=3, width=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert maybe_compile(model, True, torch.randn(2, 3, 32, 32)) is model
+    assert maybe_compile(model, True, 2, (32, 32), channels_last=False) is model
     assert "torch.compile failed" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -36,7 +36,7 @@ def test_compile_trial_restores_batch_norm_statistics(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model: model)  # "compiles" to itself: the trial runs eagerly
     model = FCN(num_classes=3, width=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    maybe_compile(model, True, torch.randn(2, 3, 32, 32) * 5)
+    maybe_compile(model, True, 2, (32, 32), channels_last=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 

@@ -31,14 +31,18 @@ from fcn.cli.common import (
     build_model,
     exit_on_user_error,
     inference_fn,
+    loader_options,
     maybe_compile,
+    pair,
     prepare_data_root,
     resolve_device,
     resolve_precision,
+    set_deterministic,
 )
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
 from fcn.data.transforms import normalize
+from fcn.optim import build_optimizer
 from fcn.rng import seed_everything
 
 log = logging.getLogger(__name__)
@@ -46,24 +50,23 @@ log = logging.getLogger(__name__)
 
 def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Measure the configured training setup; write ``benchmark.json`` to ``out_dir`` and return it."""
+    # Set up exactly as training does (fcn/cli/train.py), so a speed-up measured here is one of training.
     seed_everything(cfg.seed)
+    set_deterministic(cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device, cfg.trainer.threads)
     data, trainer, bench = cfg.data, cfg.trainer, cfg.bench
     prepare_data_root(data)
     train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
     val_set = build_dataset(data, data.val_split, None)
-    train_loader = make_loader(train_set, batch_size=trainer.batch_size, num_workers=trainer.num_workers,
-                               ignore_index=data.ignore_index, sampler=ResumableSampler(len(train_set), cfg.seed),
-                               drop_last=True, seed=cfg.seed, prefetch_factor=trainer.prefetch_factor)  # fmt: skip
-    val_loader = make_loader(val_set, batch_size=trainer.batch_size, num_workers=trainer.num_workers,
-                             ignore_index=data.ignore_index, seed=cfg.seed)  # fmt: skip
+    train_loader = make_loader(train_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
+                               sampler=ResumableSampler(len(train_set), cfg.seed), drop_last=True, seed=cfg.seed,
+                               **loader_options(trainer))  # fmt: skip
+    val_loader = make_loader(val_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
+                             seed=cfg.seed, **loader_options(trainer))  # fmt: skip
     model = build_model(cfg.model, device, trainer.channels_last)
     amp_dtype = resolve_precision(trainer.precision, device)
-    crop = (data.crop_size, data.crop_size) if isinstance(data.crop_size, int) else tuple(data.crop_size)
-    example = torch.zeros(trainer.batch_size, 3, *crop, device=device)
-    net = maybe_compile(model, trainer.compile, example.contiguous(memory_format=torch.channels_last)
-                        if trainer.channels_last else example)  # fmt: skip
-    optimizer = instantiate(cfg.optim)([p for p in model.parameters() if p.requires_grad])
+    net = maybe_compile(model, trainer.compile, trainer.batch_size, pair(data.crop_size), trainer.channels_last)
+    optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
     loss_fn = instantiate(cfg.loss)
     common = {"device": device, "mean": data.mean, "std": data.std, "channels_last": trainer.channels_last,
               "amp_dtype": amp_dtype}  # fmt: skip

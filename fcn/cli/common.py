@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -133,15 +134,48 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return choices[name]
 
 
-def maybe_compile(model: torch.nn.Module, enabled: bool, example: torch.Tensor) -> torch.nn.Module:
+def pair(size: int | list | tuple) -> tuple[int, int]:
+    """A crop size from config, ``S`` or ``[H, W]``, as ``(H, W)``."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def loader_options(trainer: DictConfig) -> dict:
+    """The DataLoader settings of the ``trainer`` config, for every loader an entry point makes."""
+    return {
+        "num_workers": trainer.num_workers,
+        "prefetch_factor": trainer.prefetch_factor,
+        "pin_memory": trainer.pin_memory,
+        "persistent_workers": trainer.persistent_workers,
+    }
+
+
+def set_deterministic(deterministic: bool) -> None:
+    """``trainer.deterministic``: deterministic algorithms, or cuDNN's autotuner for speed."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
+        # warn_only: a few CUDA kernels FCN needs (max-pool and 2-D NLL-loss backward) have no
+        # deterministic version; torch warns about each instead of refusing to train.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def maybe_compile(
+    model: torch.nn.Module, enabled: bool, batch_size: int, crop: tuple[int, int], channels_last: bool
+) -> torch.nn.Module:
     """``torch.compile`` the model when ``enabled``, falling back to eager with a warning.
 
     Compilation is lazy, so a failure would only surface mid-training: one forward and backward
-    pass on ``example`` forces it here. The model's weights and batch-norm statistics are put
-    back afterwards, so the trial leaves no trace in training.
+    pass on a zero batch of the training shape forces it here. The model's weights and batch-norm
+    statistics are put back afterwards, so the trial leaves no trace in training.
     """
     if not enabled:
         return model
+    device = next(model.parameters()).device
+    example = torch.zeros(batch_size, 3, *crop, device=device)
+    if channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         compiled = torch.compile(model)

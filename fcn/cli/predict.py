@@ -25,7 +25,7 @@ from fcn.cli.common import (
     resolve_precision,
 )
 from fcn.data.folder import IMAGE_EXTENSIONS, read_image
-from fcn.data.transforms import normalize
+from fcn.engine import to_model_input
 from fcn.errors import UserError
 from fcn.report import save_prediction
 
@@ -72,9 +72,7 @@ def run_prediction(cfg: DictConfig) -> tuple[list[Path], list[tuple[Path, str]]]
     @torch.no_grad()
     def flush() -> None:
         images = torch.stack([torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))) for _, a in batch])
-        x = normalize(images.to(device), ckpt["mean"], ckpt["std"])
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_model_input(images, device, ckpt["mean"], ckpt["std"], cfg.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = (model(x) if infer is None else infer(model, x)).float()
         preds = logits.argmax(1).cpu()

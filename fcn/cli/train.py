@@ -7,7 +7,6 @@ checkpoint), then ``metrics.json`` and a table of the best checkpoint's validati
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,17 @@ from fcn.cli.common import (
     build_dataset,
     build_model,
     exit_on_user_error,
+    loader_options,
     maybe_compile,
+    pair,
     prepare_data_root,
     resolve_device,
     resolve_precision,
+    set_deterministic,
 )
 from fcn.data.loader import make_loader, pad_collate
 from fcn.data.sampler import ResumableSampler
-from fcn.data.transforms import normalize
-from fcn.engine import NonFiniteLossError, evaluate, train_one_epoch
+from fcn.engine import NonFiniteLossError, evaluate, to_model_input, train_one_epoch
 from fcn.errors import UserError
 from fcn.metrics import format_table, scores
 from fcn.optim import build_optimizer
@@ -67,7 +68,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", out_dir.resolve())
     seed_everything(cfg.seed)
-    _set_deterministic(cfg.trainer.deterministic)
+    set_deterministic(cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device, cfg.trainer.threads)
     data, trainer = cfg.data, cfg.trainer
     for key in ("epochs", "batch_size", "val_every"):
@@ -87,25 +88,11 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     )
     sampler = ResumableSampler(len(train_set), cfg.seed)
     drop_last = len(train_set) > trainer.batch_size  # BatchNorm dislikes a last batch of one
-    train_loader = make_loader(
-        train_set,
-        batch_size=trainer.batch_size,
-        num_workers=trainer.num_workers,
-        ignore_index=data.ignore_index,
-        sampler=sampler,
-        drop_last=drop_last,
-        seed=cfg.seed,
-        prefetch_factor=trainer.prefetch_factor,
-        pin_memory=trainer.pin_memory,
-        persistent_workers=trainer.persistent_workers,
-    )
-    val_loader = make_loader(
-        val_set,
-        batch_size=trainer.batch_size,
-        num_workers=trainer.num_workers,
-        ignore_index=data.ignore_index,
-        seed=cfg.seed,
-    )
+    train_loader = make_loader(train_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
+                               sampler=sampler, drop_last=drop_last, seed=cfg.seed,
+                               **loader_options(trainer))  # fmt: skip
+    val_loader = make_loader(val_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
+                             seed=cfg.seed, **loader_options(trainer))  # fmt: skip
     batches_per_epoch = len(train_set) // trainer.batch_size if drop_last else 1
     if trainer.limit_train_batches is not None:
         batches_per_epoch = min(batches_per_epoch, trainer.limit_train_batches)
@@ -115,7 +102,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     model_config = OmegaConf.to_container(cfg.model, resolve=True)
     if cfg.init_from:
         _init_weights(model, Path(cfg.init_from), model_config)
-    summary = model_summary(model, _pair(data.crop_size), device)
+    summary = model_summary(model, pair(data.crop_size), device)
     log.info(
         "model %s-fcn%s: %.2fM parameters (%.2fM trainable, %.2fM frozen), %.2f GFLOPs/image forward at %s, device %s",
         cfg.model.backbone, cfg.model.variant, summary["parameters"] / 1e6, summary["trainable"] / 1e6,
@@ -123,9 +110,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     )  # fmt: skip
     amp_dtype = resolve_precision(trainer.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    example = torch.zeros(trainer.batch_size, 3, *_pair(data.crop_size), device=device)
-    net = maybe_compile(model, trainer.compile, example.contiguous(memory_format=torch.channels_last)
-                        if trainer.channels_last else example)  # fmt: skip
+    net = maybe_compile(model, trainer.compile, trainer.batch_size, pair(data.crop_size), trainer.channels_last)
     optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
     scheduler = instantiate(cfg.sched)(optimizer, total_steps=trainer.epochs * batches_per_epoch)
     loss_fn = instantiate(cfg.loss)
@@ -227,7 +212,18 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
                 )  # fmt: skip
                 if writer is not None:
                     _log_validation(writer, progress["step"], metrics, evaluation.confusion, class_names, model)
-                    _log_samples(writer, progress["step"], net, val_set, sample_indices, data, device, palette)
+                    _log_samples(
+                        writer,
+                        progress["step"],
+                        net,
+                        val_set,
+                        sample_indices,
+                        data,
+                        device,
+                        palette,
+                        trainer.channels_last,
+                        amp_dtype,
+                    )
                 if progress["best"] is None or metrics["miou"] > progress["best"]["miou"]:
                     best = {k: metrics[k] for k in METRIC_KEYS} | {
                         "epoch": epoch, "step": progress["step"], "checkpoint": str(ckpt_dir / "best.pt")
@@ -332,17 +328,6 @@ def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> Non
     log.info("initialised weights from %s (optimizer and schedule start fresh)", path)
 
 
-def _set_deterministic(deterministic: bool) -> None:
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
-        # warn_only: a few CUDA kernels FCN needs (max-pool and 2-D NLL-loss backward) have no
-        # deterministic version; torch warns about each instead of refusing to train.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
 def _out_of_memory_message(cfg: DictConfig, device: torch.device, amp_dtype: torch.dtype | None) -> str:
     precision = str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "float32"
     hint = "" if amp_dtype is not None or device.type != "cuda" else ", or trainer.precision=bf16"
@@ -352,10 +337,6 @@ def _out_of_memory_message(cfg: DictConfig, device: torch.device, amp_dtype: tor
         f"model {cfg.model.backbone}-fcn{cfg.model.variant}: "
         f"lower trainer.batch_size first, then data.crop_size (or model.width for the tiny backbone){hint}"
     )
-
-
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def _make_writer(logger_cfg: DictConfig, out_dir: Path, purge_step: int | None):
@@ -407,13 +388,15 @@ def _log_validation(writer, step: int, metrics: dict, confusion: torch.Tensor, c
 
 
 @torch.no_grad()
-def _log_samples(writer, step, model, dataset, indices, data, device, palette) -> None:
+def _log_samples(writer, step, model, dataset, indices, data, device, palette, channels_last, amp_dtype) -> None:
     """The same few validation images at every validation: input, ground truth, prediction."""
     if len(indices) == 0:
         return
     images, masks = pad_collate([dataset[int(i)] for i in indices], data.ignore_index)
     model.eval()
-    preds = model(normalize(images.to(device), data.mean, data.std)).argmax(1)
+    x = to_model_input(images, device, data.mean, data.std, channels_last)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        preds = model(x).argmax(1)
     writer.add_image("val/samples", comparison_grid(images, masks, preds, palette, data.ignore_index), step)
 
 

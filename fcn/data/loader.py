@@ -19,6 +19,8 @@ def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: in
     """
     height = max(image.shape[-2] for image, _ in batch)
     width = max(image.shape[-1] for image, _ in batch)
+    if all(image.shape[-2:] == (height, width) for image, _ in batch):  # training crops: nothing to pad
+        return torch.stack([image for image, _ in batch]), torch.stack([mask for _, mask in batch])
     images, masks = [], []
     for image, mask in batch:
         pad = (0, width - image.shape[-1], 0, height - image.shape[-2])

@@ -57,20 +57,22 @@ class BilinearUpsample(nn.Module):
     def learnable(self) -> bool:
         return self.deconv.weight.requires_grad
 
+    def bilinear_weight(self) -> torch.Tensor:
+        """The initial weight: bilinear interpolation, channel c feeding only output channel c."""
+        weight = torch.zeros_like(self.deconv.weight)
+        kernel = bilinear_kernel(self.factor).to(weight)
+        for c in range(weight.shape[0]):
+            weight[c, c] = kernel
+        return weight
+
     def reset_parameters(self) -> None:
-        """Set the kernel to bilinear interpolation: channel c feeds only output channel c."""
-        kernel = bilinear_kernel(self.factor)
+        """Set the kernel to bilinear interpolation."""
         with torch.no_grad():
-            self.deconv.weight.zero_()
-            for c in range(self.deconv.in_channels):
-                self.deconv.weight[c, c] = kernel
+            self.deconv.weight.copy_(self.bilinear_weight())
 
     def drift(self) -> float:
         """Relative L2 distance of the kernel from its bilinear initialisation (0 at the start)."""
-        start = torch.zeros_like(self.deconv.weight)
-        kernel = bilinear_kernel(self.factor).to(start)
-        for c in range(start.shape[0]):
-            start[c, c] = kernel
+        start = self.bilinear_weight()
         return float((self.deconv.weight.detach() - start).norm() / start.norm())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
