@@ -33,6 +33,7 @@ from fcn.cli.common import (
     inference_fn,
     loader_options,
     maybe_compile,
+    offline_model_settings,
     pair,
     prepare_data_root,
     resolve_device,
@@ -97,8 +98,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         val_preds = net(normalize(val_images.to(device), data.mean, data.std)).argmax(1)
     metric_s = benchmark.confusion_seconds_per_image(val_preds, val_masks.to(device), data.num_classes,
                                                      data.ignore_index, bench.repeats)  # fmt: skip
-    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if not k.startswith("_")}
-    model_kwargs.update(pretrained=False, backbone_weights=None)
+    model_kwargs = offline_model_settings(OmegaConf.to_container(cfg.model, resolve=True))
     log.info("sliding-window inference on a %s image in a fresh process", list(bench.large_image))
     sliding = benchmark.sliding_window_peak(model_kwargs, bench.large_image, bench.window, bench.stride)
     images, masks = held[0]

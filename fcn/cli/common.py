@@ -191,6 +191,13 @@ def maybe_compile(
     return compiled
 
 
+def offline_model_settings(model_config: dict) -> dict:
+    """``FCN`` keyword arguments from a model config, with no download and no weights file:
+    for rebuilding a network whose weights come from elsewhere (a checkpoint, an export)."""
+    settings = {k: v for k, v in model_config.items() if not k.startswith("_")}
+    return settings | {"pretrained": False, "backbone_weights": None}
+
+
 def model_from_checkpoint(path: str | Path, device: torch.device, channels_last: bool) -> tuple[torch.nn.Module, dict]:
     """Rebuild the network a checkpoint was trained as, with its weights, in eval mode.
 
@@ -199,7 +206,7 @@ def model_from_checkpoint(path: str | Path, device: torch.device, channels_last:
     """
     ckpt = load_checkpoint(path)
     model_cfg = OmegaConf.create(ckpt["config"]["model"])
-    model_cfg.pretrained, model_cfg.backbone_weights = False, None
+    model_cfg.merge_with(offline_model_settings(ckpt["config"]["model"]))
     model = build_model(model_cfg, device, channels_last)
     try:
         model.load_state_dict(ckpt["model"])

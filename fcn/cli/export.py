@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fcn.cli.common import CONFIG_DIR, exit_on_user_error, model_from_checkpoint
+from fcn.cli.common import CONFIG_DIR, exit_on_user_error, model_from_checkpoint, offline_model_settings
 from fcn.errors import UserError
 from fcn.export import check_onnx, export_onnx, save_safetensors
 
@@ -39,8 +39,7 @@ def run_export(cfg: DictConfig) -> Path:
         if diff > cfg.tolerance:
             raise UserError(f"exported {output} differs from PyTorch by {diff:.2e} > tolerance {cfg.tolerance}")
     else:
-        settings = {k: v for k, v in ckpt["config"]["model"].items() if not k.startswith("_")}
-        settings.update(pretrained=False, backbone_weights=None)
+        settings = offline_model_settings(ckpt["config"]["model"])
         metadata = {
             "class_names": ckpt["class_names"],
             "palette": ckpt["palette"],
