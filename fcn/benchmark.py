@@ -8,6 +8,7 @@ so a speed-up measured here is a speed-up of training.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcn.checkpoint import load_checkpoint, save_checkpoint
+from fcn.data.scan import scan_split
 from fcn.data.transforms import normalize
 from fcn.engine import evaluate, train_one_epoch
 from fcn.inference import predict_logits
@@ -224,3 +226,31 @@ def sliding_window_peak(model_kwargs: dict, size: Sequence[int], window: Sequenc
     child.join()
     return {"image": list(size), "window": list(window), "stride": list(stride), "peak_mem_mb": round(peak_mb, 1),
             "seconds": round(seconds, 2), "output": shape}  # fmt: skip
+
+
+def scan_times(root, splits: Sequence[str], layout: dict, decoder, repeats: int) -> dict:
+    """Seconds to scan ``splits`` cold (empty scan cache, files dropped from the OS page cache
+    where the OS allows it) and warm (cache filled), medians of ``repeats`` each."""
+
+    def drop_page_cache() -> None:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and hasattr(os, "posix_fadvise"):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+    def scan_all(cache: str) -> tuple[float, int]:
+        start = time.perf_counter()
+        pairs = sum(scan_split(root, split, layout, decoder, cache=cache).pairs for split in splits)
+        return time.perf_counter() - start, pairs
+
+    cold, warm = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as cache:
+            drop_page_cache()
+            seconds, pairs = scan_all(cache)
+            cold.append(seconds)
+            warm.append(scan_all(cache)[0])
+    return {"pairs": pairs, "cold_s": round(statistics.median(cold), 3), "warm_s": round(statistics.median(warm), 3)}

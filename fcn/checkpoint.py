@@ -177,12 +177,18 @@ def load_resumable(path: str | Path) -> tuple[dict[str, Any], Path] | None:
     return None
 
 
-def check_architecture(saved_model_config: dict[str, Any], model_config: dict[str, Any], source: Path) -> None:
-    """Explain, before ``load_state_dict``, every architecture setting that differs."""
+def check_architecture(
+    saved_model_config: dict[str, Any], model_config: dict[str, Any], source: Path, allow: tuple[str, ...] = ()
+) -> None:
+    """Explain, before ``load_state_dict``, every architecture setting that differs.
+
+    ``allow`` names settings that may differ: ``init_from`` allows ``num_classes`` and ``variant``
+    (it re-initialises the layers they change); resuming allows nothing.
+    """
     diffs = [
         f"model.{key}: checkpoint {saved_model_config.get(key)!r}, config {model_config.get(key)!r}"
         for key in ARCHITECTURE_KEYS
-        if saved_model_config.get(key) != model_config.get(key)
+        if key not in allow and saved_model_config.get(key) != model_config.get(key)
     ]
     if diffs:
         raise UserError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fcn.data.transforms import normalize
+from fcn.distributed import mean_across_ranks, sum_across_ranks, world_size
 from fcn.errors import UserError
 from fcn.metrics import confusion_matrix
 
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 class EpochResult:
     """What one training epoch reports back."""
 
-    step: int  # global step after the epoch (every batch drawn counts, skipped or not)
+    step: int  # global optimisation step after the epoch (skipped steps count too)
     loss: float  # mean training loss over the epoch's finite steps
     batches: int  # batches drawn in this call
 
@@ -49,69 +51,101 @@ def train_one_epoch(
     step: int,
     epoch: int,
     max_steps: int | None = None,
+    accumulate: int = 1,
     channels_last: bool = False,
     skip_nonfinite: int = 0,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     grad_clip_norm: float | None = None,
+    grad_norm_every: int = 0,
     should_stop: Callable[[int], bool] | None = None,
-    on_step: Callable[[int, float, float], None] | None = None,
+    on_step: Callable[[int, float, float, float | None], None] | None = None,
+    progress: bool = True,
 ) -> EpochResult:
-    """Train for one pass over ``loader`` (or ``max_steps`` batches), stepping the lr every batch.
+    """Train for one pass over ``loader`` (or ``max_steps`` optimisation steps), stepping the lr every step.
 
-    A NaN or inf loss is never back-propagated: the batch is skipped with a warning, up to
-    ``skip_nonfinite`` times in a row, after which :class:`NonFiniteLossError` is raised.
-    ``should_stop(step)`` is polled after every step; when it says yes the epoch ends there.
-    ``on_step(step, loss, lr)`` is called after every optimisation step (for logging).
+    Each optimisation step accumulates the gradients of ``accumulate`` batches, each loss scaled
+    by ``1 / accumulate``: with a mean-reduced loss, k batches of b give the gradient of one
+    batch of k x b. A model in ``DistributedDataParallel`` averages gradients over ranks once per
+    step, on the step's last batch (``no_sync`` on the others). The loss is averaged over ranks
+    before anything else looks at it, so every rank logs, skips or stops on the same value.
+
+    A NaN or inf loss is never back-propagated: the step (its whole accumulation window) is
+    skipped with a warning, up to ``skip_nonfinite`` times in a row, after which
+    :class:`NonFiniteLossError` is raised. ``should_stop(step)`` is polled after every step;
+    when it says yes the epoch ends there, so a stop never falls inside a window.
+    ``on_step(step, loss, lr, grad_norm)`` is called after every optimisation step (for logging);
+    ``grad_norm`` is the global gradient norm before clipping, computed on steps that clip
+    (``grad_clip_norm``) and every ``grad_norm_every`` steps, else None.
     ``channels_last`` feeds the batch in NHWC memory order (pair it with a channels-last model).
     ``amp_dtype`` (bfloat16 or float16) runs the forward pass under autocast; float16 needs a
-    ``scaler`` to keep small gradients from underflowing. ``grad_clip_norm`` clips the global
-    gradient norm before each update.
+    ``scaler`` to keep small gradients from underflowing. ``progress=False`` hides the bar
+    (ranks other than 0).
     """
     model.train()
-    total, count, batches, bad_in_a_row = 0.0, 0, 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", total=_num_batches(loader, max_steps), leave=False, disable=None)
+    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel only
+    total, count, batches, steps, bad_in_a_row = 0.0, 0, 0, 0, 0
+    limit = None if max_steps is None else max_steps * accumulate
+    bar = tqdm(loader, desc=f"epoch {epoch}", total=_num_batches(loader, limit), leave=False,
+               disable=None if progress else True)  # fmt: skip
     if max_steps is not None and max_steps <= 0:
         return EpochResult(step=step, loss=0.0, batches=0)
+    window_loss = 0.0
     for images, masks in bar:
-        images = to_model_input(images, device, mean, std, channels_last)
-        masks = masks.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(model(images), masks)
-        value = loss.item()
+        first, last = batches % accumulate == 0, (batches + 1) % accumulate == 0
+        batches += 1
+        if first:
+            optimizer.zero_grad(set_to_none=True)
+            window_loss = 0.0
+        if math.isfinite(window_loss):  # after a non-finite batch the rest of its window is drawn, not used
+            images = to_model_input(images, device, mean, std, channels_last)
+            masks = masks.to(device, non_blocking=True)
+            # no gradient all-reduce until the window's last batch: one per optimisation step
+            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = loss_fn(model(images), masks)
+                value = mean_across_ranks(loss)
+                window_loss += value / accumulate
+                if math.isfinite(value):
+                    loss = loss / accumulate if accumulate > 1 else loss
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+        if not last:
+            continue
         lr = optimizer.param_groups[0]["lr"]
         step += 1
-        batches += 1
-        finite = math.isfinite(value)
+        steps += 1
+        finite = math.isfinite(window_loss)
+        grad_norm = None
         if finite:
             bad_in_a_row = 0
-            optimizer.zero_grad(set_to_none=True)
+            measure = bool(grad_clip_norm) or (grad_norm_every > 0 and step % grad_norm_every == 0)
+            if scaler is not None and measure:
+                scaler.unscale_(optimizer)  # clip and measure the true gradients, not the scaled ones
+            if grad_clip_norm:
+                grad_norm = _clip(optimizer, grad_clip_norm)
+            elif measure:
+                grad_norm = _grad_norm(optimizer)
             if scaler is not None:
-                scaler.scale(loss).backward()
-                if grad_clip_norm:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                    _clip(optimizer, grad_clip_norm)
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
-                if grad_clip_norm:
-                    _clip(optimizer, grad_clip_norm)
                 optimizer.step()
-            total += value
+            total += window_loss
             count += 1
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)  # drawn at tqdm's own pace
+            bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # drawn at tqdm's own pace
         else:
             bad_in_a_row += 1
             if bad_in_a_row > skip_nonfinite:
-                raise NonFiniteLossError(step, value, bad_in_a_row)
-            log.warning("loss %s at step %d: batch skipped (%d/%d in a row)", value, step, bad_in_a_row, skip_nonfinite)
+                raise NonFiniteLossError(step, window_loss, bad_in_a_row)
+            what = "batch" if accumulate == 1 else f"step ({accumulate} batches)"
+            log.warning("loss %s at step %d: %s skipped (%d/%d in a row)", window_loss, step, what, bad_in_a_row,
+                        skip_nonfinite)  # fmt: skip
         scheduler.step()
         # after the scheduler: a checkpoint written by on_step holds the state of the next step
         if finite and on_step is not None:
-            on_step(step, value, lr)
+            on_step(step, window_loss, lr, grad_norm)
         stop = should_stop is not None and should_stop(step)  # polled every step, also the epoch's last
-        if stop or (max_steps is not None and batches >= max_steps):
+        if stop or (max_steps is not None and steps >= max_steps):
             break
     return EpochResult(step=step, loss=total / max(1, count), batches=batches)
 
@@ -123,6 +157,7 @@ class EvalResult:
     confusion: torch.Tensor  # num_classes x num_classes counts, rows = ground truth
     loss: float  # mean loss per batch (nan when no loss function was given)
     images: int  # images scored
+    loss_batches: int = 0  # batches the loss is the mean of (to combine the shares of several ranks)
 
 
 @torch.no_grad()
@@ -142,6 +177,7 @@ def evaluate(
     infer: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     desc: str = "eval",
+    progress: bool = True,
 ) -> EvalResult:
     """Score ``model`` on ``loader`` at each image's own resolution.
 
@@ -149,14 +185,15 @@ def evaluate(
     so only real pixels count. ``infer(model, images)`` replaces the plain forward pass (sliding
     windows, test-time augmentation: see :mod:`fcn.inference`); ``on_batch(images, masks,
     predictions)`` sees every batch (uint8 images as loaded, on the CPU), for saving or ranking
-    predictions.
+    predictions. ``progress=False`` hides the bar (ranks other than 0).
     """
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     total, count, images_seen = 0.0, 0, 0
     if max_batches is not None and max_batches <= 0:
         return EvalResult(confusion=confusion.cpu(), loss=math.nan, images=0)
-    bar = tqdm(loader, desc=desc, total=_num_batches(loader, max_batches), leave=False, disable=None)
+    bar = tqdm(loader, desc=desc, total=_num_batches(loader, max_batches), leave=False,
+               disable=None if progress else True)  # fmt: skip
     for i, (images, masks) in enumerate(bar):
         images_seen += images.shape[0]
         raw = images
@@ -176,12 +213,42 @@ def evaluate(
             raise UserError(f"{exc}: fix the masks or set data.num_classes / data.ignore_index") from exc
         if max_batches is not None and i + 1 >= max_batches:
             break  # checked last, so no batch is loaded only to be dropped
-    return EvalResult(confusion=confusion.cpu(), loss=total / count if count else math.nan, images=images_seen)
+    return EvalResult(confusion=confusion.cpu(), loss=total / count if count else math.nan, images=images_seen,
+                      loss_batches=count)  # fmt: skip
 
 
-def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+def combine_ranks(result: EvalResult) -> EvalResult:
+    """The evaluation of a whole split from each rank's share of it (see :func:`fcn.distributed.shard`):
+    confusion matrices, image and batch counts summed, the loss averaged over every batch.
+
+    Summing integer counts is exact, so the scores equal those of a single process over the
+    whole split. Every rank must call it; outside a job it returns ``result`` unchanged.
+    """
+    if world_size() == 1:
+        return result
+    confusion = sum_across_ranks(result.confusion.clone())
+    loss_sum = result.loss * result.loss_batches if result.loss_batches else 0.0
+    totals = sum_across_ranks(torch.tensor([loss_sum, result.loss_batches, result.images], dtype=torch.float64))
+    loss_sum, batches, images = totals.tolist()
+    return EvalResult(confusion=confusion, loss=loss_sum / batches if batches else math.nan, images=int(images),
+                      loss_batches=int(batches))  # fmt: skip
+
+
+def _gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm``; the norm before clipping, which clipping
+    computes anyway, is returned for logging."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _grad_norm(optimizer: torch.optim.Optimizer) -> float:
+    """The global L2 norm of the gradients (one fused reduction)."""
+    grads = _gradients(optimizer)
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def to_model_input(images: torch.Tensor, device, mean, std, channels_last: bool) -> torch.Tensor:

@@ -17,13 +17,14 @@ class CrossEntropy(nn.CrossEntropyLoss):
 
     Args:
         ignore_index: target value whose pixels count nowhere.
-        weight: optional per-class weights, one per class.
+        class_weights: optional per-class weights, one per class (the entry points turn
+            ``auto`` into median-frequency weights of the train split first).
         label_smoothing: as in ``CrossEntropyLoss``.
     """
 
-    def __init__(self, ignore_index: int = 255, weight: Sequence[float] | None = None,
+    def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
                  label_smoothing: float = 0.0) -> None:  # fmt: skip
-        tensor = torch.tensor(list(weight), dtype=torch.float32) if weight is not None else None
+        tensor = torch.tensor(list(class_weights), dtype=torch.float32) if class_weights is not None else None
         super().__init__(weight=tensor, ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
@@ -59,7 +60,7 @@ class TopKCrossEntropy(nn.Module):
     Args:
         top_k: fraction of valid pixels kept, by highest loss.
         ignore_index: target value whose pixels are never kept.
-        weight: optional per-class weights, as in ``CrossEntropyLoss``.
+        class_weights: optional per-class weights, as in ``CrossEntropyLoss``.
         min_pixels: keep at least this many pixels (or all, if fewer are valid).
     """
 
@@ -67,7 +68,7 @@ class TopKCrossEntropy(nn.Module):
         self,
         top_k: float = 0.25,
         ignore_index: int = 255,
-        weight: Sequence[float] | None = None,
+        class_weights: Sequence[float] | None = None,
         min_pixels: int = 1,
     ) -> None:
         super().__init__()
@@ -76,7 +77,8 @@ class TopKCrossEntropy(nn.Module):
         self.top_k = top_k
         self.ignore_index = ignore_index
         self.min_pixels = min_pixels
-        self.register_buffer("weight", torch.tensor(weight, dtype=torch.float32) if weight is not None else None)
+        weight = torch.tensor(list(class_weights), dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         losses = F.cross_entropy(

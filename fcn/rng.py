@@ -29,8 +29,10 @@ def capture_rng_state() -> dict[str, Any]:
         "numpy": [name, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # The current GPU's only: in a torchrun job each process owns one GPU and must not create
+        # a context on the others (a CPU run never initialises CUDA and saves none).
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -42,7 +44,11 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # older checkpoints hold every GPU's state: take this GPU's
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ from hydra import compose, initialize_config_dir
 
 from fcn.cli.common import CONFIG_DIR
 from fcn.data.shapes import ensure_shapes
+
+# Scan caches of the test session stay out of the user's ~/.cache (subprocesses inherit this).
+os.environ["FCN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fcn-test-cache-")
 
 TINY_SHAPES = {"num_train": 12, "num_val": 5, "size": 48, "seed": 3}
 

@@ -1,6 +1,7 @@
 """Every option of every config group composes, and its objects build."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fcn.cli.common import CONFIG_DIR
+from fcn.cli.common import CONFIG_DIR, build_model, pair, with_class_weights
 from tests.conftest import compose_config
 
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
@@ -27,18 +28,20 @@ def test_every_option_composes_and_builds(group, option):
     overrides = [f"{group}={option}", "model.pretrained=false", *USER_DATA]
     cfg = compose_config("train", overrides)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation resolves
-    model = instantiate(cfg.model)
+    model = build_model(cfg.model, torch.device("cpu"), channels_last=False)  # as training builds it
     assert model.num_classes == cfg.data.num_classes
     optimizer = instantiate(cfg.optim)(model.parameters())
     scheduler = instantiate(cfg.sched)(optimizer, total_steps=10)
     optimizer.step()
     scheduler.step()
-    loss = instantiate(cfg.loss)
+    # class_weights=auto is resolved from the train split's scan first, as the entry point does
+    scan = SimpleNamespace(split="train", class_pixels=[1] * cfg.data.num_classes,
+                           class_image_pixels=[2] * cfg.data.num_classes)  # fmt: skip
+    loss = instantiate(with_class_weights(cfg.loss, cfg.data, scan))
     assert loss.ignore_index == cfg.data.ignore_index
     transform = instantiate(cfg.aug)
     out = transform(image=np.zeros((20, 30, 3), np.uint8), mask=np.zeros((20, 30), np.uint8))
-    crop = cfg.data.crop_size
-    assert out["image"].shape[:2] == (crop, crop)
+    assert out["image"].shape[:2] == pair(cfg.data.crop_size)
 
 
 @pytest.mark.parametrize("option", [p.stem for p in sorted((Path(CONFIG_DIR) / "data").glob("*.yaml"))])

@@ -122,5 +122,5 @@ def test_a_glob_selects_the_split_without_a_list(tmp_path):
         _write_pair(tmp_path, stem)
     pairs = find_pairs(tmp_path, "train", split_file=None, image_glob="seq1_*")
     assert [i.stem for i, _ in pairs] == ["seq1_a", "seq1_b"]
-    with pytest.raises(UserError, match="no images matching 'seq9_\\*'"):
+    with pytest.raises(UserError, match="no files matching 'seq9_\\*'"):
         find_pairs(tmp_path, "train", split_file=None, image_glob="seq9_*")

@@ -60,8 +60,22 @@ def test_tta_and_sliding_window_evaluation_run_at_full_resolution(trained_run, t
         ("eval=sliding", "eval.window=[32,32]", "eval.stride=[24,24]"),
     ):
         cfg = compose_config("evaluate", [f"checkpoint={_best(trained_run)}", "num_workers=0", option, *extra])
-        report = run_evaluation(cfg, tmp_path / option, overrides=[])
+        report = run_evaluation(cfg, tmp_path / option, overrides=[option, *extra])
         assert report["images"] == 5 and 0 <= report["miou"] <= 1
+        assert report["eval"]["hflip"] == (option == "eval=tta")  # the command line, not the checkpoint
+
+
+def test_evaluation_infers_as_the_run_validated_unless_told_otherwise(trained_run, tmp_path):
+    import torch
+
+    ckpt = load_checkpoint(_best(trained_run))
+    ckpt["config"]["eval"] = {**ckpt["config"]["eval"], "scales": [0.5]}  # a run validated at half resolution
+    half = tmp_path / "half.pt"
+    torch.save(ckpt, half)
+    cfg = compose_config("evaluate", [f"checkpoint={half}", "num_workers=0"])
+    assert run_evaluation(cfg, tmp_path / "as_trained", overrides=[])["eval"]["scales"] == [0.5]
+    cfg = compose_config("evaluate", [f"checkpoint={half}", "num_workers=0", "eval.scales=[1.0]"])
+    assert run_evaluation(cfg, tmp_path / "told", overrides=["eval.scales=[1.0]"])["eval"]["scales"] == [1.0]
 
 
 def _images(folder: Path) -> None:
@@ -136,7 +150,7 @@ def test_safetensors_export_rebuilds_the_model_without_the_checkpoint(trained_ru
 def test_bad_inference_settings_name_the_key(trained_run, tmp_path, overrides, message):
     cfg = compose_config("evaluate", [f"checkpoint={_best(trained_run)}", *overrides])
     with pytest.raises(UserError, match=message):
-        run_evaluation(cfg, tmp_path, overrides=[])
+        run_evaluation(cfg, tmp_path, overrides=overrides)
 
 
 def test_no_worst_images_and_no_tensorboard_still_evaluates(trained_run, tmp_path):

@@ -15,7 +15,7 @@ CE = (math.log(2), math.log(4))  # -log softmax: -log(1/2), -log(1/4)
 
 def test_cross_entropy_with_class_weights_from_a_list_and_label_smoothing():
     assert CrossEntropy()(LOGITS, TARGET).item() == pytest.approx(sum(CE) / 2)
-    weighted = CrossEntropy(weight=[2.0, 1.0])(LOGITS, TARGET)
+    weighted = CrossEntropy(class_weights=[2.0, 1.0])(LOGITS, TARGET)
     assert weighted.item() == pytest.approx((2 * CE[0] + 2 * CE[1]) / 4)  # weight-normalised mean
     smooth = CrossEntropy(label_smoothing=0.2)(LOGITS, TARGET)
     # (1 - 0.2) * CE + 0.2 * mean over classes of -log p

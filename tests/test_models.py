@@ -1,4 +1,4 @@
-"""FCN-32s/16s/8s on the tiny and VGG16 encoders."""
+"""FCN-32s/16s/8s/4s on the tiny and VGG16 encoders (every other backbone: test_backbones.py)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from fcn.errors import UserError
 from fcn.models import FCN
 
 
-@pytest.mark.parametrize("variant", ["32s", "16s", "8s"])
+@pytest.mark.parametrize("variant", ["32s", "16s", "8s", "4s"])
 @pytest.mark.parametrize("size", [(37, 53), (64, 64), (1, 1), (97, 31)])
 def test_output_is_full_resolution_for_any_input_size(variant, size):
     model = FCN(num_classes=5, variant=variant, width=4)
@@ -22,13 +22,14 @@ def test_score_layers_start_at_zero():
         assert layer.weight.abs().sum() == 0 and layer.bias.abs().sum() == 0
 
 
-@pytest.mark.parametrize(("variant", "layers"), [("32s", 1), ("16s", 2), ("8s", 3)])
+@pytest.mark.parametrize(("variant", "layers"), [("32s", 1), ("16s", 2), ("8s", 3), ("4s", 4)])
 def test_variants_fuse_the_expected_skips(variant, layers):
     model = FCN(num_classes=3, variant=variant, width=4)
     upsamplers = [m for m in model.modules() if m.__class__.__name__ == "BilinearUpsample"]
     assert len(upsamplers) == layers
     assert hasattr(model, "score_pool4") == (variant != "32s")
-    assert hasattr(model, "score_pool3") == (variant == "8s")
+    assert hasattr(model, "score_pool3") == (variant in ("8s", "4s"))
+    assert hasattr(model, "score_pool2") == (variant == "4s")
 
 
 def test_frozen_upsampling_leaves_only_the_decoder_frozen():
@@ -70,7 +71,7 @@ def test_vgg16_loads_a_local_state_dict(tmp_path):
 
 def test_bad_model_settings_name_the_key():
     with pytest.raises(UserError, match="model.variant"):
-        FCN(num_classes=3, variant="4s")
+        FCN(num_classes=3, variant="2s")
     with pytest.raises(UserError, match="model.backbone"):
         FCN(num_classes=3, backbone="resnet9000")
     with pytest.raises(UserError, match="pretrained"):

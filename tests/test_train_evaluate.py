@@ -126,19 +126,18 @@ def test_cli_multirun_sweep_trains_each_variant(shapes_root, tmp_path):
 
 
 def test_constructor_errors_reach_the_user_as_one_line_despite_hydra_wrapping(capsys):
-    from hydra.utils import instantiate
+    from fcn.cli.common import build_model, exit_on_user_error
+    from fcn.models.fcn import VARIANTS
 
-    from fcn.cli.common import exit_on_user_error
-
-    cfg = compose_config("train", ["model.variant=4s"])
+    cfg = compose_config("train", ["model.variant=2s"])
     with pytest.raises(SystemExit) as exit_info:
-        exit_on_user_error(lambda: instantiate(cfg.model))()
+        exit_on_user_error(lambda: build_model(cfg.model, torch.device("cpu"), channels_last=False))()
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: unknown FCN variant '4s' (model.variant): choose one of ('32s', '16s', '8s')"]
+    assert err == [f"error: unknown FCN variant '2s' (model.variant): choose one of {VARIANTS}"]
 
 
-def test_a_bad_mask_met_in_a_worker_is_one_clear_line(shapes_root, tmp_path, capsys):
+def test_with_the_scan_off_a_bad_mask_met_in_a_worker_is_still_one_clear_line(shapes_root, tmp_path, capsys):
     import shutil
 
     import numpy as np
@@ -152,7 +151,9 @@ def test_a_bad_mask_met_in_a_worker_is_one_clear_line(shapes_root, tmp_path, cap
     bad = sorted((root / "masks").glob("*.png"))[0]
     Image.fromarray(np.full((48, 48), 9, np.uint8)).save(bad)
     overrides = [o for o in tiny_train_overrides(shapes_root) if not o.startswith("data.root")]
-    cfg = compose_config("train", [*overrides, f"data.root={root}", "trainer.num_workers=2", "logger=none"])
+    cfg = compose_config(
+        "train", [*overrides, f"data.root={root}", "trainer.num_workers=2", "logger=none", "data.scan=false"]
+    )
     with pytest.raises(SystemExit) as exit_info:
         exit_on_user_error(train)(cfg, tmp_path / "run")
     assert exit_info.value.code == 2

@@ -8,13 +8,15 @@ Prints one JSON object (also written to ``<run dir>/benchmark.json``):
 - ``eval_img_s``: evaluation at full resolution, confusion matrix included;
 - ``flops_per_img`` (forward + backward), ``achieved_flop_s``, ``peak_flop_s`` (a large matmul in
   the same precision, measured in the same run) and their ratio ``mfu``;
-- ``peak_mem_mb``, ``checkpoint_save_s``, ``resume_load_s``, and what was measured on.
+- ``peak_mem_mb``, ``checkpoint_save_s``, ``resume_load_s``, and what was measured on;
+- ``scan``: seconds of the pre-training data scan, cold and warm (``bench.scan_only=true``: only this).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from itertools import cycle, islice
 from pathlib import Path
 
@@ -29,9 +31,11 @@ from fcn.cli.common import (
     CONFIG_DIR,
     build_dataset,
     build_model,
+    data_layout,
     exit_on_user_error,
     inference_fn,
     loader_options,
+    mask_decoder,
     maybe_compile,
     offline_model_settings,
     pair,
@@ -57,6 +61,11 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     device = resolve_device(cfg.trainer.device, cfg.trainer.threads)
     data, trainer, bench = cfg.data, cfg.trainer, cfg.bench
     prepare_data_root(data)
+    log.info("timing the dataset scan, cold and warm")
+    splits = list(dict.fromkeys([data.train_split, data.val_split]))
+    scan = benchmark.scan_times(data.root, splits, data_layout(data), mask_decoder(data), bench.scan_repeats)
+    if bench.scan_only:
+        return _write({"data": data.name, "scan": scan, "cpus": os.cpu_count(), "device": "cpu"}, out_dir)
     train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
     val_set = build_dataset(data, data.val_split, None)
     train_loader = make_loader(train_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
@@ -134,6 +143,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "mfu": round(flops * compute / peak, 4),
         "peak_mem_mb": round(benchmark.peak_memory_mb(device), 1),
         "checkpoint_save_s": round(save_s, 4),
+        "scan": scan,
         "resume_load_s": round(load_s, 4),
         "device": benchmark.device_name(device),
         "device_type": device.type,
@@ -141,6 +151,10 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    return _write(result, out_dir)
+
+
+def _write(result: dict, out_dir: str | Path) -> dict:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -3,6 +3,7 @@ precision, and the one-line error exit."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -12,11 +13,14 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from fcn.checkpoint import load_checkpoint
+from fcn.data.download import download
 from fcn.data.folder import SegmentationFolder, find_pairs
+from fcn.data.labels import MaskDecoder
+from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, scan_split
 from fcn.data.shapes import ensure_shapes
 from fcn.errors import UserError
 from fcn.inference import predict_logits
@@ -88,30 +92,128 @@ def resolve_device(name: str, threads: int | None = None) -> torch.device:
 
 
 def prepare_data_root(data: DictConfig) -> None:
-    """Generate the built-in dataset on first use (data configs with a ``generate`` section)."""
+    """Generate the built-in dataset on first use (data configs with a ``generate`` section), or
+    download a public one when asked (``data.download=true``)."""
     if data.get("generate"):
         ensure_shapes(data.root, **data.generate)
+    elif data.get("download"):
+        download(data.name, data.root)
+
+
+def data_layout(data: DictConfig) -> dict:
+    """The file-layout keywords of :func:`fcn.data.folder.list_split` from a data config."""
+    return {
+        "image_dir": data.image_dir,
+        "mask_dir": data.mask_dir,
+        "split_file": data.split_file,
+        "mask_suffix": data.mask_suffix,
+        "image_glob": data.get("image_glob"),
+        "image_suffix": data.get("image_suffix"),
+        "recursive": bool(data.get("recursive", False)),
+    }
+
+
+def mask_decoder(data: DictConfig) -> MaskDecoder:
+    """How this dataset's mask pixels become class indices (label map, palette, zero label)."""
+    label_map = data.get("label_map")
+    return MaskDecoder(
+        data.num_classes,
+        data.ignore_index,
+        label_map=OmegaConf.to_container(label_map) if isinstance(label_map, DictConfig) else label_map,
+        reduce_zero_label=bool(data.get("reduce_zero_label", False)),
+        palette=OmegaConf.to_container(data.palette) if data.get("palette") else None,
+        ignore_colors=OmegaConf.to_container(data.ignore_colors) if data.get("ignore_colors") else None,
+    )
 
 
 def build_dataset(data: DictConfig, split: str, transform: Callable | None) -> SegmentationFolder:
     """The dataset of one split, laid out as ``data`` says."""
-    pairs = find_pairs(
-        data.root,
-        split,
-        image_dir=data.image_dir,
-        mask_dir=data.mask_dir,
-        split_file=data.split_file,
-        mask_suffix=data.mask_suffix,
-        image_glob=data.get("image_glob"),
+    pairs = find_pairs(data.root, split, **data_layout(data))
+    return SegmentationFolder(
+        pairs, transform, num_classes=data.num_classes, ignore_index=data.ignore_index, decoder=mask_decoder(data)
     )
-    return SegmentationFolder(pairs, transform, num_classes=data.num_classes, ignore_index=data.ignore_index)
+
+
+def check_data_config(data: DictConfig) -> None:
+    """Settings that must agree with each other before any file is read."""
+    if data.num_classes < 1:
+        raise UserError(f"data.num_classes={data.num_classes}: must be at least 1")
+    if len(data.class_names) != data.num_classes:
+        raise UserError(
+            f"data.class_names has {len(data.class_names)} names but data.num_classes={data.num_classes}: "
+            "give one name per class"
+        )
+    if data.get("palette") and len(data.palette) != data.num_classes:
+        raise UserError(f"data.palette has {len(data.palette)} colours for {data.num_classes} classes")
+    if 0 <= data.ignore_index < data.num_classes:
+        raise UserError(
+            f"data.ignore_index={data.ignore_index} is one of the classes 0..{data.num_classes - 1}: "
+            "choose a value outside them (255 is usual)"
+        )
+
+
+def scan_data(data: DictConfig, splits: list[str]) -> list[SplitReport]:
+    """Check every file of ``splits`` before any training or evaluation starts (cached).
+
+    Warnings are logged once per split; errors end the run with one message listing the files
+    and the fix, pointing to ``scripts/check_data.py`` for the full report.
+    """
+    check_data_config(data)
+    if not data.get("scan", True):
+        return []
+    reports = []
+    for split in dict.fromkeys(splits):  # train and val may be the same split
+        report = scan_split(data.root, split, data_layout(data), mask_decoder(data))
+        log.info(
+            "scanned %s split %r: %d pairs in %.1f s (%d files read, the rest cached)",
+            data.name, split, report.pairs, report.seconds, report.rescanned,
+        )  # fmt: skip
+        for problem in report.warnings:
+            log.warning("[%s] %s%s", split, problem.message, f" (e.g. {problem.files[0]})" if problem.files else "")
+        reports.append(report)
+    if any(r.errors for r in reports):
+        raise UserError(
+            f"the {data.name} data at {Path(data.root).resolve()} has problems:\n  {format_errors(reports)}\n"
+            f"Full report: python scripts/check_data.py data={data.name} data.root={data.root}"
+        )
+    return reports
+
+
+def with_class_weights(loss_cfg: DictConfig, data: DictConfig, train_report: SplitReport | None) -> DictConfig:
+    """``loss_cfg`` with every ``class_weights: auto`` (top level or inside ``losses``) replaced by
+    median-frequency weights of the train split, and explicit lists checked against the classes."""
+    loss_cfg = copy.deepcopy(loss_cfg)
+    nodes = [loss_cfg, *(loss_cfg.get("losses") or [])]
+    for node in nodes:
+        weights = node.get("class_weights") if isinstance(node, DictConfig) else None
+        if weights is None:
+            continue
+        if weights == "auto":
+            if train_report is None:
+                raise UserError("loss.class_weights=auto needs the data scan: set data.scan=true")
+            node.class_weights = median_frequency_weights(train_report)
+            log.info("class weights (median frequency, %s split): %s", train_report.split, list(node.class_weights))
+        elif isinstance(weights, str) or len(weights) != data.num_classes:
+            raise UserError(
+                f"loss.class_weights={weights}: give auto or one weight per class ({data.num_classes} for {data.name})"
+            )
+    return loss_cfg
+
+
+# Model settings that say how to train the network, not what it is: never passed to its constructor.
+TRAINING_ONLY_MODEL_KEYS = ("sync_bn",)
 
 
 def build_model(model_cfg: DictConfig, device: torch.device, channels_last: bool) -> torch.nn.Module:
     """Instantiate the configured model on ``device``, in NHWC memory order when asked.
 
     NHWC (channels-last) makes convolutions faster on CPUs (oneDNN) and on tensor cores.
+    Training-only settings (``sync_bn``, applied by the trainer) are left out of the constructor call.
     """
+    model_cfg = copy.copy(model_cfg)  # shallow: interpolations still resolve against the whole config
+    with open_dict(model_cfg):
+        for key in TRAINING_ONLY_MODEL_KEYS:
+            model_cfg.pop(key, None)
     model = instantiate(model_cfg).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -194,7 +296,7 @@ def maybe_compile(
 def offline_model_settings(model_config: dict) -> dict:
     """``FCN`` keyword arguments from a model config, with no download and no weights file:
     for rebuilding a network whose weights come from elsewhere (a checkpoint, an export)."""
-    settings = {k: v for k, v in model_config.items() if not k.startswith("_")}
+    settings = {k: v for k, v in model_config.items() if not k.startswith("_") and k not in TRAINING_ONLY_MODEL_KEYS}
     return settings | {"pretrained": False, "backbone_weights": None}
 
 
@@ -222,6 +324,18 @@ def _pair_setting(value, key: str) -> list[int] | None:
     if len(items) != 2 or not all(isinstance(v, int) and v > 0 for v in items):
         raise UserError(f"{key}={value}: give two positive integers [height, width] (or one for both)")
     return items
+
+
+def eval_config(checkpoint_config: dict, cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """How to infer: as the run validated (its ``eval`` settings, e.g. half resolution) unless
+    ``eval=...`` or ``eval.*`` is given on the command line."""
+    if any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "eval" for o in overrides):
+        return cfg.eval
+    trained = checkpoint_config.get("eval")
+    if not trained:
+        return cfg.eval
+    keys = ("window", "stride", "scales", "hflip")
+    return OmegaConf.merge(cfg.eval, {k: trained[k] for k in keys if k in trained})
 
 
 def inference_fn(eval_cfg: DictConfig, num_classes: int) -> Callable | None:

@@ -21,12 +21,14 @@ from PIL import Image
 from fcn.cli.common import (
     CONFIG_DIR,
     build_dataset,
+    eval_config,
     exit_on_user_error,
     inference_fn,
     model_from_checkpoint,
     prepare_data_root,
     resolve_device,
     resolve_precision,
+    scan_data,
 )
 from fcn.data.loader import make_loader
 from fcn.engine import evaluate
@@ -64,13 +66,15 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
 
     prepare_data_root(data)
     dataset = build_dataset(data, data.split, None)
-    loader = make_loader(
-        dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, ignore_index=data.ignore_index
-    )
+    reports = scan_data(data, [data.split])
+    # Images of different sizes are scored one at a time: no padding reaches the model.
+    batch_size = cfg.batch_size if not reports or reports[0].uniform_size else 1
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=cfg.num_workers, ignore_index=data.ignore_index)
+    eval_cfg = eval_config(ckpt["config"], cfg, overrides)
     log.info("evaluating %s on %s/%s (%d images) on %s", cfg.checkpoint, data.name, data.split, len(dataset), device)
-    worst = WorstImages(cfg.eval.worst_images if cfg.tensorboard else 0, data.num_classes, data.ignore_index)
+    worst = WorstImages(eval_cfg.worst_images if cfg.tensorboard else 0, data.num_classes, data.ignore_index)
     writer = None
-    if cfg.eval.save_predictions:
+    if eval_cfg.save_predictions:
         writer = PredictionWriter(out_dir / "predictions", [p for p, _ in dataset.pairs], palette)
 
     def on_batch(images, masks, preds):
@@ -81,7 +85,7 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
     result = evaluate(
         model, loader, num_classes=data.num_classes, ignore_index=data.ignore_index, device=device,
         mean=ckpt["mean"], std=ckpt["std"], channels_last=cfg.channels_last,
-        amp_dtype=resolve_precision(cfg.precision, device), infer=inference_fn(cfg.eval, data.num_classes),
+        amp_dtype=resolve_precision(cfg.precision, device), infer=inference_fn(eval_cfg, data.num_classes),
         on_batch=on_batch, desc=data.split,
     )  # fmt: skip
     metrics = scores(result.confusion, class_names)
@@ -90,7 +94,7 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
         "dataset": data.name,
         "split": data.split,
         "images": result.images,
-        "eval": OmegaConf.to_container(cfg.eval),
+        "eval": OmegaConf.to_container(eval_cfg),
     }
     picture = write_metrics(out_dir, report, result.confusion, class_names)
     if cfg.tensorboard:

@@ -14,10 +14,12 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fcn.cli.common import (
     CONFIG_DIR,
+    eval_config,
     exit_on_user_error,
     inference_fn,
     model_from_checkpoint,
@@ -52,15 +54,17 @@ def find_inputs(spec: str) -> list[Path]:
     return files
 
 
-def run_prediction(cfg: DictConfig) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Predict every input; returns the images written and the ``(file, reason)`` of those skipped."""
+def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Predict every input; returns the images written and the ``(file, reason)`` of those skipped.
+
+    Inference follows the checkpoint's own ``eval`` settings unless ``overrides`` set ``eval``."""
     if cfg.checkpoint is None:
         raise UserError("no checkpoint given: pass checkpoint=PATH (predict never runs with random weights)")
     if cfg.input is None or cfg.output is None:
         raise UserError("pass input=DIR_OR_GLOB_OR_FILE and output=DIR")
     device = resolve_device(cfg.device)
     model, ckpt = model_from_checkpoint(cfg.checkpoint, device, cfg.channels_last)
-    infer = inference_fn(cfg.eval, ckpt["num_classes"])
+    infer = inference_fn(eval_config(ckpt["config"], cfg, overrides or []), ckpt["num_classes"])
     amp_dtype = resolve_precision(cfg.precision, device)
     files = find_inputs(str(cfg.input))
     out_dir = Path(cfg.output)
@@ -105,7 +109,7 @@ def run_prediction(cfg: DictConfig) -> tuple[list[Path], list[tuple[Path, str]]]
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    _, failed = run_prediction(cfg)
+    _, failed = run_prediction(cfg, list(HydraConfig.get().overrides.task))
     if failed:
         sys.exit(1)
 

@@ -18,23 +18,27 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fcn import distributed
 from fcn.checkpoint import check_architecture, load_checkpoint, load_resumable, save_checkpoint
 from fcn.cli.common import (
     CONFIG_DIR,
     build_dataset,
     build_model,
     exit_on_user_error,
+    inference_fn,
     loader_options,
     maybe_compile,
     pair,
     prepare_data_root,
     resolve_device,
     resolve_precision,
+    scan_data,
     set_deterministic,
+    with_class_weights,
 )
 from fcn.data.loader import make_loader, pad_collate
 from fcn.data.sampler import ResumableSampler
-from fcn.engine import NonFiniteLossError, evaluate, to_model_input, train_one_epoch
+from fcn.engine import NonFiniteLossError, combine_ranks, evaluate, to_model_input, train_one_epoch
 from fcn.errors import UserError
 from fcn.metrics import format_table, scores
 from fcn.optim import build_optimizer
@@ -63,15 +67,23 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     ``stop`` is polled after every step (the entry point passes one wired to SIGTERM/SIGINT).
     Returns the best checkpoint's validation metrics; raises :class:`TrainingInterrupted` when
     stopped early.
+
+    Inside a process group (one process of a ``torchrun`` job, see :mod:`fcn.distributed`) every
+    rank calls this with the same ``cfg`` and ``out_dir``: the model trains in
+    DistributedDataParallel on this rank's share of each batch (``trainer.batch_size`` images
+    per process), validation is split between the ranks and summed, and only rank 0 writes files.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main_rank = distributed.is_main()  # the one process that writes files and logs to TensorBoard
+    if main_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", out_dir.resolve())
     seed_everything(cfg.seed)
     set_deterministic(cfg.trainer.deterministic)
-    device = resolve_device(cfg.trainer.device, cfg.trainer.threads)
+    device = distributed.device_for_rank(resolve_device(cfg.trainer.device, cfg.trainer.threads))
+    rank, world = distributed.rank(), distributed.world_size()
     data, trainer = cfg.data, cfg.trainer
-    for key in ("epochs", "batch_size", "val_every"):
+    for key in ("epochs", "batch_size", "val_every", "accumulate_grad_batches"):
         if trainer[key] < 1:
             raise UserError(f"trainer.{key}={trainer[key]}: must be at least 1")
     if cfg.logger.log_every_n_steps < 1:
@@ -80,22 +92,47 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     palette = [list(c) for c in data.palette] if data.palette else default_palette(data.num_classes)
 
     # Data: files on disk through albumentations; uint8 until normalised on the device.
-    prepare_data_root(data)
-    train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
-    val_set = build_dataset(data, data.val_split, None)
-    log.info(
-        "data %s: %d train / %d val images from %s", data.name, len(train_set), len(val_set), Path(data.root).resolve()
-    )
-    sampler = ResumableSampler(len(train_set), cfg.seed)
-    drop_last = len(train_set) > trainer.batch_size  # BatchNorm dislikes a last batch of one
+    # Rank 0 goes first: it generates the built-in dataset and fills the scan cache, the others reuse them.
+    with distributed.rank_zero_first():
+        prepare_data_root(data)
+        train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
+        val_set = build_dataset(data, data.val_split, None)
+        log.info(
+            "data %s: %d train / %d val images from %s", data.name, len(train_set), len(val_set),
+            Path(data.root).resolve(),
+        )  # fmt: skip
+        # Every file checked before the first step (cached): bad files end the run here, named.
+        reports = {r.split: r for r in scan_data(data, [data.train_split, data.val_split])}
+    val_report = reports.get(data.val_split)
+    # Images of different sizes are scored one at a time, so no padding ever reaches the model.
+    val_batch_size = trainer.batch_size if val_report is None or val_report.uniform_size else 1
+    # Each rank draws its own share of every epoch's order; validation is split without repeats.
+    sampler = ResumableSampler(len(train_set), cfg.seed, rank=rank, world_size=world)
+    drop_last = sampler.per_rank > trainer.batch_size  # BatchNorm dislikes a last batch of one
     train_loader = make_loader(train_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
                                sampler=sampler, drop_last=drop_last, seed=cfg.seed,
                                **loader_options(trainer))  # fmt: skip
-    val_loader = make_loader(val_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
-                             seed=cfg.seed, **loader_options(trainer))  # fmt: skip
-    batches_per_epoch = len(train_set) // trainer.batch_size if drop_last else 1
+    val_loader = make_loader(val_set, batch_size=val_batch_size, ignore_index=data.ignore_index,
+                             sampler=distributed.shard(len(val_set)), seed=cfg.seed,
+                             **loader_options(trainer))  # fmt: skip
+    batches_per_epoch = sampler.per_rank // trainer.batch_size if drop_last else 1
     if trainer.limit_train_batches is not None:
         batches_per_epoch = min(batches_per_epoch, trainer.limit_train_batches)
+    # One optimisation step per `accumulate` batches; the schedule counts steps. Batches that
+    # cannot fill a last step of the epoch are not drawn (as drop_last does for images).
+    accumulate = trainer.accumulate_grad_batches
+    steps_per_epoch = batches_per_epoch // accumulate
+    if steps_per_epoch < 1:
+        raise UserError(
+            f"trainer.accumulate_grad_batches={accumulate} but an epoch has only {batches_per_epoch} batches "
+            f"per process: lower it or trainer.batch_size"
+        )
+    batches_per_epoch = steps_per_epoch * accumulate
+    if world > 1 or accumulate > 1:
+        log.info(
+            "%d process(es) x batch %d x %d accumulated = %d images per optimisation step, %d steps per epoch",
+            world, trainer.batch_size, accumulate, world * trainer.batch_size * accumulate, steps_per_epoch,
+        )  # fmt: skip
 
     # Model, optimiser, schedule; then the state of an earlier run, when resuming.
     model = build_model(cfg.model, device, trainer.channels_last)
@@ -108,19 +145,26 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         cfg.model.backbone, cfg.model.variant, summary["parameters"] / 1e6, summary["trainable"] / 1e6,
         summary["frozen"] / 1e6, summary["forward_gflops_per_image"], summary["crop"], device,
     )  # fmt: skip
+    if cfg.model.get("sync_bn"):
+        model = distributed.sync_batch_norm(model, device)  # same parameters, so before or after init_from alike
     amp_dtype = resolve_precision(trainer.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     net = maybe_compile(model, trainer.compile, trainer.batch_size, pair(data.crop_size), trainer.channels_last)
     optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
-    scheduler = instantiate(cfg.sched)(optimizer, total_steps=trainer.epochs * batches_per_epoch)
-    loss_fn = instantiate(cfg.loss)
+    scheduler = instantiate(cfg.sched)(optimizer, total_steps=trainer.epochs * steps_per_epoch)
+    loss_fn = instantiate(with_class_weights(cfg.loss, data, reports.get(data.train_split)))
+    infer = inference_fn(cfg.eval, data.num_classes)
     ckpt_dir = out_dir / "checkpoints"
-    # Where training stands: the epoch in progress, batches of it done, global step, best so far.
-    # The shape of the run (batch size, batches per epoch, schedule length) must match on resume.
+    # Where training stands: the epoch in progress, batches of it done (per process), global step,
+    # best so far. The shape of the run (processes, batch size, accumulation, batches per epoch,
+    # schedule length) must match on resume.
     shape = {"batch_size": trainer.batch_size, "batches_per_epoch": batches_per_epoch,
-             "total_steps": trainer.epochs * batches_per_epoch}  # fmt: skip
+             "total_steps": trainer.epochs * steps_per_epoch, "world_size": world,
+             "accumulate_grad_batches": accumulate}  # fmt: skip
     progress: dict[str, Any] = {"epoch": 1, "epoch_batches": 0, "step": 0, "best": None, "stale": 0, **shape}
-    resumed = _find_resume_checkpoint(cfg.resume, ckpt_dir)
+    if world > 1:  # the model is built (alike everywhere): from here on each rank draws its own dropout masks
+        seed_everything(cfg.seed + rank)
+    resumed = _agreed_resume_checkpoint(cfg.resume, ckpt_dir)
     if resumed is not None:
         state, source = resumed
         check_architecture(state["config"]["model"], model_config, source)
@@ -128,26 +172,33 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
+        rng_states = state.get("rng_by_rank") or [state["rng"]]
+        restore_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         progress = state["progress"]
         log.info("resumed from %s at epoch %d, batch %d, step %d", source, progress["epoch"],
                  progress["epoch_batches"], progress["step"])  # fmt: skip
 
+    # After the resume: DistributedDataParallel starts every rank from rank 0's weights and buffers.
+    train_net = distributed.wrap(net, device)
+
     # TensorBoard: on resume, purge whatever the interrupted run logged after its checkpoint.
-    writer = _make_writer(cfg.logger, out_dir, purge_step=progress["step"] + 1 if resumed else None)
+    purge_step = progress["step"] + 1 if resumed else None
+    writer = _make_writer(cfg.logger, out_dir, purge_step=purge_step) if main_rank else None
     if writer is not None and not resumed:
         writer.add_text("model/summary", "  \n".join(f"{k}: {v}" for k, v in summary.items()), 0)
     log_every = cfg.logger.log_every_n_steps
 
-    def on_step(step: int, loss: float, lr: float) -> None:
+    def on_step(step: int, loss: float, lr: float, grad_norm: float | None) -> None:
         if writer is not None and step % log_every == 0:
             writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("train/lr", lr, step)
+            if grad_norm is not None:
+                writer.add_scalar("train/grad_norm", grad_norm, step)
         every = trainer.checkpoint_every_n_steps
         if every and step % every == 0:
-            done = progress["epoch_batches"] + step - epoch_start_step
+            done = progress["epoch_batches"] + (step - epoch_start_step) * accumulate
             if done < batches_per_epoch:  # epoch ends are saved after validation
                 save(ckpt_dir / "last.pt", {**progress, "epoch_batches": done, "step": step})
 
@@ -162,11 +213,17 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     }
 
     def save(path: Path, progress_now: dict, metrics: dict | None = None) -> None:
+        # Called by every rank at the same points: each rank's random state goes in (each resumes
+        # its own dropout masks), the rest is rank 0's, and only rank 0 writes.
+        rng = distributed.gather_objects(capture_rng_state())
+        if not main_rank:
+            return
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": capture_rng_state(),
+            "rng": rng[0],
+            "rng_by_rank": rng if world > 1 else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "progress": progress_now,
             "epoch": progress_now["epoch"],
@@ -177,7 +234,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         save_checkpoint(state, path, keep_previous=path.name == "last.pt")
 
     sample_indices = np.linspace(0, len(val_set) - 1, min(cfg.logger.num_images, len(val_set))).round().astype(int)
-    stop = stop or GracefulStop()
+    # A signal seen by any rank stops all of them after the same step.
+    shared_stop = distributed.SharedStop(stop or GracefulStop())
     epoch = progress["epoch"]
     if progress["epoch_batches"] >= batches_per_epoch:  # the checkpoint closed its epoch
         epoch, progress = epoch + 1, {**progress, "epoch": epoch + 1, "epoch_batches": 0}
@@ -186,24 +244,29 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
             epoch_start_step = progress["step"]
             sampler.set_epoch(epoch, start=progress["epoch_batches"] * trainer.batch_size)
             result = train_one_epoch(
-                net, train_loader, optimizer, scheduler, loss_fn,
+                train_net, train_loader, optimizer, scheduler, loss_fn,
                 device=device, mean=data.mean, std=data.std, step=progress["step"], epoch=epoch,
-                max_steps=batches_per_epoch - progress["epoch_batches"], channels_last=trainer.channels_last,
-                skip_nonfinite=trainer.skip_nonfinite, amp_dtype=amp_dtype, scaler=scaler,
-                grad_clip_norm=trainer.grad_clip_norm, should_stop=stop.should_stop, on_step=on_step,
+                max_steps=(batches_per_epoch - progress["epoch_batches"]) // accumulate, accumulate=accumulate,
+                channels_last=trainer.channels_last, skip_nonfinite=trainer.skip_nonfinite, amp_dtype=amp_dtype,
+                scaler=scaler, grad_clip_norm=trainer.grad_clip_norm, grad_norm_every=log_every if writer else 0,
+                should_stop=shared_stop.poll, on_step=on_step, progress=main_rank,
             )  # fmt: skip
             progress = {**progress, "step": result.step, "epoch_batches": progress["epoch_batches"] + result.batches}
             if progress["epoch_batches"] < batches_per_epoch:  # stopped mid-epoch
                 save(ckpt_dir / "last.pt", progress)
-                raise TrainingInterrupted(stop.requested or 0, ckpt_dir / "last.pt")
+                distributed.barrier()  # no rank exits before rank 0 has saved
+                raise TrainingInterrupted(shared_stop.requested or 0, ckpt_dir / "last.pt")
             metrics = None
             if epoch % trainer.val_every == 0 or epoch == trainer.epochs:
+                distributed.broadcast_buffers(model)  # every rank scores the model rank 0 saves
                 evaluation = evaluate(
                     net, val_loader,
                     num_classes=data.num_classes, ignore_index=data.ignore_index, device=device,
                     mean=data.mean, std=data.std, loss_fn=loss_fn, max_batches=trainer.limit_val_batches,
-                    channels_last=trainer.channels_last, amp_dtype=amp_dtype, desc="val",
+                    channels_last=trainer.channels_last, amp_dtype=amp_dtype, infer=infer, desc="val",
+                    progress=main_rank,
                 )  # fmt: skip
+                evaluation = combine_ranks(evaluation)  # exact: integer confusion counts summed over ranks
                 metrics = scores(evaluation.confusion, class_names)
                 metrics["val_loss"] = evaluation.loss
                 log.info(
@@ -235,8 +298,9 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
             else:
                 log.info("epoch %d/%d: train loss %.4f", epoch, trainer.epochs, result.loss)
             save(ckpt_dir / "last.pt", progress, metrics)
-            if stop.requested is not None and epoch < trainer.epochs:
-                raise TrainingInterrupted(stop.requested, ckpt_dir / "last.pt")
+            if shared_stop.poll(progress["step"]) and epoch < trainer.epochs:  # also a signal during validation
+                distributed.barrier()
+                raise TrainingInterrupted(shared_stop.requested, ckpt_dir / "last.pt")
             patience = trainer.early_stopping_patience
             if patience and progress.get("stale", 0) >= patience:
                 log.info("early stopping: val mIoU has not improved for %d validations", patience)
@@ -259,12 +323,12 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     finally:
         if writer is not None:
             writer.close()
-    if cfg.logger.tensorboard and progress["best"] is not None:
+    if main_rank and cfg.logger.tensorboard and progress["best"] is not None:
         _log_hparams(out_dir, cfg, progress["best"])
-    return _report(progress["best"], out_dir, data)
+    return _report(progress["best"], out_dir, data, write=main_rank)
 
 
-def _report(best: dict, out_dir: Path, data: DictConfig) -> dict:
+def _report(best: dict, out_dir: Path, data: DictConfig, write: bool = True) -> dict:
     # The best checkpoint's validation scores were computed with exactly its weights when it was
     # chosen (evaluation is deterministic), so they are reported as they are, not recomputed.
     # Its path is where it was written: a run resumed from another directory may not beat it.
@@ -274,6 +338,8 @@ def _report(best: dict, out_dir: Path, data: DictConfig) -> dict:
         "step": best["step"],
         "split": data.val_split,
     }
+    if not write:  # ranks other than 0 return the same report, silently
+        return report
     (out_dir / "metrics.json").write_text(to_json(report))
     print(f"\nbest checkpoint {best['checkpoint']} (epoch {best['epoch']}), {data.name} {data.val_split}:")
     print(format_table(report))
@@ -295,10 +361,32 @@ def _find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, P
     return load_checkpoint(path), path
 
 
+def _agreed_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, Path] | None:
+    """:func:`_find_resume_checkpoint` as rank 0 sees it: every rank then loads the file rank 0
+    chose (a corrupt ``last.pt`` falls back to the same ``last.prev.pt`` everywhere), or stops
+    with rank 0's error. In a job the run directory must be visible to every rank."""
+    found, error = None, None
+    if distributed.is_main():
+        try:
+            found = _find_resume_checkpoint(resume, ckpt_dir)
+        except UserError as exc:
+            error = str(exc)
+    source, error = distributed.broadcast_object((found[1] if found else None, error))
+    if error is not None:
+        raise UserError(error)
+    if found is None and source is not None:
+        found = load_checkpoint(source), Path(source)
+    return found
+
+
 def _check_same_run_shape(saved: dict, shape: dict, source: Path) -> None:
     """A resumed run continues the same schedule over the same batches; explain any difference."""
     names = {"batch_size": "trainer.batch_size", "batches_per_epoch": "batches per epoch (data, trainer.batch_size, "
-             "trainer.limit_train_batches)", "total_steps": "schedule length (trainer.epochs)"}  # fmt: skip
+             "trainer.limit_train_batches)", "total_steps": "schedule length (trainer.epochs)",
+             "world_size": "processes (torchrun --nproc_per_node x nodes)",
+             "accumulate_grad_batches": "trainer.accumulate_grad_batches"}  # fmt: skip
+    older = {"world_size": 1, "accumulate_grad_batches": 1}  # checkpoints from before these settings existed
+    saved = {**older, **saved}
     diffs = [f"{names[k]}: checkpoint {saved.get(k)}, now {v}" for k, v in shape.items() if saved.get(k) != v]
     if diffs:
         raise UserError(
@@ -308,23 +396,37 @@ def _check_same_run_shape(saved: dict, shape: dict, source: Path) -> None:
 
 
 def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> None:
-    """``init_from``: weights only. Layers whose shape follows ``num_classes`` start afresh when
-    the class count differs; any other difference is an error."""
+    """``init_from``: weights only, from a checkpoint of the same backbone and width.
+
+    Another class count or another variant is allowed: layers that the new model lacks are
+    dropped, and layers that are new or whose shape differs (score layers and upsampling for
+    another class count; the skip layers and the final upsampling of FCN-16s started from a
+    32s checkpoint, the paper's staged training) keep their initialisation: zero score layers,
+    bilinear upsampling, so new skips start as no-ops on top of what the checkpoint learned.
+    """
     state = load_checkpoint(path)
     saved = state["config"]["model"]
-    check_architecture({**saved, "num_classes": model_config["num_classes"]}, model_config, path)
-    weights = state["model"]
+    check_architecture(saved, model_config, path, allow=("num_classes", "variant"))
+    weights, own = state["model"], model.state_dict()
+    reset = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
+    new = sorted(k for k in own if k not in weights)
+    unused = sorted(k for k in weights if k not in own)
     if saved["num_classes"] != model_config["num_classes"]:
-        own = model.state_dict()
-        reset = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
-        weights = {k: v for k, v in weights.items() if k not in reset}
         log.warning(
             "init_from %s: it has %d classes, this model %d; these layers start from their initialisation: %s",
             path, saved["num_classes"], model_config["num_classes"], ", ".join(reset),
         )  # fmt: skip
-        model.load_state_dict(weights, strict=False)
-    else:
-        model.load_state_dict(weights)
+    elif reset:
+        log.info("init_from %s: these layers differ in shape and start from their initialisation: %s",
+                 path, ", ".join(reset))  # fmt: skip
+    if saved["variant"] == model_config["variant"] and (new or unused):
+        raise UserError(f"checkpoint {path} does not fit this model: missing {new[:3]}, unexpected {unused[:3]}")
+    if saved["variant"] != model_config["variant"]:
+        log.info(
+            "init_from %s: FCN-%s weights into FCN-%s; new layers keep their initialisation: %s; unused: %s",
+            path, saved["variant"], model_config["variant"], ", ".join(new) or "none", ", ".join(unused) or "none",
+        )  # fmt: skip
+    model.load_state_dict({k: v for k, v in weights.items() if k in own and k not in reset}, strict=False)
     log.info("initialised weights from %s (optimizer and schedule start fresh)", path)
 
 
@@ -354,7 +456,9 @@ def _log_hparams(out_dir: Path, cfg: DictConfig, best: dict) -> None:
     hparams = {
         "model": f"{cfg.model.backbone}-fcn{cfg.model.variant}",
         "width": cfg.model.width,
-        "learnable_upsampling": cfg.model.learnable_upsampling,
+        "learnable_upsampling": str(cfg.model.learnable_upsampling),  # true, false or intermediate
+        "scaled_skips": bool(cfg.model.get("scaled_skips", False)),
+        "init_from": str(cfg.init_from or ""),  # staged training: which stage this one started from
         "optimizer": cfg.optim._target_.rsplit(".", 1)[-1],
         "lr": cfg.optim.lr,
         "batch_size": cfg.trainer.batch_size,
@@ -402,14 +506,55 @@ def _log_samples(writer, step, model, dataset, indices, data, device, palette, c
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error
-def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the best val mIoU (for sweepers)."""
+def hydra_main(cfg: DictConfig) -> float:
+    """Hydra entry point of one process; returns the best val mIoU (for sweepers)."""
+    run_dir = HydraConfig.get().runtime.output_dir
+    if distributed.is_main() and distributed.world_size() > 1:
+        distributed.broadcast_object(run_dir)  # the other ranks wait for it in main(), before their Hydra starts
     with GracefulStop() as stop:
         try:
-            return train(cfg, HydraConfig.get().runtime.output_dir, stop)["miou"]
+            return train(cfg, run_dir, stop)["miou"]
         except TrainingInterrupted as exc:
             log.warning("%s", exc)
             sys.exit(128 + exc.signum)
+
+
+# Hydra flags that print and exit without running the task: no process group for those.
+_INFO_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion")
+
+
+def main() -> None:
+    """``fcn-train`` / ``python scripts/train.py``: a plain run, or one process of a ``torchrun`` job.
+
+    Under torchrun every process runs Hydra, which would give each its own timestamped run
+    directory (and its own copy of the config and log). So the processes join their process group
+    first; rank 0 runs Hydra as usual and sends its run directory to the others, which then run in
+    that directory, writing neither ``.hydra/`` nor a log file, and printing only warnings.
+    """
+    argv = sys.argv[1:]
+    if not distributed.launched_by_torchrun() or any(a.split("=")[0] in _INFO_FLAGS for a in argv):
+        hydra_main()
+        return
+    if any(a in ("-m", "--multirun") for a in argv):
+        print("error: a sweep (-m) cannot run under torchrun; launch one torchrun per setting", file=sys.stderr)
+        sys.exit(2)
+    with distributed.process_group():
+        if not distributed.is_main():
+            sys.argv.extend(_other_rank_overrides(distributed.broadcast_object(None), distributed.rank()))
+        hydra_main()
+
+
+def _other_rank_overrides(run_dir: str, rank: int) -> list[str]:
+    """Hydra overrides for a rank other than 0: rank 0's run directory, no second ``.hydra/`` or
+    log file there, console output for warnings only, each line marked with the rank."""
+    quoted = "'" + run_dir.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return [
+        f"hydra.run.dir={quoted}",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
+        "hydra.job_logging.root.level=WARNING",
+        f"hydra.job_logging.formatters.simple.format='[rank {rank}][%(levelname)s] - %(message)s'",
+    ]
 
 
 if __name__ == "__main__":

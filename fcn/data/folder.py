@@ -1,20 +1,26 @@
-"""A dataset of image files and index-mask files matched by file stem.
+"""A dataset of image files and mask files matched by name.
 
 This is the layout every dataset here is read through, the built-in ``shapes`` included:
 
     root/
       images/  000001.jpg ...      (any common image extension)
-      masks/   000001.png ...      (single-channel PNG, pixel value = class index)
-      splits/  train.txt val.txt   (one stem per line; optional)
+      masks/   000001.png ...      (index PNG, pixel value = class index; or RGB colour masks)
+      splits/  train.txt val.txt   (one name per line; optional)
 
-Folder names may contain ``{split}``, so the SegNet layout of CamVid (``train/`` +
-``trainannot/``) is ``image_dir="{split}", mask_dir="{split}annot"``. Without a split file every
-image in the image folder that has a mask is used.
+An image and its mask match when their paths relative to their folders are the same once the
+suffix is taken off: ``images/a.jpg`` and ``masks/a.png`` by default; with
+``image_suffix="_leftImg8bit.png"``, ``mask_suffix="_gtFine_labelTrainIds.png"`` and
+``recursive=True``, Cityscapes' ``leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png``
+and ``gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png`` (key
+``aachen/aachen_000000_000019``). Folder names may contain ``{split}``, so the SegNet layout of
+CamVid (``train/`` + ``trainannot/``) is ``image_dir="{split}", mask_dir="{split}annot"``. Without
+a split file every image in the image folder is used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +28,53 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fcn.data.labels import MaskDecoder, image_to_rgb
 from fcn.data.transforms import reseed
 from fcn.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _files_by_stem(folder: Path, extensions: tuple[str, ...], pattern: str | None = None) -> dict[str, Path]:
-    files = folder.glob(pattern) if pattern else folder.iterdir()
-    return {p.stem: p for p in sorted(files) if p.suffix.lower() in extensions and p.is_file()}
+def _files_by_key(folder: Path, suffixes: tuple[str, ...], pattern: str | None, recursive: bool) -> dict[str, Path]:
+    """Files of ``folder`` ending in one of ``suffixes``, keyed by relative path minus the suffix."""
+    if pattern:
+        files = folder.glob(pattern)
+    else:
+        files = folder.rglob("*") if recursive else folder.iterdir()
+    found: dict[str, Path] = {}
+    for path in sorted(files):
+        relative = path.relative_to(folder).as_posix()
+        suffix = next((s for s in suffixes if relative.lower().endswith(s.lower())), None)
+        if suffix is not None and path.is_file():
+            found.setdefault(relative[: len(relative) - len(suffix)], path)
+    return found
 
 
-def _first(items: list[str], n: int = 5) -> str:
+def first_items(items: list[str], n: int = 5) -> str:
+    """``a, b, c, ... (N in all)``: the start of a long list, for error messages."""
     shown = ", ".join(items[:n])
     return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def find_pairs(
+def _contents(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return first_items(names, 10) if names else "nothing"
+
+
+@dataclass
+class SplitFiles:
+    """The files of one split: matched pairs, and the names that did not match."""
+
+    pairs: list[tuple[Path, Path]]
+    images_folder: Path
+    masks_folder: Path
+    images_without_mask: list[str] = field(default_factory=list)
+    masks_without_image: list[str] = field(default_factory=list)
+    listed_without_image: list[str] = field(default_factory=list)
+    split_list: Path | None = None
+
+
+def list_split(
     root: str | Path,
     split: str,
     image_dir: str = "images",
@@ -46,11 +82,13 @@ def find_pairs(
     split_file: str | None = "splits/{split}.txt",
     mask_suffix: str = ".png",
     image_glob: str | None = None,
-) -> list[tuple[Path, Path]]:
-    """List ``(image, mask)`` paths of one split, raising :class:`UserError` on a bad layout.
+    image_suffix: str | None = None,
+    recursive: bool = False,
+) -> SplitFiles:
+    """Match the images and masks of one split, keeping what did not match for the caller.
 
-    The split is the stems listed in ``split_file`` or, without one, the images of the image
-    folder, narrowed to those matching ``image_glob`` (e.g. ``"seq01_*"``, ``"**/*.jpg"``) if given.
+    Raises :class:`UserError` when the layout itself is wrong (root, folders or split list
+    missing, no images at all), naming the absolute paths and the patterns tried.
     """
     root = Path(root)
     if not root.is_dir():
@@ -59,59 +97,89 @@ def find_pairs(
     masks_folder = root / mask_dir.format(split=split)
     for folder, key in ((images_folder, "data.image_dir"), (masks_folder, "data.mask_dir")):
         if not folder.is_dir():
-            raise UserError(f"folder for split {split!r} not found: {folder.resolve()} (check {key} and data.root)")
-    images = _files_by_stem(images_folder, IMAGE_EXTENSIONS, image_glob)
-    masks = _files_by_stem(masks_folder, (mask_suffix,))
+            raise UserError(
+                f"folder for split {split!r} not found: {folder.resolve()} (check {key} and data.root; "
+                f"{root.resolve()} contains {_contents(root)})"
+            )
+    image_suffixes = (image_suffix,) if image_suffix else IMAGE_EXTENSIONS
+    images = _files_by_key(images_folder, image_suffixes, image_glob, recursive)
+    masks = _files_by_key(masks_folder, (mask_suffix,), None, recursive or bool(image_glob and "**" in image_glob))
+    listed_without_image: list[str] = []
+    list_path = None
     if split_file:
         list_path = root / split_file.format(split=split)
         if not list_path.is_file():
             raise UserError(f"split list not found: {list_path.resolve()} (check data.split_file)")
-        stems = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
-        missing = [s for s in stems if s not in images]
-        if missing:
-            raise UserError(f"{list_path}: {len(missing)} listed images not in {images_folder}: {_first(missing)}")
+        keys = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+        listed_without_image = [k for k in keys if k not in images]
+        keys = [k for k in keys if k in images]
     else:
-        stems = list(images)
-    if not stems:
-        pattern = f" matching {image_glob!r}" if image_glob else ""
+        keys = list(images)
+    if not keys and not listed_without_image:
+        pattern = image_glob or ("**/*" if recursive else "*")
         raise UserError(
-            f"split {split!r} is empty: no images{pattern} with extensions {IMAGE_EXTENSIONS} in "
-            f"{images_folder.resolve()}"
+            f"split {split!r} is empty: no files matching {pattern!r} ending in {', '.join(image_suffixes)} in "
+            f"{images_folder.resolve()} (it contains {_contents(images_folder)}); check data.root, data.image_dir, "
+            "data.image_suffix and data.image_glob"
         )
-    unmatched = [s for s in stems if s not in masks]
-    if unmatched:
+    key_set = set(keys)
+    return SplitFiles(
+        pairs=[(images[k], masks[k]) for k in keys if k in masks],
+        images_folder=images_folder,
+        masks_folder=masks_folder,
+        images_without_mask=[k for k in keys if k not in masks],
+        masks_without_image=[] if split_file else [k for k in masks if k not in key_set],
+        listed_without_image=listed_without_image,
+        split_list=list_path,
+    )
+
+
+def find_pairs(root: str | Path, split: str, **layout) -> list[tuple[Path, Path]]:
+    """List ``(image, mask)`` paths of one split (layout keywords as :func:`list_split`),
+    raising :class:`UserError` when an image has no mask or a listed image is missing.
+
+    The split is the names listed in ``split_file`` or, without one, the images of the image
+    folder, narrowed to those matching ``image_glob`` (e.g. ``"seq01_*"``, ``"**/*.jpg"``) if given.
+    """
+    files = list_split(root, split, **layout)
+    mask_suffix = layout.get("mask_suffix", ".png")
+    if files.listed_without_image:
+        missing = files.listed_without_image
         raise UserError(
-            f"{len(unmatched)} images in {images_folder} have no mask '<stem>{mask_suffix}' "
-            f"in {masks_folder}: {_first(unmatched)}"
+            f"{files.split_list}: {len(missing)} listed images not in {files.images_folder}: {first_items(missing)}"
         )
-    return [(images[s], masks[s]) for s in stems]
+    if files.images_without_mask:
+        unmatched = files.images_without_mask
+        raise UserError(
+            f"{len(unmatched)} images in {files.images_folder} have no mask '<name>{mask_suffix}' "
+            f"in {files.masks_folder}: {first_items(unmatched)} (check data.mask_dir and data.mask_suffix)"
+        )
+    return files.pairs
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read an image file as an ``H x W x 3`` uint8 RGB array."""
+    """Read an image file as an ``H x W x 3`` uint8 RGB array (conversions: :mod:`fcn.data.labels`)."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    except OSError as exc:
+            return image_to_rgb(image, path)
+    except (OSError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot read image {path}: {exc}") from exc
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Read a single-channel index mask as an ``H x W`` uint8 array of class indices."""
+def read_mask(path: Path, decoder: MaskDecoder) -> np.ndarray:
+    """Read a mask file as an ``H x W`` array of class indices, decoded by ``decoder``."""
     try:
         with Image.open(path) as mask:
-            if mask.mode not in ("L", "P"):
-                raise UserError(
-                    f"mask {path} has mode {mask.mode}; masks must be single-channel index PNGs "
-                    "(pixel value = class index)"
-                )
-            return np.array(mask)
-    except OSError as exc:
+            return decoder.decode(mask, path)
+    except (OSError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot read mask {path}: {exc}") from exc
 
 
 class SegmentationFolder(Dataset):
     """Image/mask pairs from :func:`find_pairs`, passed through an albumentations transform.
+
+    ``decoder`` turns mask pixels into class indices (label map, palette colours); by default
+    masks hold class indices already.
 
     Items are ``(image, mask)``: a ``3 x H x W`` uint8 tensor (normalised later, on the device,
     by :func:`fcn.data.transforms.normalize`) and an ``H x W`` int64 tensor of class indices.
@@ -123,11 +191,13 @@ class SegmentationFolder(Dataset):
         transform: Callable | None = None,
         num_classes: int | None = None,
         ignore_index: int = 255,
+        decoder: MaskDecoder | None = None,
     ) -> None:
         self.pairs = pairs
         self.transform = transform
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.decoder = decoder or MaskDecoder(num_classes or 256, ignore_index)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -137,7 +207,7 @@ class SegmentationFolder(Dataset):
         to draw this sample's augmentation from its own seed."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         image_path, mask_path = self.pairs[index]
-        image, mask = read_image(image_path), read_mask(mask_path)
+        image, mask = read_image(image_path), read_mask(mask_path, self.decoder)
         if image.shape[:2] != mask.shape:
             raise UserError(
                 f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "

@@ -1,16 +1,25 @@
-"""Encoders that shrink the image with convolutions and max-pooling.
+"""Encoders that shrink the image and expose the features FCN fuses.
 
-Every backbone returns its features at three taps, the outputs of the pooling stages FCN fuses:
-``pool3`` (stride 8), ``pool4`` (stride 16) and ``out`` (stride 32, after the fc6/fc7-style head).
-Pooling uses ``ceil_mode=True`` so a feature cell ``j`` at stride ``s`` covers input pixels
-``[j*s, (j+1)*s)`` for any input size; the decoder relies on this to crop top-left.
+Every backbone returns its features at the same taps, named after VGG's pooling stages as in the
+FCN paper: ``pool2`` (stride 4), ``pool3`` (stride 8), ``pool4`` (stride 16) and ``out``
+(stride 32, after the fc6/fc7-style head where the backbone has one). One mechanism,
+:class:`Encoder`, taps them for every backbone: the network is cut into three consecutive parts
+ending at pool3, pool4 and out, and the stride-4 tap is a child index inside the first part.
 
-Adding a backbone is one function here that returns an :class:`Encoder`, plus one entry in
-:data:`BACKBONES`.
+Alignment: at every tap a ``H x W`` input gives ``ceil(H/s) x ceil(W/s)`` cells, so the decoder
+can crop upsampled maps at the top-left. VGG-style encoders get this from ``ceil_mode`` pooling
+(cell ``j`` covers pixels ``[j*s, (j+1)*s)`` exactly). ResNet and MobileNet downsample with
+padded stride-2 convolutions, which also give ``ceil(H/s)`` cells, but their cell ``j`` is
+centred near pixel ``j*s`` rather than ``(j+0.5)*s``: a shift of under half a cell that the
+learned upsampling can absorb.
+
+Adding a backbone is one function here that returns an :class:`Encoder`, one entry in
+:data:`BACKBONES` and one YAML file in ``configs/model/``.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,34 +28,46 @@ from torch import nn
 
 from fcn.errors import UserError
 
-TAPS = ("pool3", "pool4", "out")
+TAPS = ("pool2", "pool3", "pool4", "out")
+STRIDES = {"pool2": 4, "pool3": 8, "pool4": 16, "out": 32}
 
 
 class Encoder(nn.Module):
-    """Runs ``stages`` in order and returns the tapped features by name.
+    """Runs three consecutive parts of a network and returns the tapped features by name.
 
     Args:
-        stem_to_pool3, pool3_to_pool4, pool4_to_out: consecutive parts of the network.
+        stem_to_pool3, pool3_to_pool4, pool4_to_out: consecutive parts of the network, ending at
+            stride 8, 16 and 32.
         channels: number of channels at each tap, keyed like the returned dict.
+        pool2_after: index of the child of ``stem_to_pool3`` (an ``nn.Sequential``) whose output
+            is the stride-4 ``pool2`` tap; None when the backbone has none.
     """
 
     def __init__(
         self,
-        stem_to_pool3: nn.Module,
+        stem_to_pool3: nn.Sequential,
         pool3_to_pool4: nn.Module,
         pool4_to_out: nn.Module,
         channels: dict[str, int],
+        pool2_after: int | None = None,
     ) -> None:
         super().__init__()
         self.stem_to_pool3 = stem_to_pool3
         self.pool3_to_pool4 = pool3_to_pool4
         self.pool4_to_out = pool4_to_out
         self.channels = channels
+        self.pool2_after = pool2_after
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        pool3 = self.stem_to_pool3(x)
-        pool4 = self.pool3_to_pool4(pool3)
-        return {"pool3": pool3, "pool4": pool4, "out": self.pool4_to_out(pool4)}
+        features = {}
+        for i, layer in enumerate(self.stem_to_pool3):
+            x = layer(x)
+            if i == self.pool2_after:
+                features["pool2"] = x
+        features["pool3"] = x
+        features["pool4"] = self.pool3_to_pool4(x)
+        features["out"] = self.pool4_to_out(features["pool4"])
+        return features
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel_size: int = 3) -> list[nn.Module]:
@@ -65,19 +86,19 @@ def _vgg_stage(cin: int, cout: int, convs: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def tiny(width: int = 16, pretrained: bool = False, weights_path: str | None = None) -> Encoder:
+def tiny(width: int | None = None, pretrained: bool = False, weights_path: str | None = None) -> Encoder:
     """A small VGG-style encoder with batch norm, for CPUs: five conv+pool stages.
 
-    Channels are ``width * (1, 2, 4, 8, 8)`` per stage, then a 3x3 "fc6" and a 1x1 "fc7" at
-    stride 32 (the classic FCN head, shrunk). It has no pretrained weights; ``weights_path``
-    loads a state dict saved from this encoder.
+    Channels are ``width * (1, 2, 4, 8, 8)`` per stage (``width`` 16 by default), then a 3x3
+    "fc6" and a 1x1 "fc7" at stride 32 (the classic FCN head, shrunk). It has no pretrained
+    weights; ``weights_path`` loads a state dict saved from this encoder.
     """
-    if pretrained:
+    if pretrained and not weights_path:
         raise UserError(
             "backbone 'tiny' has no pretrained weights: set model.pretrained=false "
             "(or model.backbone_weights=PATH for a state dict of this encoder)"
         )
-    w = width
+    w = width or 16
     head = 16 * w
     encoder = Encoder(
         nn.Sequential(_vgg_stage(3, w, 1), _vgg_stage(w, 2 * w, 1), _vgg_stage(2 * w, 4 * w, 2)),
@@ -87,44 +108,62 @@ def tiny(width: int = 16, pretrained: bool = False, weights_path: str | None = N
             *_conv_bn_relu(8 * w, head),
             *_conv_bn_relu(head, head, kernel_size=1),
         ),
-        channels={"pool3": 4 * w, "pool4": 8 * w, "out": head},
+        channels={"pool2": 2 * w, "pool3": 4 * w, "pool4": 8 * w, "out": head},
+        pool2_after=1,
     )
     if weights_path:
         _load_state_dict(encoder, weights_path)
     return encoder
 
 
-def vgg16(width: int = 64, pretrained: bool = False, weights_path: str | None = None) -> Encoder:
-    """torchvision's VGG16 as the classic FCN backbone.
+def _torchvision_net(name: str, pretrained: bool, weights_path: str | None) -> nn.Module:
+    """torchvision's ``name`` network: random, from a local state dict, or with ImageNet weights.
 
-    fc6 and fc7 become a 7x7 and a 1x1 convolution (4096 channels, with dropout), and when
-    ``pretrained`` the classifier's Linear weights are transplanted into them, FCN's "surgery".
-    ``pretrained`` uses torchvision's weights API (downloads once, then caches); without
-    network access pass a saved torchvision VGG16 state dict as ``weights_path`` instead.
-    ``width`` is fixed by the architecture and must be 64.
+    A local file wins over ``pretrained``, so a config that asks for pretrained weights also
+    works offline once ``model.backbone_weights`` is given.
     """
-    from torchvision.models import VGG16_Weights
-    from torchvision.models import vgg16 as tv_vgg16
+    import torchvision.models
 
-    if width != 64:
-        raise UserError(f"backbone 'vgg16' has a fixed width of 64, got model.width={width}")
-    if pretrained:
-        try:
-            net = tv_vgg16(weights=VGG16_Weights.IMAGENET1K_V1)
-        except Exception as exc:  # noqa: BLE001 - urllib, ssl, hash errors all mean "no weights"
-            raise UserError(
-                f"could not download the VGG16 ImageNet weights ({exc.__class__.__name__}: {exc}); "
-                "offline, save torchvision's vgg16 state dict elsewhere and pass "
-                "model.backbone_weights=PATH with model.pretrained=false"
-            ) from exc
-    else:
-        net = tv_vgg16(weights=None)
-        if weights_path:
-            _load_state_dict(net, weights_path)
+    builder = getattr(torchvision.models, name)
+    if weights_path:
+        net = builder(weights=None)
+        _load_state_dict(net, weights_path)
+        return net
+    if not pretrained:
+        return builder(weights=None)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        return builder(weights=weights)
+    except Exception as exc:  # noqa: BLE001 - urllib, ssl, hash errors all mean "no weights"
+        raise UserError(
+            f"model.pretrained=true but torchvision could not get the {name} ImageNet weights {weights} "
+            f"({exc.__class__.__name__}: {exc}). Offline, save "
+            f"torchvision.models.{name}(weights='DEFAULT').state_dict() with torch.save on a machine with "
+            "network access, copy the file here and pass model.backbone_weights=PATH"
+        ) from exc
+
+
+def _check_width(name: str, width: int | None, fixed: int) -> None:
+    if width is not None and width != fixed:
+        raise UserError(
+            f"backbone {name!r} has a fixed width of {fixed}, got model.width={width}: "
+            f"use model={name}_fcn8s (or set model.width={fixed})"
+        )
+
+
+def _vgg(name: str, width: int | None, pretrained: bool, weights_path: str | None) -> Encoder:
+    """VGG16 (with or without batch norm) as the classic FCN backbone, fc6/fc7 as convolutions.
+
+    fc6 and fc7 become a 7x7 and a 1x1 convolution (4096 channels, with dropout) that take the
+    classifier's Linear weights, FCN's "surgery": with ImageNet weights the converted network
+    computes exactly what the classifier computed, at every 7x7 window of pool5.
+    """
+    _check_width(name, width, 64)
+    net = _torchvision_net(name, pretrained, weights_path)
     features = net.features
-    for layer in features:
-        if isinstance(layer, nn.MaxPool2d):
-            layer.ceil_mode = True
+    pools = [i for i, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)]
+    for i in pools:
+        features[i].ceil_mode = True
     fc6 = nn.Conv2d(512, 4096, kernel_size=7, padding=3)
     fc7 = nn.Conv2d(4096, 4096, kernel_size=1)
     with torch.no_grad():
@@ -132,12 +171,12 @@ def vgg16(width: int = 64, pretrained: bool = False, weights_path: str | None = 
         fc6.bias.copy_(net.classifier[0].bias)
         fc7.weight.copy_(net.classifier[3].weight.view(4096, 4096, 1, 1))
         fc7.bias.copy_(net.classifier[3].bias)
-    # torchvision's VGG16 features: pool3 ends at index 16, pool4 at 23, pool5 at 30.
+    pool2, pool3, pool4 = pools[1], pools[2], pools[3]
     return Encoder(
-        features[:17],
-        features[17:24],
+        features[: pool3 + 1],
+        features[pool3 + 1 : pool4 + 1],
         nn.Sequential(
-            features[24:],
+            features[pool4 + 1 :],
             fc6,
             nn.ReLU(inplace=True),
             nn.Dropout(0.5),
@@ -145,7 +184,72 @@ def vgg16(width: int = 64, pretrained: bool = False, weights_path: str | None = 
             nn.ReLU(inplace=True),
             nn.Dropout(0.5),
         ),
-        channels={"pool3": 256, "pool4": 512, "out": 4096},
+        channels={"pool2": 128, "pool3": 256, "pool4": 512, "out": 4096},
+        pool2_after=pool2,
+    )
+
+
+def vgg16(width: int | None = None, pretrained: bool = False, weights_path: str | None = None) -> Encoder:
+    """torchvision's VGG16 with fc6/fc7 as convolutions, the backbone of the FCN paper.
+
+    ``pretrained`` uses torchvision's weights API (downloads once, then caches); without
+    network access pass a saved torchvision VGG16 state dict as ``weights_path`` instead.
+    ``width`` is fixed by the architecture (64).
+    """
+    return _vgg("vgg16", width, pretrained, weights_path)
+
+
+def vgg16_bn(width: int | None = None, pretrained: bool = False, weights_path: str | None = None) -> Encoder:
+    """torchvision's VGG16 with batch norm, fc6/fc7 as convolutions: trains from scratch far more
+    easily than plain VGG16."""
+    return _vgg("vgg16_bn", width, pretrained, weights_path)
+
+
+def _resnet(name: str, width: int | None, pretrained: bool, weights_path: str | None) -> Encoder:
+    """A torchvision ResNet cut at layer1..layer4 (strides 4, 8, 16, 32); its pooling and
+    classifier are dropped. Parameter names inside the parts are torchvision's (``conv1``,
+    ``layer1.0.conv1``, ...)."""
+    _check_width(name, width, 64)
+    net = _torchvision_net(name, pretrained, weights_path)
+    stem = nn.Sequential(
+        OrderedDict(
+            conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool, layer1=net.layer1, layer2=net.layer2
+        )
+    )
+    expansion = net.layer1[0].expansion  # 1 for basic blocks (resnet18/34), 4 for bottlenecks
+    return Encoder(
+        stem,
+        net.layer3,
+        net.layer4,
+        channels={"pool2": 64 * expansion, "pool3": 128 * expansion, "pool4": 256 * expansion, "out": 512 * expansion},
+        pool2_after=4,
+    )
+
+
+def resnet18(width: int | None = None, pretrained: bool = False, weights_path: str | None = None) -> Encoder:
+    """torchvision's ResNet-18: a light residual encoder (11M parameters) with batch norm."""
+    return _resnet("resnet18", width, pretrained, weights_path)
+
+
+def resnet50(width: int | None = None, pretrained: bool = False, weights_path: str | None = None) -> Encoder:
+    """torchvision's ResNet-50: bottleneck blocks, 2048 channels at stride 32."""
+    return _resnet("resnet50", width, pretrained, weights_path)
+
+
+def mobilenet_v3_large(width: int | None = None, pretrained: bool = False, weights_path: str | None = None) -> Encoder:
+    """torchvision's MobileNetV3-Large: depthwise-separable blocks, the cheapest encoder in FLOPs.
+
+    ``features`` is cut after blocks 3, 6, 12 and 16 (strides 4, 8, 16, 32); ``width`` is fixed
+    at 16, the channels of its first convolution.
+    """
+    _check_width("mobilenet_v3_large", width, 16)
+    features = _torchvision_net("mobilenet_v3_large", pretrained, weights_path).features
+    return Encoder(
+        features[:7],
+        features[7:13],
+        features[13:],
+        channels={"pool2": 24, "pool3": 40, "pool4": 112, "out": 960},
+        pool2_after=3,
     )
 
 
@@ -164,4 +268,11 @@ def _load_state_dict(module: nn.Module, path: str) -> None:
         raise UserError(f"backbone weights {file} do not fit this backbone: {first}") from exc
 
 
-BACKBONES: dict[str, Callable[..., Encoder]] = {"tiny": tiny, "vgg16": vgg16}
+BACKBONES: dict[str, Callable[..., Encoder]] = {
+    "tiny": tiny,
+    "vgg16": vgg16,
+    "vgg16_bn": vgg16_bn,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "mobilenet_v3_large": mobilenet_v3_large,
+}

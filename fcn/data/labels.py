@@ -1,0 +1,175 @@
+"""From the pixels of a file to what the model sees: RGB images and class-index masks.
+
+Images of any common mode become ``H x W x 3`` uint8 RGB: grayscale and palette images are
+expanded, the alpha channel of RGBA images is dropped, 16-bit images are scaled to 8 bits over
+their full range (value / 257), never clipped. EXIF orientation tags are ignored: pixels are used
+in the order they are stored, which is the order annotation tools label and masks are saved in
+(applying the tag to the image alone would turn it against its mask). The dataset scan
+(:mod:`fcn.data.scan`) reports every conversion and every orientation tag once per dataset.
+
+Masks become class indices through :class:`MaskDecoder`: index values pass through a
+``label_map`` and then ``reduce_zero_label``; RGB colour masks are mapped through the palette.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fcn.errors import UserError
+
+# Modes Pillow opens 16- and 32-bit integer images in.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+RGB_MASK_MODES = ("RGB", "RGBA")
+EXIF_ORIENTATION = 0x0112
+
+
+def image_to_rgb(image: Image.Image, path: Path | str) -> np.ndarray:
+    """``image`` (any Pillow mode) as an ``H x W x 3`` uint8 RGB array; see the module notes."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image)
+    if mode in WIDE_MODES:
+        values = np.asarray(image)
+        if values.min() < 0 or values.max() > 65535:
+            raise UserError(f"image {path} has {mode} pixel values outside 0-65535; save it as 8- or 16-bit")
+        gray = np.round(values.astype(np.float32) / 257).astype(np.uint8)  # 65535 -> 255, no clipping
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "F":
+        raise UserError(f"image {path} is a floating-point image (mode F); save it as 8- or 16-bit")
+    return np.asarray(image.convert("RGB"))
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag of ``image`` (1, "as stored", when absent)."""
+    try:
+        return int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is the same as none for us
+        return 1
+
+
+class MaskDecoder:
+    """Turns the pixels of a mask file into class indices.
+
+    Args:
+        num_classes: classes are ``0 .. num_classes - 1``.
+        ignore_index: the value of pixels that count nowhere (void, borders, padding).
+        label_map: ``{file value: class}`` for index masks, e.g. ``{255: 1}`` for 0/255 binary
+            masks or ``{11: 255}`` to ignore a void class; values not listed stay as they are.
+        reduce_zero_label: after ``label_map``, 0 becomes ``ignore_index`` and every other value
+            (but ``ignore_index``) moves down by one: ADE20K's "0 = other" convention.
+        palette: ``[[r, g, b], ...]`` in class order; RGB masks map colour ``palette[i]`` to class i.
+        ignore_colors: colours of RGB masks that become ``ignore_index`` (e.g. ``[[0, 0, 0]]``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        label_map: Mapping[int, int] | None = None,
+        reduce_zero_label: bool = False,
+        palette: Sequence[Sequence[int]] | None = None,
+        ignore_colors: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
+        self.reduce_zero_label = reduce_zero_label
+        self.palette = [tuple(int(c) for c in colour) for colour in palette] if palette else None
+        self.ignore_colors = [tuple(int(c) for c in colour) for colour in ignore_colors or []]
+        # Index masks go through one lookup table over every 16-bit value: label_map, then
+        # reduce_zero_label, in a single vectorised gather per mask.
+        lut = np.arange(65536, dtype=np.int64)
+        for raw, target in self.label_map.items():
+            if 0 <= raw < 65536:
+                lut[raw] = target
+        if reduce_zero_label:
+            keep = lut == ignore_index
+            lut = np.where(lut == 0, ignore_index, lut - 1)
+            lut[keep] = ignore_index
+        small = 0 <= ignore_index <= 255 and num_classes <= 256 and lut.min() >= 0 and lut.max() <= 255
+        self.dtype = np.uint8 if small else np.int32
+        self.lut = lut.astype(self.dtype)
+        self.identity = not self.label_map and not reduce_zero_label
+
+    @property
+    def settings(self) -> dict:
+        """Everything that changes the decoded values (part of the scan cache key)."""
+        return {
+            "num_classes": self.num_classes,
+            "ignore_index": self.ignore_index,
+            "label_map": sorted(self.label_map.items()),
+            "reduce_zero_label": self.reduce_zero_label,
+            "palette": self.palette,
+            "ignore_colors": self.ignore_colors,
+        }
+
+    def raw_values(self, mask: Image.Image, path: Path | str) -> tuple[np.ndarray, bool]:
+        """The mask's stored values (``H x W``) and whether they are index values (still to pass
+        through ``label_map`` / ``reduce_zero_label``) rather than classes decoded from colours.
+
+        An RGB mask whose three channels are equal everywhere is an index mask saved as RGB and
+        is read as one; any other RGB mask is mapped through the palette.
+        """
+        if mask.mode in ("L", "P"):  # a palette PNG stores class indices; its colours are for viewing
+            return np.asarray(mask), True
+        if mask.mode == "1":
+            return np.asarray(mask).astype(np.uint8), True
+        if mask.mode in WIDE_MODES:
+            return np.asarray(mask).astype(np.int32), True
+        if mask.mode in RGB_MASK_MODES:
+            rgb = np.asarray(mask.convert("RGB"))
+            gray = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+            if gray and not self._all_in_palette(rgb):
+                return np.ascontiguousarray(rgb[..., 0]), True
+            return self._colours_to_indices(rgb, path), False
+        raise UserError(
+            f"mask {path} has mode {mask.mode}; masks must be index PNGs (pixel value = class index, "
+            "8- or 16-bit) or RGB colour masks with data.palette set"
+        )
+
+    def map_values(self, values: np.ndarray, path: Path | str) -> np.ndarray:
+        """Index values through ``label_map`` and ``reduce_zero_label``."""
+        if values.dtype == np.uint8 and self.identity and self.dtype == np.uint8:
+            return values
+        if values.min() < 0 or values.max() > 65535:
+            raise UserError(f"mask {path} has values outside 0-65535")
+        return self.lut[values]
+
+    def decode(self, mask: Image.Image, path: Path | str) -> np.ndarray:
+        """Class indices (``H x W``) of a mask file, ``ignore_index`` where ignored."""
+        values, is_index = self.raw_values(mask, path)
+        return self.map_values(values, path) if is_index else values
+
+    def _codes(self, rgb: np.ndarray) -> np.ndarray:
+        return (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+
+    def _all_in_palette(self, rgb: np.ndarray) -> bool:
+        if not self.palette:
+            return False
+        known = {(r << 16) | (g << 8) | b for r, g, b in [*self.palette, *self.ignore_colors]}
+        return all(int(c) in known for c in np.unique(self._codes(rgb)))
+
+    def _colours_to_indices(self, rgb: np.ndarray, path: Path | str) -> np.ndarray:
+        if not self.palette:
+            raise UserError(
+                f"mask {path} is an RGB colour mask but data.palette is not set: list the mask colours in class "
+                "order as data.palette=[[r,g,b],...] (or save masks as index PNGs)"
+            )
+        codes = self._codes(rgb)
+        colours, inverse = np.unique(codes, return_inverse=True)
+        table = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(self.palette)}
+        table.update({(r << 16) | (g << 8) | b: self.ignore_index for r, g, b in self.ignore_colors})
+        unknown = [int(c) for c in colours if int(c) not in table]
+        if unknown:
+            shown = ", ".join(str([c >> 16, (c >> 8) & 255, c & 255]) for c in unknown[:8])
+            raise UserError(
+                f"mask {path} has colours not in data.palette: {shown}"
+                + (f" ({len(unknown)} in all)" if len(unknown) > 8 else "")
+                + "; add them to data.palette (a class) or data.ignore_colors (ignored)"
+            )
+        mapped = np.array([table[int(c)] for c in colours], dtype=self.dtype)
+        return mapped[inverse.reshape(codes.shape)]

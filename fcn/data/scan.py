@@ -1,0 +1,436 @@
+"""The dataset scan: every file of a split opened and checked in the main process, before training.
+
+A bad file found mid-epoch is a worker traceback or a CUDA device-side assert; found here it is
+one message naming the files and the fix. The scan decodes every image and mask (a truncated
+JPEG only shows when decoded), reads masks in parallel threads (Pillow decodes with the GIL
+released), and caches each file's result keyed by its path, size and modification time, so a
+second scan of an unchanged dataset only stats the files. It also gathers what the dataset
+doctor (``scripts/check_data.py``) reports: image sizes, mask values, per-class pixel counts,
+and suggestions such as a ``label_map`` or median-frequency class weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fcn.data.folder import list_split
+from fcn.data.labels import RGB_MASK_MODES, MaskDecoder, exif_orientation
+from fcn.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SCAN_VERSION = 1  # bump when what a file's entry holds changes: old cache entries are then rescanned
+MODE_NAMES = {"L": "grayscale", "LA": "grayscale+alpha", "P": "palette", "RGBA": "RGBA (alpha dropped)",
+              "CMYK": "CMYK", "1": "1-bit", "I;16": "16-bit", "I;16B": "16-bit", "I": "32-bit integer",
+              "YCbCr": "YCbCr"}  # fmt: skip
+
+
+@dataclass
+class Problem:
+    """Something wrong (``error``: training would fail or learn garbage) or worth knowing
+    (``warning``) about a split, with the files concerned (the first few) and their count."""
+
+    kind: str
+    severity: str
+    message: str
+    files: list[str] = field(default_factory=list)
+    count: int = 0
+
+
+@dataclass
+class SplitReport:
+    """What the scan found in one split."""
+
+    split: str
+    images_folder: str
+    masks_folder: str
+    pairs: int
+    image_sizes: dict[str, int]  # "WxH" -> number of images
+    image_modes: dict[str, int]
+    mask_values: list[int]  # stored index values (before label_map), over all index masks
+    class_pixels: list[int]  # per class, after label handling
+    class_image_pixels: list[int]  # labelled pixels of the images where each class appears
+    ignored_pixels: int
+    problems: list[Problem]
+    seconds: float
+    rescanned: int  # files read this time (the rest came from the cache)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def uniform_size(self) -> bool:
+        """Whether every image has the same size (then evaluation can batch without padding)."""
+        return len(self.image_sizes) <= 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def scan_split(
+    root: str | Path,
+    split: str,
+    layout: dict,
+    decoder: MaskDecoder,
+    *,
+    workers: int | None = None,
+    cache: bool | str | Path = True,
+) -> SplitReport:
+    """Open and check every image and mask of ``split``.
+
+    Args:
+        root, split, layout: where the files are (``layout``: the keywords of
+            :func:`fcn.data.folder.list_split`).
+        decoder: how mask pixels become class indices.
+        workers: threads reading files (default: two per CPU core, at most 16).
+        cache: reuse the results of files unchanged since the last scan, cached in
+            :func:`cache_dir` (or in this directory, when a path).
+
+    Raises :class:`UserError` only for a wrong layout (missing root, folder or split list);
+    problems with files are returned in the report.
+    """
+    start = time.perf_counter()
+    files = list_split(root, split, **layout)
+    cache_path = _cache_path(root, split, decoder, None if cache is True else cache) if cache else None
+    cached = _read_cache(cache_path)
+    entries: dict[str, dict] = {}
+    todo: list[tuple[str, tuple, Path, Path]] = []
+    root = Path(root)
+    keys = [_relative(image, root) + "|" + _relative(mask, root) for image, mask in files.pairs]
+    for key, (image, mask) in zip(keys, files.pairs):
+        signature = _signature(image, mask)
+        hit = cached.get(key)
+        if hit is not None and hit["sig"] == list(signature):
+            entries[key] = hit
+        else:
+            todo.append((key, signature, image, mask))
+    if todo:
+        threads = workers or min(16, 2 * (os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            results = pool.map(lambda item: inspect_pair(item[2], item[3], decoder), todo)
+            for (key, signature, _, _), result in zip(todo, results):
+                entries[key] = {"sig": list(signature), "result": result}
+        _write_cache(cache_path, entries)
+    # File names as this caller spelled the root (the cache may have been written through another path).
+    ordered = [entries[k]["result"] | {"image": str(i), "mask": str(m)} for k, (i, m) in zip(keys, files.pairs)]
+    report = _summarise(split, files, ordered, decoder)
+    report.seconds = round(time.perf_counter() - start, 3)
+    report.rescanned = len(todo)
+    return report
+
+
+def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dict:
+    """Everything the scan needs from one image and its mask, as JSON-ready values."""
+    entry: dict = {"image": str(image_path), "mask": str(mask_path), "errors": []}
+    try:
+        with Image.open(image_path) as image:
+            entry.update(image_size=list(image.size), image_mode=image.mode, exif=exif_orientation(image))
+            image.load()  # a full decode: truncated files only fail here
+    except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, struct.error...: any failure is a bad file
+        entry["errors"].append(["corrupt_image", f"{exc.__class__.__name__}: {exc}"])
+    try:
+        with Image.open(mask_path) as mask:
+            entry.update(mask_size=list(mask.size), mask_mode=mask.mode, mask_format=mask.format)
+            values, is_index = decoder.raw_values(mask, mask_path)
+    except UserError as exc:
+        kind = "rgb_mask_no_palette" if not decoder.palette else "unknown_colours"
+        entry["errors"].append([kind if entry.get("mask_mode") in RGB_MASK_MODES else "bad_mask", str(exc)])
+        return entry
+    except Exception as exc:  # noqa: BLE001 - as for images
+        entry["errors"].append(["corrupt_mask", f"{exc.__class__.__name__}: {exc}"])
+        return entry
+    entry["gray_rgb_mask"] = is_index and entry["mask_mode"] in RGB_MASK_MODES
+    counts = _class_counts(values, is_index, decoder, mask_path, entry)
+    entry["ignored"] = counts.pop(decoder.ignore_index, 0)
+    entry["counts"] = {str(c): n for c, n in counts.items() if 0 <= c < decoder.num_classes}
+    entry["outside"] = {str(c): n for c, n in counts.items() if not 0 <= c < decoder.num_classes}
+    return entry
+
+
+def _class_counts(values: np.ndarray, is_index: bool, decoder: MaskDecoder, path: Path, entry: dict) -> Counter:
+    """Pixels per class of one mask (``entry["raw_values"]``: the stored values, for index masks)."""
+    if is_index and values.dtype == np.uint8:
+        # One bincount over the 256 stored values, mapped through the label table: no sort, no copy.
+        stored = np.bincount(values.ravel(), minlength=256)
+        present = np.flatnonzero(stored)
+        entry["raw_values"] = present.tolist()
+        counts: Counter = Counter()
+        for value, target in zip(present.tolist(), decoder.lut[present].tolist()):
+            counts[target] += int(stored[value])
+        return counts
+    if is_index:
+        entry["raw_values"] = np.unique(values).tolist()[:1024]
+        values = decoder.map_values(values, path)
+    return Counter(dict(zip(*(a.tolist() for a in np.unique(values, return_counts=True)))))
+
+
+def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> SplitReport:
+    num_classes, ignore_index = decoder.num_classes, decoder.ignore_index
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    details: dict[str, str] = {}
+    sizes: Counter = Counter()
+    modes: Counter = Counter()
+    raw_values: set[int] = set()
+    class_pixels = [0] * num_classes
+    class_image_pixels = [0] * num_classes
+    ignored = 0
+    outside: dict[int, list[str]] = defaultdict(list)
+    converted: dict[str, list[str]] = defaultdict(list)
+    rotated, mismatched, gray_rgb, lossy = [], [], [], []
+    for entry in entries:
+        for kind, detail in entry["errors"]:
+            by_kind[kind].append(entry["image"] if kind == "corrupt_image" else entry["mask"])
+            details.setdefault(kind, detail)
+        if "image_size" in entry:
+            sizes["{}x{}".format(*entry["image_size"])] += 1
+            modes[entry["image_mode"]] += 1
+            if entry["image_mode"] != "RGB":
+                converted[entry["image_mode"]].append(entry["image"])
+            if entry.get("exif", 1) != 1:
+                rotated.append(entry["image"])
+        if entry.get("mask_format") == "JPEG":
+            lossy.append(entry["mask"])
+        if "image_size" in entry and "mask_size" in entry and entry["image_size"] != entry["mask_size"]:
+            (iw, ih), (mw, mh) = entry["image_size"], entry["mask_size"]
+            transposed = (iw, ih) == (mh, mw)
+            note = " (transposed: the image may carry an EXIF rotation the mask does not)" if transposed else ""
+            mismatched.append(f"{entry['mask']} is {mw}x{mh}, image {entry['image']} is {iw}x{ih}{note}")
+        if entry.get("gray_rgb_mask"):
+            gray_rgb.append(entry["mask"])
+        raw_values.update(entry.get("raw_values", []))
+        if "counts" not in entry:
+            continue
+        ignored += entry["ignored"]
+        counts = {int(c): n for c, n in entry["counts"].items()}
+        labelled = sum(counts.values())
+        for c, n in counts.items():
+            class_pixels[c] += n
+            class_image_pixels[c] += labelled
+        for value in entry["outside"]:
+            outside[int(value)].append(entry["mask"])
+
+    problems: list[Problem] = []
+
+    def add(kind: str, severity: str, message: str, paths: Sequence[str]) -> None:
+        problems.append(Problem(kind, severity, message, list(paths[:20]), len(paths)))
+
+    if files.listed_without_image:
+        add(
+            "listed_without_image",
+            "error",
+            f"{len(files.listed_without_image)} names in {files.split_list} have no image in {files.images_folder}; "
+            "fix the list or add the images",
+            files.listed_without_image,
+        )
+    if files.images_without_mask:
+        add(
+            "image_without_mask",
+            "error",
+            f"{len(files.images_without_mask)} images in {files.images_folder} have no mask in {files.masks_folder}; "
+            "check data.mask_dir and data.mask_suffix, or remove the images",
+            files.images_without_mask,
+        )
+    if files.masks_without_image:
+        add(
+            "mask_without_image",
+            "error",
+            f"{len(files.masks_without_image)} masks in {files.masks_folder} have no image in {files.images_folder}; "
+            "check data.image_dir and data.image_suffix, or remove the masks",
+            files.masks_without_image,
+        )
+    if by_kind["corrupt_image"]:
+        bad = by_kind["corrupt_image"]
+        add(
+            "corrupt_image",
+            "error",
+            f"{len(bad)} images cannot be decoded (corrupt or truncated: "
+            f"{details['corrupt_image']}); replace them, or remove them and their masks",
+            bad,
+        )
+    if by_kind["corrupt_mask"]:
+        bad = by_kind["corrupt_mask"]
+        add(
+            "corrupt_mask",
+            "error",
+            f"{len(bad)} masks cannot be decoded ({details['corrupt_mask']}); replace them",
+            bad,
+        )
+    for kind in ("rgb_mask_no_palette", "unknown_colours", "bad_mask"):
+        if by_kind[kind]:
+            add(kind, "error", f"{len(by_kind[kind])} masks: {details[kind]}", by_kind[kind])
+    if lossy:
+        add(
+            "lossy_mask",
+            "error",
+            f"{len(lossy)} masks are JPEG files: lossy compression blurs label values along "
+            "every edge into values of other classes; save masks as PNG from the original labels",
+            lossy,
+        )
+    if mismatched:
+        add(
+            "size_mismatch",
+            "error",
+            f"{len(mismatched)} masks differ in size from their image, e.g. {mismatched[0]}; "
+            "masks must have the size of their image",
+            mismatched,
+        )
+    if outside:
+        values = sorted(outside)
+        listing = "; ".join(f"{v} in {len(outside[v])} masks (e.g. {outside[v][0]})" for v in values[:8])
+        add(
+            "values_out_of_range",
+            "error",
+            f"mask values outside [0, {num_classes}) that are not data.ignore_index={ignore_index}: {listing}. "
+            + _value_fix(values, raw_values, num_classes, ignore_index),
+            sorted({p for v in values for p in outside[v]}),
+        )
+    for mode, paths in sorted(converted.items()):
+        add(
+            "converted_images",
+            "warning",
+            f"{len(paths)} {MODE_NAMES.get(mode, mode)} images are converted to RGB (16-bit: value/257, never clipped)",
+            paths,
+        )
+    if rotated:
+        add(
+            "exif_orientation",
+            "warning",
+            f"{len(rotated)} images carry an EXIF orientation tag, which is ignored: "
+            "pixels are used as stored, like their masks. If the masks were drawn on the rotated view, save the "
+            "images rotated (PIL.ImageOps.exif_transpose)",
+            rotated,
+        )
+    if gray_rgb:
+        add(
+            "rgb_index_masks",
+            "warning",
+            f"{len(gray_rgb)} masks are RGB with three equal channels; they are read "
+            "as index masks (the first channel)",
+            gray_rgb,
+        )
+    if raw_values and raw_values <= {0, 255} and 255 in raw_values and ignore_index == 255 and not decoder.label_map:
+        # The classic 0/255 binary mask: every foreground pixel would be silently ignored.
+        masks = [e["mask"] for e in entries if 255 in e.get("raw_values", [])]
+        add("binary_masks_ignored", "error", "masks hold only 0 and 255, and 255 is data.ignore_index: every "
+            "foreground pixel would be ignored. Fix: for 0/255 binary masks data.label_map={255:1}", masks)  # fmt: skip
+    absent = [str(c) for c in range(num_classes) if class_pixels[c] == 0]
+    if entries and absent:
+        add("absent_classes", "warning", f"classes {', '.join(absent)} have no pixels in split {split!r}", [])
+    return SplitReport(
+        split=split,
+        images_folder=str(files.images_folder),
+        masks_folder=str(files.masks_folder),
+        pairs=len(files.pairs),
+        image_sizes=dict(sizes.most_common()),
+        image_modes=dict(modes.most_common()),
+        mask_values=sorted(raw_values),
+        class_pixels=class_pixels,
+        class_image_pixels=class_image_pixels,
+        ignored_pixels=ignored,
+        problems=problems,
+        seconds=0.0,
+        rescanned=0,
+    )
+
+
+def _value_fix(values: list[int], raw: set[int], num_classes: int, ignore_index: int) -> str:
+    """How to make mask values fit, from what the values look like."""
+    hints = []
+    if raw <= {0, 255} and num_classes == 2:
+        hints.append("binary 0/255 masks: data.label_map={255:1}")
+    if values == [num_classes] and 0 in raw:
+        hints.append("if 0 means 'unlabelled' and classes start at 1: data.reduce_zero_label=true")
+    if len(values) == 1:
+        v = values[0]
+        hints.append(f"if {v} marks void pixels: data.ignore_index={v} or data.label_map={{{v}:{ignore_index}}}")
+    hints.append(f"if they are real classes: data.num_classes={max(values) + 1}")
+    return "Fix: " + "; or ".join(hints)
+
+
+def median_frequency_weights(report: SplitReport) -> list[float]:
+    """Class weights by median frequency balancing (Eigen and Fergus, 2015), as used for CamVid.
+
+    A class's frequency is its pixel count over the labelled pixels of the images it appears
+    in; its weight is the median frequency over its own, so rare classes weigh more and a class
+    of median frequency weighs 1. Classes with no pixels get 1.
+    """
+    freqs = [p / t if t else 0.0 for p, t in zip(report.class_pixels, report.class_image_pixels)]
+    present = [f for f in freqs if f > 0]
+    if not present:
+        raise UserError(f"split {report.split!r} has no labelled pixels: class weights cannot be computed")
+    median = float(np.median(present))
+    return [round(median / f, 4) if f > 0 else 1.0 for f in freqs]
+
+
+def format_errors(reports: Sequence[SplitReport], limit: int = 5) -> str:
+    """One message for every error found, naming the first ``limit`` files of each."""
+    lines = []
+    for report in reports:
+        for problem in report.errors:
+            shown = ", ".join(problem.files[:limit])
+            more = f" ... ({problem.count} in all)" if problem.count > limit else ""
+            lines.append(f"[{report.split}] {problem.message}" + (f"\n    files: {shown}{more}" if shown else ""))
+    return "\n  ".join(lines)
+
+
+def cache_dir() -> Path:
+    """Where scan results are cached: ``$FCN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fcn`` (``~/.cache/fcn``)."""
+    if os.environ.get("FCN_CACHE_DIR"):
+        return Path(os.environ["FCN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fcn"
+
+
+def _cache_path(root: str | Path, split: str, decoder: MaskDecoder, folder: str | Path | None = None) -> Path:
+    key = json.dumps([SCAN_VERSION, str(Path(root).resolve()), split, decoder.settings], sort_keys=True)
+    return Path(folder or cache_dir()) / "scans" / f"{hashlib.sha1(key.encode()).hexdigest()[:24]}.json"
+
+
+def _relative(path: Path, root: Path) -> str:
+    # Cache keys relative to the root: the same files reached as ../data or /abs/data share entries.
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def _signature(image: Path, mask: Path) -> tuple[int, int, int, int]:
+    a, b = image.stat(), mask.stat()
+    return a.st_mtime_ns, a.st_size, b.st_mtime_ns, b.st_size
+
+
+def _read_cache(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # a damaged cache is only a slower scan
+
+
+def _write_cache(path: Path | None, entries: dict) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old cache or the new one
+    except OSError as exc:
+        log.debug("scan cache not written (%s): %s", path, exc)

@@ -1,0 +1,216 @@
+"""One process of a ``torchrun`` job: the process group, which rank does what, and the few
+collectives training needs.
+
+``torchrun`` starts one process per device and tells each its ``RANK``, ``LOCAL_RANK`` and
+``WORLD_SIZE`` through the environment. Every function here also works in a plain single process
+(no process group), where it is the identity: the training loop has one version, not two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process that ``torchrun`` started as one of several (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def process_group() -> Iterator[None]:
+    """Join the job's process group for the duration of the block; nothing outside torchrun.
+
+    Both backends are created where CUDA exists: collectives on CUDA tensors go through NCCL and
+    those on CPU tensors through gloo, so the backend follows the training device (and small
+    CPU-side agreements, such as the stop flag, never wait on the GPU stream).
+    """
+    if not launched_by_torchrun() or dist.is_initialized():
+        yield
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    log.info("process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" and dist.get_rank() == 0:
+        # With the c10d rendezvous, restarted workers can read the dead workers' addresses from the
+        # store they share with torchrun and fail to connect (pytorch/pytorch#135712; seen with torch 2.14).
+        log.warning(
+            "torchrun --max-restarts=%d: with --standalone or --rdzv-backend c10d, set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment, or a restart may fail to connect",
+            restarts,
+        )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank in the job (0 outside one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes in the job (1 outside one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes files, logs to TensorBoard and shows progress bars."""
+    return rank() == 0
+
+
+def local_rank() -> int:
+    """This process's index on its own machine (torchrun's ``LOCAL_RANK``): which GPU it owns."""
+    return int(os.environ.get("LOCAL_RANK", rank()))
+
+
+def device_for_rank(device: torch.device) -> torch.device:
+    """In a job, each process trains on its own GPU, ``cuda:LOCAL_RANK``; a CPU stays a CPU."""
+    if device.type == "cuda" and dist.is_initialized():
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)  # NCCL and every bare .cuda() use this device from now on
+    return device
+
+
+def barrier() -> None:
+    """Wait until every rank gets here.
+
+    A summed CPU tensor rather than ``dist.barrier()``: it always goes through gloo, so it needs
+    no GPU and behaves the same whatever the training device.
+    """
+    if dist.is_initialized():
+        dist.all_reduce(torch.zeros(1))
+
+
+@contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the block first and the others after it (a one-time download, generation or
+    cache fill done once, then reused), e.g. ``with rank_zero_first(): prepare_data()``."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a path, a small dict: anything picklable)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all ranks (in place, and returned)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    """The mean over ranks of a scalar tensor, as a float every rank agrees on.
+
+    Used for the training loss: every rank then sees the same value (a NaN on any rank is a NaN
+    on all, so all skip the same step), and the logged loss is that of the whole global batch.
+    """
+    value = value.detach().float()
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value.item()
+
+
+def shard(num_samples: int) -> range:
+    """This rank's share of an evaluation split: indices ``rank, rank + W, ...``.
+
+    No index is repeated to even out the shares (unlike ``DistributedSampler``), so confusion
+    matrices summed over ranks count every image exactly once, as a single process would.
+    """
+    return range(rank(), num_samples, world_size())
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` inside a job (gradients averaged over ranks at
+    each backward, rank 0's weights and buffers copied to all at construction); else unchanged."""
+    if not dist.is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def sync_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Batch norms that compute their statistics over the global batch (``SyncBatchNorm``).
+
+    Only NCCL implements it, so on a CPU (gloo) the model is left as it is, with a warning.
+    Outside a job there is nothing to synchronise with.
+    """
+    if not dist.is_initialized():
+        return model
+    if device.type != "cuda":
+        log.warning("model.sync_bn=true needs CUDA (NCCL); on %s batch norms stay per process", device)
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics).
+
+    DDP copies them before each training forward, so after the last training step they differ
+    by one batch's update; evaluating with rank 0's buffers everywhere makes the ranks score
+    exactly the model that rank 0 checkpoints.
+    """
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+class SharedStop:
+    """A stop request seen by any rank stops every rank after the same step.
+
+    A signal may reach one process of a job and not another; a rank that left the loop alone
+    would leave the others waiting forever in their next collective. ``poll`` is itself a
+    collective (the largest signal number over ranks), so every rank must call it at the same
+    points. ``local`` is the process's own :class:`fcn.signals.GracefulStop` (or anything with
+    ``should_stop(step)`` and ``requested``).
+    """
+
+    def __init__(self, local) -> None:
+        self.local = local
+        self.requested: int | None = None
+
+    def poll(self, step: int) -> bool:
+        """Whether every rank stops now; ``requested`` is then the signal that asked."""
+        wanted = self.local.should_stop(step)
+        signum = int(self.local.requested or signal.SIGTERM) if wanted else 0
+        if dist.is_initialized():
+            flag = torch.tensor([signum])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag)
+        if signum:
+            self.requested = signum
+        return bool(signum)

@@ -1,0 +1,222 @@
+"""Every backbone with every FCN variant; pretrained weights from a local file; FCN surgery;
+staged training (init_from a coarser variant) and the at-once variant's scaled skips."""
+
+import functools
+import logging
+import math
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from fcn.checkpoint import save_checkpoint
+from fcn.errors import UserError
+from fcn.models import BACKBONES, FCN, VARIANTS, BilinearUpsample
+from fcn.models.backbones import STRIDES
+from tests.conftest import compose_config, tiny_train_overrides
+
+WIDTH = {"tiny": 4}  # the others take their own fixed width (None)
+HEAVY = {"vgg16", "vgg16_bn", "resnet50"}  # seconds per forward and backward on a 2-core CPU
+ALL_BACKBONES = [pytest.param(b, marks=pytest.mark.slow) if b in HEAVY else b for b in BACKBONES]
+
+
+@functools.cache
+def _encoder(backbone: str) -> nn.Module:
+    # Building VGG16 takes seconds (138M random weights): each encoder is built once per session
+    # and shared by the variants, whose heads are built afresh around it.
+    torch.manual_seed(0)
+    return BACKBONES[backbone](width=WIDTH.get(backbone))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
+def test_every_backbone_and_variant_trains_on_an_odd_sized_input(backbone, variant, monkeypatch):
+    encoder = _encoder(backbone).train()
+    encoder.zero_grad(set_to_none=True)
+    monkeypatch.setitem(BACKBONES, backbone, lambda **kwargs: encoder)
+    model = FCN(num_classes=3, backbone=backbone, variant=variant, width=WIDTH.get(backbone))
+    # score layers start at zero: give them weights so gradients reach the whole encoder
+    for name, param in model.named_parameters():
+        if name.startswith("score_"):
+            nn.init.normal_(param, std=0.01)
+    x = torch.randn(1, 3, 67, 93)
+    out = model(x)
+    assert out.shape == (1, 3, 67, 93)
+    assert torch.isfinite(out).all()
+    nn.functional.cross_entropy(out, torch.randint(0, 3, (1, 67, 93))).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)  # every layer, first conv included
+
+
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
+def test_every_tap_has_ceil_size_cells_and_the_declared_channels(backbone):
+    # ceil(H/s) cells at every stride is what lets the decoder crop at the top-left corner
+    encoder = _encoder(backbone).eval()
+    height, width = 97, 131
+    with torch.no_grad():
+        features = encoder(torch.randn(1, 3, height, width))
+    assert set(features) == set(STRIDES) == set(encoder.channels)
+    for tap, stride in STRIDES.items():
+        expected = (1, encoder.channels[tap], math.ceil(height / stride), math.ceil(width / stride))
+        assert tuple(features[tap].shape) == expected, tap
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "mobilenet_v3_large"])
+def test_backbone_loads_a_local_torchvision_state_dict(backbone, tmp_path):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, backbone)(weights=None).eval()
+    path = tmp_path / f"{backbone}.pth"
+    torch.save(reference.state_dict(), path)
+    torch.manual_seed(1)  # a different random init, so equality below means "loaded"
+    # pretrained=true too: a local file wins and nothing is downloaded
+    model = FCN(num_classes=3, backbone=backbone, pretrained=True, backbone_weights=str(path)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model.encoder(x)["out"]
+        if backbone == "mobilenet_v3_large":
+            expected = reference.features(x)
+        else:
+            expected = nn.Sequential(*list(reference.children())[:-2])(x)  # without avgpool and fc
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_state_dict_of_another_backbone_is_a_clear_error(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(UserError, match=f"backbone weights {path} do not fit"):
+        FCN(num_classes=3, backbone="resnet50", backbone_weights=str(path))
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "mobilenet_v3_large"])  # one code path for all
+def test_pretrained_offline_says_how_to_pass_a_local_file(backbone, monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    # every torchvision weights download goes through WeightsEnum.get_state_dict
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(UserError, match=rf"{backbone} ImageNet weights.*model\.backbone_weights=PATH"):
+        FCN(num_classes=3, backbone=backbone, pretrained=True)
+
+
+def test_fixed_width_backbones_name_the_setting_and_the_config():
+    with pytest.raises(UserError, match=r"model.width=16.*model=resnet18_fcn8s"):
+        FCN(num_classes=3, backbone="resnet18", width=16)
+
+
+@pytest.mark.slow
+def test_surgery_fc6_fc7_convolutions_compute_the_classifier_on_a_7x7_input(monkeypatch):
+    torch.manual_seed(0)
+    net = torchvision.models.vgg16(weights=None).eval()
+    # the encoder is built from this very network, so its fc6/fc7 are converted from these Linears
+    monkeypatch.setattr(torchvision.models, "vgg16", lambda weights=None: net)
+    encoder = BACKBONES["vgg16"]().eval().double()
+    head = encoder.pool4_to_out
+    fc6, fc7 = head[1], head[4]
+    linear6, linear7 = net.classifier[0].double(), net.classifier[3].double()
+    pool5 = torch.randn(2, 512, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        conv = fc7(torch.relu(fc6(pool5)))  # 7x7 output (padding 3); the centre sees the whole input
+        linear = linear7(torch.relu(linear6(pool5.flatten(1))))
+    torch.testing.assert_close(conv[:, :, 3, 3], linear, rtol=1e-10, atol=1e-10)
+
+
+def test_intermediate_upsampling_learns_the_2x_layers_and_keeps_the_final_one_bilinear():
+    model = FCN(num_classes=3, variant="4s", width=4, learnable_upsampling="intermediate")
+    learnable = {n: m.learnable for n, m in model.named_modules() if isinstance(m, BilinearUpsample)}
+    assert learnable == {"up_out": True, "up_pool4": True, "up_pool3": True, "up_final": False}
+    with pytest.raises(UserError, match="model.learnable_upsampling='final'"):
+        FCN(num_classes=3, width=4, learnable_upsampling="final")
+
+
+def test_scaled_skips_multiply_pool4_and_pool3_features_before_scoring():
+    torch.manual_seed(0)
+    scaled = FCN(num_classes=3, variant="8s", width=4, scaled_skips=True).eval()
+    for layer in (scaled.score_pool4, scaled.score_pool3):
+        nn.init.normal_(layer.weight)
+    plain = FCN(num_classes=3, variant="8s", width=4).eval()
+    state = scaled.state_dict()
+    # scaling the features before a 1x1 convolution = scaling its weights (not its bias)
+    state["score_pool4.weight"] = state["score_pool4.weight"] * 0.01
+    state["score_pool3.weight"] = state["score_pool3.weight"] * 1e-4
+    plain.load_state_dict(state)
+    x = torch.randn(1, 3, 45, 51)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x), plain(x))
+        plain.load_state_dict(scaled.state_dict())  # same weights, unscaled features: another output
+        assert not torch.allclose(scaled(x), plain(x))
+
+
+def _fake_checkpoint(model: FCN, model_config: dict, path):
+    save_checkpoint({"model": model.state_dict(), "config": {"model": model_config}}, path)
+
+
+def test_init_from_a_32s_checkpoint_loads_shared_layers_and_keeps_new_skips_at_their_init(tmp_path, caplog):
+    from fcn.cli.train import _init_weights
+
+    torch.manual_seed(0)
+    coarse = FCN(num_classes=3, variant="32s", width=4)
+    with torch.no_grad():
+        for param in coarse.parameters():
+            param.add_(torch.randn_like(param))  # a "trained" 32s: every weight moved
+    config = {"backbone": "tiny", "width": 4, "num_classes": 3}
+    _fake_checkpoint(coarse, {**config, "variant": "32s"}, tmp_path / "fcn32s.pt")
+    fine = FCN(num_classes=3, variant="16s", width=4)
+    with caplog.at_level(logging.INFO):
+        _init_weights(fine, tmp_path / "fcn32s.pt", {**config, "variant": "16s"})
+    source, loaded = coarse.state_dict(), fine.state_dict()
+    shared = [k for k in source if k.startswith(("encoder.", "score_out."))]
+    assert shared and all(torch.equal(loaded[k], source[k]) for k in shared)
+    assert fine.score_pool4.weight.abs().sum() == 0 and fine.score_pool4.bias.abs().sum() == 0
+    assert fine.up_out.drift() == 0 and fine.up_final.drift() == 0  # new 2x and 16x layers: bilinear
+    assert "FCN-32s weights into FCN-16s" in caplog.text
+    assert "score_pool4.bias, score_pool4.weight, up_out.deconv.weight" in caplog.text
+    assert "up_final.deconv.weight" in caplog.text  # 32x kernel does not fit the 16x layer
+
+
+def test_init_from_still_refuses_another_backbone(tmp_path):
+    from fcn.cli.train import _init_weights
+
+    model = FCN(num_classes=3, variant="32s", width=4)
+    _fake_checkpoint(model, {"backbone": "tiny", "width": 4, "num_classes": 3, "variant": "32s"}, tmp_path / "a.pt")
+    with pytest.raises(UserError, match="model.backbone: checkpoint 'tiny', config 'resnet18'"):
+        _init_weights(model, tmp_path / "a.pt", {"backbone": "resnet18", "width": 64, "num_classes": 3,
+                                                 "variant": "16s"})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_staged_experiments_chain_32s_16s_8s_through_init_from(shapes_root, tmp_path, caplog):
+    from fcn.cli.train import train
+
+    common = [*tiny_train_overrides(shapes_root), "model.width=4", "logger=none", "trainer.epochs=1"]
+    previous = None
+    for variant in ("32s", "16s", "8s"):
+        init = [f"init_from={previous}"] if previous else []
+        cfg = compose_config("train", [*common, f"experiment=staged_fcn{variant}", *init])
+        assert cfg.model.variant == variant and cfg.model.learnable_upsampling == "intermediate"
+        with caplog.at_level(logging.INFO):
+            report = train(cfg, tmp_path / variant)
+        previous = report["checkpoint"]
+    assert "FCN-16s weights into FCN-8s; new layers keep their initialisation: score_pool3" in caplog.text
+
+
+def test_model_table_measures_each_row_with_the_same_overrides(shapes_root, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from fcn.cli.common import CONFIG_DIR
+    from fcn.cli.model_table import run_table
+
+    overrides = [*tiny_train_overrides(shapes_root), "logger=none", "trainer.epochs=1", "model.width=4",
+                 "model=fcn16s", "table.models=[fcn8s]", "table.variants=[32s,4s]", "table.steps=1",
+                 "table.repeats=1", "table.warmup=1", "table.min_seconds=0", "table.flops_size=[64,64]"]  # fmt: skip
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        rows = run_table(compose("model_table", overrides), tmp_path, overrides)
+    assert [(r["backbone"], r["variant"]) for r in rows] == [("tiny", "32s"), ("tiny", "4s")]
+    for row in rows:
+        params = sum(p.numel() for p in FCN(num_classes=6, variant=row["variant"], width=4).parameters())
+        assert row["parameters"] == params  # the row's model (width 4 from the command line)
+        assert row["gflops"] > 0 and row["train_img_s"] > 0 and 0 <= row["miou"] <= 1
+        assert (tmp_path / f"fcn8s-{row['variant']}" / "metrics.json").is_file()
+    table = (tmp_path / "model_table.md").read_text()
+    assert "| `fcn8s` | tiny | 4s |" in table and "train img/s at 40x40" in table

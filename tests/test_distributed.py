@@ -1,0 +1,366 @@
+"""Training as several processes (torchrun, DistributedDataParallel) and gradient accumulation.
+
+Every multi-process test runs two processes on the CPU with gloo over loopback: a job spawned
+by the test calling the library directly, or ``torchrun --standalone`` running the real entry
+point. Equivalences that hold only without batch norm (two processes with batch b against one
+with batch 2b; k accumulated batches against one k times as large) use :class:`PlainFCN`.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from fcn.checkpoint import load_checkpoint
+from fcn.cli.train import TrainingInterrupted, train
+from fcn.data.sampler import ResumableSampler
+from fcn.engine import to_model_input, train_one_epoch
+from fcn.schedule import constant
+from fcn.signals import GracefulStop
+from tests.conftest import compose_config, tiny_train_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PlainFCN(nn.Module):
+    """A small fully convolutional net without batch norm or dropout: its gradient for a batch is
+    exactly the mean of its gradients for the parts of the batch, which these tests rely on."""
+
+    def __init__(self, num_classes: int, **unused) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.score = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.score(self.features(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class StopAtStep(GracefulStop):
+    """Behaves as if SIGTERM arrived during step ``k`` (in this process only)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def should_stop(self, step: int) -> bool:
+        if step >= self.k:
+            self.requested = signal.SIGTERM
+        return self.requested is not None
+
+
+class DieOnceAtStep(nn.CrossEntropyLoss):
+    """Cross-entropy whose process is SIGKILLed at training call ``die_at`` on rank 1, in the
+    job's first attempt only (a crashed worker that torchrun --max-restarts then restarts)."""
+
+    def __init__(self, ignore_index: int, die_at: int, **unused) -> None:
+        super().__init__(ignore_index=ignore_index)
+        self.die_at, self.calls = die_at, 0
+
+    def forward(self, logits, target):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+            if self.calls == self.die_at and os.environ.get("RANK") == "1" and first_attempt:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(logits, target)
+
+
+class SignalAtCall(nn.CrossEntropyLoss):
+    """Cross-entropy that sends its own process SIGTERM during training call ``at``."""
+
+    def __init__(self, ignore_index: int, at: int, **unused) -> None:
+        super().__init__(ignore_index=ignore_index)
+        self.at, self.calls = at, 0
+
+    def forward(self, logits, target):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(logits, target)
+
+
+def _plain(shapes_root, *extra):
+    # 12 train images, no augmentation but the (per-sample seeded) crop, no batch norm; 2 epochs
+    plain = ["model._target_=tests.test_distributed.PlainFCN", "aug=none", "trainer.limit_train_batches=null"]
+    return compose_config("train", [*tiny_train_overrides(shapes_root), *plain, *extra])
+
+
+def _weights(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+
+def _assert_close(ours: dict, theirs: dict, atol: float) -> None:
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.allclose(ours[key], theirs[key], atol=atol, rtol=0), (key, (ours[key] - theirs[key]).abs().max())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the sampler -------------------------------------------------------------------------------
+
+
+def test_ranks_share_each_epoch_like_distributed_sampler_and_resume_mid_epoch():
+    one = ResumableSampler(7, seed=5)
+    shards = [ResumableSampler(7, seed=5, rank=r, world_size=2) for r in range(2)]
+    order = one.order()
+    assert [len(s) for s in shards] == [4, 4]  # 7 samples: padded with the first index to 8
+    assert [i for i, _ in shards[0]] == order[0::2] and [i for i, _ in shards[1]] == order[1::2] + order[:1]
+    # rank r's batch i of 2 holds exactly the samples of a single process's batch i of 4
+    assert sorted(order[:4]) == sorted([i for s in shards for i, _ in list(s)[:2]])
+    # the augmentation seed belongs to the sample, whichever rank draws it
+    assert dict(one) == dict(list(shards[0]) + list(shards[1])[:3])
+    shards[1].set_epoch(1, start=3)
+    assert [i for i, _ in shards[1]] == order[:1] and len(shards[1]) == 1
+    assert [i for i, _ in ResumableSampler(7, seed=5, world_size=1)] == order  # one process: unchanged
+
+
+# --- gradient accumulation and the gradient norm (one process) ---------------------------------
+
+
+ACCUMULATE = ("trainer.batch_size=2", "trainer.accumulate_grad_batches=2")
+
+
+@pytest.fixture(scope="module")
+def accumulated_run(shapes_root, tmp_path_factory) -> Path:
+    """Batches of 2, two per optimisation step: 3 steps per epoch, 2 epochs."""
+    out = tmp_path_factory.mktemp("accumulated")
+    train(_plain(shapes_root, *ACCUMULATE), out)
+    return out
+
+
+def test_k_accumulated_batches_of_b_train_like_one_batch_of_k_times_b(accumulated_run, shapes_root, tmp_path):
+    train(_plain(shapes_root, "trainer.batch_size=4"), tmp_path)
+    state = load_checkpoint(accumulated_run / "checkpoints" / "last.pt")
+    assert state["step"] == 6 and state["progress"]["epoch_batches"] == 6  # 3 steps of 2 batches per epoch
+    _assert_close(state["model"], _weights(tmp_path), atol=1e-5)
+
+
+def test_sigterm_inside_an_accumulation_window_finishes_the_step_and_resumes_exactly(
+    accumulated_run, shapes_root, tmp_path
+):
+    # training call 7 is the first of the two batches of step 4 (the first step of epoch 2)
+    signalled = _plain(shapes_root, *ACCUMULATE, "loss._target_=tests.test_distributed.SignalAtCall", "+loss.at=7")
+    with GracefulStop() as stop, pytest.raises(TrainingInterrupted):
+        train(signalled, tmp_path, stop=stop)
+    progress = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]
+    assert (progress["step"], progress["epoch"], progress["epoch_batches"]) == (4, 2, 2)
+    train(_plain(shapes_root, *ACCUMULATE, "resume=auto"), tmp_path)
+    assert _losses(tmp_path) == _losses(accumulated_run)
+    ours, theirs = _weights(tmp_path), _weights(accumulated_run)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    norms = events.Scalars("train/grad_norm")
+    assert [e.step for e in norms] == [1, 2, 3, 4, 5, 6] and all(e.value > 0 for e in norms)
+
+
+def test_logged_gradient_norm_is_the_norm_of_the_gradient_before_clipping():
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    images = torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8)
+    masks = torch.randint(0, 2, (2, 4, 4))
+    loss_fn = nn.CrossEntropyLoss()
+    loss_fn(model(to_model_input(images, torch.device("cpu"), [0.5] * 3, [0.2] * 3, False)), masks).backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    seen = {}
+    for clip in (None, 1e-3):
+        train_one_epoch(model, [(images, masks)], optimizer, constant(optimizer, 1), loss_fn,
+                        device=torch.device("cpu"), mean=[0.5] * 3, std=[0.2] * 3, step=0, epoch=1,
+                        grad_clip_norm=clip, grad_norm_every=1,
+                        on_step=lambda step, loss, lr, norm, clip=clip: seen.update({clip: norm}))  # fmt: skip
+    assert seen[None] == pytest.approx(expected, rel=1e-5) and seen[1e-3] == pytest.approx(expected, rel=1e-5)
+
+
+# --- two processes spawned by the test, calling the library ------------------------------------
+
+
+def _worker(rank: int, port: int, shapes_root: Path, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        _two_rank_job(rank, shapes_root, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_rank_job(rank: int, shapes_root: Path, out: Path) -> None:
+    from fcn import distributed
+    from fcn.cli.common import build_dataset
+    from fcn.data.loader import make_loader
+    from fcn.engine import combine_ranks, evaluate
+    from fcn.models import FCN
+
+    report: dict = {}
+    # (a) 2 processes x batch 2, in DistributedDataParallel
+    train(_plain(shapes_root, "trainer.batch_size=2"), out / "ddp")
+    # a SIGTERM that reaches rank 1 alone, during step 4: both ranks stop after step 4
+    try:
+        train(_plain(shapes_root, "trainer.batch_size=2"), out / "stopped", stop=StopAtStep(4) if rank else None)
+    except TrainingInterrupted as exc:
+        report["interrupted"] = exc.signum
+    train(_plain(shapes_root, "trainer.batch_size=2", "resume=auto"), out / "stopped")
+    # (b) evaluation of the 5 val images, 3 on rank 0 and 2 on rank 1, counts summed
+    data = compose_config("train", tiny_train_overrides(shapes_root)).data
+    val_set = build_dataset(data, data.val_split, None)
+    torch.manual_seed(0)
+    model = FCN(num_classes=data.num_classes, width=4).eval()
+    loader = make_loader(val_set, batch_size=1, num_workers=0, ignore_index=data.ignore_index,
+                         sampler=distributed.shard(len(val_set)))  # fmt: skip
+    result = combine_ranks(evaluate(model, loader, num_classes=data.num_classes, ignore_index=data.ignore_index,
+                                    device=torch.device("cpu"), mean=data.mean, std=data.std))  # fmt: skip
+    report["images"], report["confusion"] = result.images, result.confusion.tolist()
+    report["shard"] = list(distributed.shard(len(val_set)))
+    # SyncBatchNorm needs NCCL: on gloo the model is left as it is
+    report["sync_bn_unchanged"] = distributed.sync_batch_norm(model, torch.device("cpu")) is model
+    report["sync_bn_layers"] = sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def two_rank_job(shapes_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two_ranks")
+    mp.spawn(_worker, args=(_free_port(), shapes_root, out), nprocs=2)
+    return out
+
+
+def _report(job: Path, rank: int) -> dict:
+    return json.loads((job / f"rank{rank}.json").read_text())
+
+
+def test_two_processes_with_batch_b_give_the_weights_of_one_with_batch_2b(two_rank_job, shapes_root, tmp_path):
+    train(_plain(shapes_root, "trainer.batch_size=4"), tmp_path)
+    state = load_checkpoint(two_rank_job / "ddp" / "checkpoints" / "last.pt")
+    assert state["step"] == 6 and state["progress"]["world_size"] == 2  # 6 train images per rank: 3 steps x 2 epochs
+    _assert_close(state["model"], _weights(tmp_path), atol=1e-5)
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(two_rank_job):
+    assert _report(two_rank_job, 0)["interrupted"] == _report(two_rank_job, 1)["interrupted"] == signal.SIGTERM
+    ours, theirs = _weights(two_rank_job / "stopped"), _weights(two_rank_job / "ddp")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_distributed_evaluation_of_an_odd_split_equals_one_process_exactly(two_rank_job, shapes_root):
+    from fcn.cli.common import build_dataset
+    from fcn.data.loader import make_loader
+    from fcn.engine import evaluate
+    from fcn.models import FCN
+
+    reports = [_report(two_rank_job, r) for r in range(2)]
+    assert reports[0]["shard"] == [0, 2, 4] and reports[1]["shard"] == [1, 3]  # no image twice
+    data = compose_config("train", tiny_train_overrides(shapes_root)).data
+    torch.manual_seed(0)
+    model = FCN(num_classes=data.num_classes, width=4).eval()
+    loader = make_loader(build_dataset(data, data.val_split, None), batch_size=1, num_workers=0,
+                         ignore_index=data.ignore_index)  # fmt: skip
+    single = evaluate(model, loader, num_classes=data.num_classes, ignore_index=data.ignore_index,
+                      device=torch.device("cpu"), mean=data.mean, std=data.std)  # fmt: skip
+    assert single.images == 5
+    for report in reports:  # every rank ends with the whole split's counts
+        assert report["images"] == 5 and torch.equal(torch.tensor(report["confusion"]), single.confusion)
+
+
+def test_sync_bn_is_skipped_with_a_warning_on_gloo(two_rank_job):
+    report = _report(two_rank_job, 0)
+    assert report["sync_bn_unchanged"] and report["sync_bn_layers"] == 0
+
+
+# --- torchrun through the real entry point ------------------------------------------------------
+
+# Imported by every process whose PYTHONPATH holds its folder: records each file or folder that a
+# rank other than 0 creates or opens for writing under FCN_TEST_WATCH.
+AUDIT = """
+import os, sys
+if os.environ.get("RANK", "0") != "0" and os.environ.get("FCN_TEST_WATCH"):
+    _watch, _log = os.environ["FCN_TEST_WATCH"], os.environ["FCN_TEST_WATCH"] + ".rank" + os.environ["RANK"]
+    _flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    def _hook(event, args):
+        if event not in ("open", "os.mkdir", "os.rename", "os.replace", "os.link", "os.remove", "os.symlink"):
+            return
+        path = os.path.abspath(os.fsdecode(args[0])) if isinstance(args[0], (str, bytes, os.PathLike)) else ""
+        if path != _watch and not path.startswith(_watch + os.sep):
+            return
+        if event == "os.mkdir" and os.path.isdir(path):  # mkdir(exist_ok=True) of a folder rank 0 made
+            return
+        if event == "open" and not any(c in str(args[1] or "") for c in "wax+") and not (args[2] or 0) & _flags:
+            return
+        with open(_log, "a") as f:
+            f.write(f"{event} {path}\\n")
+    sys.addaudithook(_hook)
+"""
+
+
+def _torchrun(args: list[str], cwd: Path, *launcher: str, watch: Path | None = None) -> subprocess.CompletedProcess:
+    audit = cwd / "audit"
+    audit.mkdir(exist_ok=True)
+    (audit / "sitecustomize.py").write_text(AUDIT)
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: restarts under --standalone need it (see the README)
+    env = {**os.environ, "PYTHONPATH": f"{audit}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1",
+           "FCN_TEST_WATCH": str(watch or cwd / "outputs"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher,
+               str(REPO / "scripts" / "train.py"), *args]  # fmt: skip
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _entry_point_overrides(shapes_root) -> list[str]:
+    return [*tiny_train_overrides(shapes_root), "trainer.batch_size=2", "trainer.device=cpu", "trainer.threads=1",
+            "trainer.checkpoint_every_n_steps=1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(shapes_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    cwd = tmp_path_factory.mktemp("torchrun")
+    proc = _torchrun(_entry_point_overrides(shapes_root), cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc
+
+
+def test_torchrun_shares_one_run_directory_and_only_rank_0_writes_to_it(torchrun_run):
+    cwd, proc = torchrun_run
+    runs = list((cwd / "outputs" / "train").iterdir())
+    assert len(runs) == 1  # rank 1 ran in rank 0's directory, not a timestamped one of its own
+    run = runs[0]
+    assert not (cwd / "outputs.rank1").exists(), (cwd / "outputs.rank1").read_text()  # nothing written by rank 1
+    assert {"metrics.json", "train.log", ".hydra", "checkpoints", "tensorboard"} <= {p.name for p in run.iterdir()}
+    assert "2 process(es) x batch 2" in (run / "train.log").read_text()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 6
+    assert proc.stdout.count("best checkpoint") == 1  # the report is printed once, by rank 0
+
+
+def test_torchrun_max_restarts_resumes_the_restarted_job_from_last_pt(torchrun_run, shapes_root, tmp_path):
+    reference = next((torchrun_run[0] / "outputs" / "train").iterdir())
+    run = tmp_path / "run"
+    args = [*_entry_point_overrides(shapes_root), f"hydra.run.dir={run}", "resume=auto",
+            "loss._target_=tests.test_distributed.DieOnceAtStep", "+loss.die_at=5"]  # fmt: skip
+    proc = _torchrun(args, tmp_path, "--max-restarts=1", watch=tmp_path / "none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (run / "train.log").read_text()
+    assert "resumed from" in log and "at epoch 2, batch 1, step 4" in log  # rank 1 died in step 5
+    assert _losses(run) == _losses(reference)  # each step logged once, with the uninterrupted values
+    ours, theirs = _weights(run), _weights(reference)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
