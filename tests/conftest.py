@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from fcn.cli.common import CONFIG_DIR
 from fcn.data.shapes import ensure_shapes
+from fcn.signals import GracefulStop
 
 # Scan caches of the test session stay out of the user's ~/.cache (subprocesses inherit this).
 os.environ["FCN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fcn-test-cache-")
@@ -52,3 +54,16 @@ def trained_run(shapes_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train_run")
     train(compose_config("train", tiny_train_overrides(shapes_root)), out)
     return out
+
+
+class StopAtStep(GracefulStop):
+    """Behaves as if SIGTERM arrived during step ``k`` (in this process only)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def should_stop(self, step: int) -> bool:
+        if step >= self.k:
+            self.requested = signal.SIGTERM
+        return self.requested is not None

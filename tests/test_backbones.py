@@ -189,15 +189,17 @@ def test_init_from_still_refuses_another_backbone(tmp_path):
 def test_staged_experiments_chain_32s_16s_8s_through_init_from(shapes_root, tmp_path, caplog):
     from fcn.cli.train import train
 
-    common = [*tiny_train_overrides(shapes_root), "model.width=4", "logger=none", "trainer.epochs=1"]
-    previous = None
+    common = [*tiny_train_overrides(shapes_root), "model.width=4", "logger=none", "trainer.epochs=1",
+              f"staged.dir={tmp_path}"]  # fmt: skip
+    before = {"16s": "fcn32s", "8s": "fcn16s"}
     for variant in ("32s", "16s", "8s"):
-        init = [f"init_from={previous}"] if previous else []
-        cfg = compose_config("train", [*common, f"experiment=staged_fcn{variant}", *init])
+        cfg = compose_config("train", [*common, f"experiment=staged_fcn{variant}"])
         assert cfg.model.variant == variant and cfg.model.learnable_upsampling == "intermediate"
+        # each stage starts from the best checkpoint the stage before wrote in its pinned directory
         with caplog.at_level(logging.INFO):
-            report = train(cfg, tmp_path / variant)
-        previous = report["checkpoint"]
+            train(cfg, tmp_path / f"fcn{variant}")
+        if variant in before:
+            assert cfg.init_from == str(tmp_path / before[variant] / "checkpoints" / "best.pt")
     assert "FCN-16s weights into FCN-8s; new layers keep their initialisation: score_pool3" in caplog.text
 
 

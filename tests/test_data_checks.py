@@ -226,5 +226,7 @@ def test_doctor_exits_non_zero_on_bad_data_and_lists_every_problem(tmp_path):
     assert "verdict: NOT usable" in result.stdout
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert report["usable"] is False
-    assert {p["kind"] for s in report["splits"].values() for p in s["problems"]} >= {"values_out_of_range",
-                                                                                      "corrupt_image"}
+    assert {p["kind"] for s in report["splits"].values() for p in s["problems"]} >= {
+        "values_out_of_range",
+        "corrupt_image",
+    }

@@ -28,7 +28,7 @@ from fcn.data.sampler import ResumableSampler
 from fcn.engine import to_model_input, train_one_epoch
 from fcn.schedule import constant
 from fcn.signals import GracefulStop
-from tests.conftest import compose_config, tiny_train_overrides
+from tests.conftest import StopAtStep, compose_config, tiny_train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,19 +44,6 @@ class PlainFCN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(self.score(self.features(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-class StopAtStep(GracefulStop):
-    """Behaves as if SIGTERM arrived during step ``k`` (in this process only)."""
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.k = k
-
-    def should_stop(self, step: int) -> bool:
-        if step >= self.k:
-            self.requested = signal.SIGTERM
-        return self.requested is not None
 
 
 class DieOnceAtStep(nn.CrossEntropyLoss):

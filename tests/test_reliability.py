@@ -22,22 +22,9 @@ from fcn.checkpoint import load_checkpoint, previous_path, save_checkpoint
 from fcn.cli.train import TrainingInterrupted, train
 from fcn.errors import UserError
 from fcn.signals import GracefulStop
-from tests.conftest import compose_config, tiny_train_overrides
+from tests.conftest import StopAtStep, compose_config, tiny_train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class StopAtStep(GracefulStop):
-    """Behaves as if SIGTERM arrived during step ``k``."""
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.k = k
-
-    def should_stop(self, step: int) -> bool:
-        if step >= self.k:
-            self.requested = signal.SIGTERM
-        return self.requested is not None
 
 
 class NaNAtSteps(torch.nn.CrossEntropyLoss):
