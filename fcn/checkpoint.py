@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 # Settings that fix the shape of the network: a checkpoint only loads into the same ones.
-ARCHITECTURE_KEYS = ("backbone", "variant", "width", "num_classes")
+ARCHITECTURE_KEYS = ("backbone", "variant", "width", "num_classes", "scaled_skips")
+# What a checkpoint written before a setting existed was trained with.
+ARCHITECTURE_DEFAULTS = {"scaled_skips": False}
 
 
 def previous_path(path: str | Path) -> Path:
@@ -183,12 +185,15 @@ def check_architecture(
     """Explain, before ``load_state_dict``, every architecture setting that differs.
 
     ``allow`` names settings that may differ: ``init_from`` allows ``num_classes`` and ``variant``
-    (it re-initialises the layers they change); resuming allows nothing.
+    (it re-initialises the layers they change) and ``scaled_skips`` (a constant factor, no
+    weights); resuming allows nothing.
     """
     diffs = [
         f"model.{key}: checkpoint {saved_model_config.get(key)!r}, config {model_config.get(key)!r}"
         for key in ARCHITECTURE_KEYS
-        if key not in allow and saved_model_config.get(key) != model_config.get(key)
+        if key not in allow
+        and saved_model_config.get(key, ARCHITECTURE_DEFAULTS.get(key))
+        != model_config.get(key, ARCHITECTURE_DEFAULTS.get(key))
     ]
     if diffs:
         raise UserError(

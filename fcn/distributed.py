@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fcn.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -97,12 +99,28 @@ def barrier() -> None:
 @contextmanager
 def rank_zero_first() -> Iterator[None]:
     """Rank 0 runs the block first and the others after it (a one-time download, generation or
-    cache fill done once, then reused), e.g. ``with rank_zero_first(): prepare_data()``."""
+    cache fill done once, then reused), e.g. ``with rank_zero_first(): prepare_data()``.
+
+    When the block fails on rank 0 (bad data, most often) the others do not run it: they stop
+    with rank 0's message as a :class:`UserError`, rather than die in a collective rank 0 left.
+    """
+    if not dist.is_initialized():
+        yield
+        return
     if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
+        error = broadcast_object(None)
+        if error is not None:
+            raise UserError(f"rank 0 stopped: {error}")
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as exc:
+        error = str(exc) if isinstance(exc, UserError) else f"{exc.__class__.__name__}: {exc}"
+        raise
+    finally:
+        broadcast_object(error)  # releases the other ranks, with the error if there was one
 
 
 def broadcast_object(obj: Any) -> Any:

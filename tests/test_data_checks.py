@@ -230,3 +230,50 @@ def test_doctor_exits_non_zero_on_bad_data_and_lists_every_problem(tmp_path):
         "values_out_of_range",
         "corrupt_image",
     }
+
+
+def test_a_glob_selects_a_split_without_calling_the_other_masks_orphans(tmp_path):
+    write_folder(tmp_path, names=("seq01_a", "seq01_b", "seq02_a"), values=(0, 1))
+    assert not scan_data(_data(tmp_path, "data.image_glob=seq01_*"), ["train"])[0].errors
+
+
+def test_an_empty_split_list_is_named(tmp_path):
+    write_folder(tmp_path, values=(0, 1), split_lists={"val": []})
+    with pytest.raises(UserError, match=r"split list .*val.txt names no images \(check data.split_file\)"):
+        scan_data(_data(tmp_path, "data.split_file='splits/{split}.txt'"), ["val"])
+
+
+def test_class_weights_on_a_loss_without_them_name_the_key_to_use(tmp_path):
+    data = OmegaConf.create({"num_classes": 11, "name": "camvid"})
+    loss = compose_config("train", ["experiment=camvid", "loss=ce_dice"]).loss
+    with pytest.raises(UserError, match="loss.class_weights is set but WeightedSum .* loss.losses.0.class_weights"):
+        with_class_weights(loss, data, None)
+
+
+def test_a_value_that_reduce_zero_label_would_shift_onto_ignore_index_is_an_error(tmp_path):
+    write_folder(tmp_path, values=(0, 1, 12))  # 12 - 1 = 11 = ignore_index
+    message = _error(tmp_path, "data.reduce_zero_label=true", "data.ignore_index=11")
+    assert "stored value 12 becomes data.ignore_index=11 after reduce_zero_label" in message
+
+
+def test_12_bit_images_warn_and_16_bit_masks_beyond_the_table_are_collected_not_raised(tmp_path):
+    write_folder(tmp_path, names=("a", "b"), values=(0, 1))
+    Image.fromarray(np.full((24, 32), 4000, np.uint16)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "images" / "a.jpg").unlink()
+    Image.fromarray(np.full((24, 32), 70000, np.int32)).save(tmp_path / "masks" / "b.tif")
+    (tmp_path / "masks" / "b.png").rename(tmp_path / "masks" / "b_old.png")
+    report = scan_split(tmp_path, "train", {"split_file": None, "image_glob": "a.*"}, MaskDecoder(3), cache=False)
+    assert [p.kind for p in report.warnings][:1] == ["dark_16_bit_images"]
+    masks = scan_split(tmp_path, "train", {"split_file": None, "mask_suffix": ".tif", "image_glob": "b.*"},
+                       MaskDecoder(3), cache=False)  # fmt: skip
+    assert [p.kind for p in masks.errors] == ["bad_mask"] and "outside 0-65535" in masks.errors[0].message
+
+
+def test_the_doctor_prepares_the_built_in_dataset_like_training(tmp_path, shapes_root):
+    from tests.conftest import TINY_SHAPES
+
+    gen = ",".join(f"{k}:{v}" for k, v in TINY_SHAPES.items())
+    cfg = compose_config("check_data", [f"data.root={tmp_path / 'fresh'}", f"data.generate={{{gen}}}",
+                                        f"report={tmp_path / 'r.json'}"])  # fmt: skip
+    report, usable = run_check(cfg, tmp_path)
+    assert usable and report["splits"]["train"]["pairs"] == TINY_SHAPES["num_train"]

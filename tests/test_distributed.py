@@ -8,17 +8,20 @@ with batch 2b; k accumulated batches against one k times as large) use :class:`P
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -26,6 +29,7 @@ from fcn.checkpoint import load_checkpoint
 from fcn.cli.train import TrainingInterrupted, train
 from fcn.data.sampler import ResumableSampler
 from fcn.engine import to_model_input, train_one_epoch
+from fcn.errors import UserError
 from fcn.schedule import constant
 from fcn.signals import GracefulStop
 from tests.conftest import StopAtStep, compose_config, tiny_train_overrides
@@ -225,12 +229,20 @@ def _two_rank_job(rank: int, shapes_root: Path, out: Path) -> None:
     # SyncBatchNorm needs NCCL: on gloo the model is left as it is
     report["sync_bn_unchanged"] = distributed.sync_batch_norm(model, torch.device("cpu")) is model
     report["sync_bn_layers"] = sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    # (c) bad data: rank 0's scan refuses it, and every rank stops with rank 0's message
+    overrides = [o for o in tiny_train_overrides(shapes_root) if not o.startswith("data.root")]
+    try:
+        train(compose_config("train", [*overrides, f"data.root={out / 'bad'}", "logger=none"]), out / "bad_run")
+    except UserError as exc:
+        report["bad_data"] = str(exc)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
 @pytest.fixture(scope="module")
 def two_rank_job(shapes_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two_ranks")
+    shutil.copytree(shapes_root, out / "bad")
+    Image.fromarray(np.full((48, 48), 9, np.uint8)).save(sorted((out / "bad" / "masks").glob("*.png"))[0])
     mp.spawn(_worker, args=(_free_port(), shapes_root, out), nprocs=2)
     return out
 
@@ -270,6 +282,12 @@ def test_distributed_evaluation_of_an_odd_split_equals_one_process_exactly(two_r
     assert single.images == 5
     for report in reports:  # every rank ends with the whole split's counts
         assert report["images"] == 5 and torch.equal(torch.tensor(report["confusion"]), single.confusion)
+
+
+def test_bad_data_stops_every_rank_with_rank_0s_one_line_message(two_rank_job):
+    first, second = (_report(two_rank_job, r)["bad_data"] for r in range(2))
+    assert "9 in 1 masks" in first and second == f"rank 0 stopped: {first}"
+    assert not (two_rank_job / "bad_run" / "checkpoints").exists()
 
 
 def test_sync_bn_is_skipped_with_a_warning_on_gloo(two_rank_job):

@@ -16,7 +16,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fcn.cli.common import CONFIG_DIR, check_data_config, data_layout, exit_on_user_error, mask_decoder
+from fcn.cli.common import (
+    CONFIG_DIR,
+    check_data_config,
+    data_layout,
+    exit_on_user_error,
+    mask_decoder,
+    prepare_data_root,
+)
 from fcn.data.scan import SplitReport, median_frequency_weights, scan_split
 from fcn.errors import UserError
 from fcn.report import to_json
@@ -28,6 +35,7 @@ def run_check(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, bool]:
     """Scan the splits ``cfg`` names; write the JSON report and return it with whether the data is usable."""
     data = cfg.data
     check_data_config(data)
+    prepare_data_root(data)  # as training would: generate the built-in set, or download when asked
     splits = list(cfg.splits) if cfg.splits else _default_splits(data)
     decoder = mask_decoder(data)
     report: dict = {"dataset": data.name, "root": str(Path(data.root).resolve()), "num_classes": data.num_classes,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
@@ -183,11 +184,16 @@ def with_class_weights(loss_cfg: DictConfig, data: DictConfig, train_report: Spl
     """``loss_cfg`` with every ``class_weights: auto`` (top level or inside ``losses``) replaced by
     median-frequency weights of the train split, and explicit lists checked against the classes."""
     loss_cfg = copy.deepcopy(loss_cfg)
-    nodes = [loss_cfg, *(loss_cfg.get("losses") or [])]
-    for node in nodes:
+    nodes = [("loss", loss_cfg), *((f"loss.losses.{i}", n) for i, n in enumerate(loss_cfg.get("losses") or []))]
+    for key, node in nodes:
         weights = node.get("class_weights") if isinstance(node, DictConfig) else None
         if weights is None:
             continue
+        target = node.get("_target_", "")
+        if "class_weights" not in inspect.signature(get_class(target)).parameters:
+            inner = [k for k, n in nodes[1:] if "CrossEntropy" in n.get("_target_", "")]
+            hint = f"; set {inner[0]}.class_weights instead" if inner else f"; drop it with ~{key}.class_weights"
+            raise UserError(f"{key}.class_weights is set but {target.rsplit('.', 1)[-1]} takes no class weights{hint}")
         if weights == "auto":
             if train_report is None:
                 raise UserError("loss.class_weights=auto needs the data scan: set data.scan=true")

@@ -406,7 +406,7 @@ def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> Non
     """
     state = load_checkpoint(path)
     saved = state["config"]["model"]
-    check_architecture(saved, model_config, path, allow=("num_classes", "variant"))
+    check_architecture(saved, model_config, path, allow=("num_classes", "variant", "scaled_skips"))
     weights, own = state["model"], model.state_dict()
     reset = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
     new = sorted(k for k in own if k not in weights)

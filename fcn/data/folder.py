@@ -115,6 +115,8 @@ def list_split(
         keys = [k for k in keys if k in images]
     else:
         keys = list(images)
+    if split_file and not keys and not listed_without_image:
+        raise UserError(f"split list {list_path.resolve()} names no images (check data.split_file)")
     if not keys and not listed_without_image:
         pattern = image_glob or ("**/*" if recursive else "*")
         raise UserError(
@@ -128,7 +130,8 @@ def list_split(
         images_folder=images_folder,
         masks_folder=masks_folder,
         images_without_mask=[k for k in keys if k not in masks],
-        masks_without_image=[] if split_file else [k for k in masks if k not in key_set],
+        # with a split list or a glob the split is a subset: the other masks belong to other images
+        masks_without_image=[] if split_file or image_glob else [k for k in masks if k not in key_set],
         listed_without_image=listed_without_image,
         split_list=list_path,
     )
@@ -215,7 +218,7 @@ class SegmentationFolder(Dataset):
             )
         if self.num_classes is not None:
             # Checked here, not left to the loss: on a GPU an out-of-range label is a device-side assert.
-            outside = (mask >= self.num_classes) & (mask != self.ignore_index)
+            outside = ((mask < 0) | (mask >= self.num_classes)) & (mask != self.ignore_index)
             if outside.any():
                 bad = np.unique(mask[outside])
                 raise UserError(

@@ -1,8 +1,8 @@
 """From the pixels of a file to what the model sees: RGB images and class-index masks.
 
 Images of any common mode become ``H x W x 3`` uint8 RGB: grayscale and palette images are
-expanded, the alpha channel of RGBA images is dropped, 16-bit images are scaled to 8 bits over
-their full range (value / 257), never clipped. EXIF orientation tags are ignored: pixels are used
+expanded, the alpha channel of RGBA images is dropped, 16-bit images are scaled to 8 bits as
+value / 257 (65535 becomes 255), never clipped. EXIF orientation tags are ignored: pixels are used
 in the order they are stored, which is the order annotation tools label and masks are saved in
 (applying the tag to the image alone would turn it against its mask). The dataset scan
 (:mod:`fcn.data.scan`) reports every conversion and every orientation tag once per dataset.
@@ -80,8 +80,8 @@ class MaskDecoder:
         self.reduce_zero_label = reduce_zero_label
         self.palette = [tuple(int(c) for c in colour) for colour in palette] if palette else None
         self.ignore_colors = [tuple(int(c) for c in colour) for colour in ignore_colors or []]
-        # Index masks go through one lookup table over every 16-bit value: label_map, then
-        # reduce_zero_label, in a single vectorised gather per mask.
+        # Index masks go through a lookup table (label_map, then reduce_zero_label): one
+        # vectorised gather per mask.
         lut = np.arange(65536, dtype=np.int64)
         for raw, target in self.label_map.items():
             if 0 <= raw < 65536:
@@ -90,9 +90,11 @@ class MaskDecoder:
             keep = lut == ignore_index
             lut = np.where(lut == 0, ignore_index, lut - 1)
             lut[keep] = ignore_index
-        small = 0 <= ignore_index <= 255 and num_classes <= 256 and lut.min() >= 0 and lut.max() <= 255
-        self.dtype = np.uint8 if small else np.int32
-        self.lut = lut.astype(self.dtype)
+        # Classes decoded from colours fit in uint8 unless the classes or ignore_index do not.
+        self.dtype = np.uint8 if 0 <= ignore_index <= 255 and num_classes <= 256 else np.int32
+        self.lut = lut.astype(np.int32)  # 16-bit masks: int32, so no value is ever truncated
+        head = lut[:256]  # 8-bit masks (nearly all): a 256-entry table, uint8 when the targets fit
+        self.lut8 = head.astype(np.uint8) if head.min() >= 0 and head.max() <= 255 else head.astype(np.int32)
         self.identity = not self.label_map and not reduce_zero_label
 
     @property
@@ -115,7 +117,7 @@ class MaskDecoder:
         is read as one; any other RGB mask is mapped through the palette.
         """
         if mask.mode in ("L", "P"):  # a palette PNG stores class indices; its colours are for viewing
-            return np.asarray(mask), True
+            return np.array(mask), True  # a writable copy: torch refuses to share read-only memory
         if mask.mode == "1":
             return np.asarray(mask).astype(np.uint8), True
         if mask.mode in WIDE_MODES:
@@ -133,8 +135,8 @@ class MaskDecoder:
 
     def map_values(self, values: np.ndarray, path: Path | str) -> np.ndarray:
         """Index values through ``label_map`` and ``reduce_zero_label``."""
-        if values.dtype == np.uint8 and self.identity and self.dtype == np.uint8:
-            return values
+        if values.dtype == np.uint8:
+            return values if self.identity else self.lut8[values]
         if values.min() < 0 or values.max() > 65535:
             raise UserError(f"mask {path} has values outside 0-65535")
         return self.lut[values]

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from fcn.data.folder import list_split
-from fcn.data.labels import RGB_MASK_MODES, MaskDecoder, exif_orientation
+from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, exif_orientation
 from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dic
         with Image.open(image_path) as image:
             entry.update(image_size=list(image.size), image_mode=image.mode, exif=exif_orientation(image))
             image.load()  # a full decode: truncated files only fail here
+            if image.mode in WIDE_MODES:
+                entry["wide_max"] = int(np.asarray(image).max())
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, struct.error...: any failure is a bad file
         entry["errors"].append(["corrupt_image", f"{exc.__class__.__name__}: {exc}"])
     try:
@@ -157,7 +159,11 @@ def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dic
         entry["errors"].append(["corrupt_mask", f"{exc.__class__.__name__}: {exc}"])
         return entry
     entry["gray_rgb_mask"] = is_index and entry["mask_mode"] in RGB_MASK_MODES
-    counts = _class_counts(values, is_index, decoder, mask_path, entry)
+    try:
+        counts = _class_counts(values, is_index, decoder, mask_path, entry)
+    except UserError as exc:  # e.g. 32-bit values no label table covers
+        entry["errors"].append(["bad_mask", str(exc)])
+        return entry
     entry["ignored"] = counts.pop(decoder.ignore_index, 0)
     entry["counts"] = {str(c): n for c, n in counts.items() if 0 <= c < decoder.num_classes}
     entry["outside"] = {str(c): n for c, n in counts.items() if not 0 <= c < decoder.num_classes}
@@ -172,7 +178,7 @@ def _class_counts(values: np.ndarray, is_index: bool, decoder: MaskDecoder, path
         present = np.flatnonzero(stored)
         entry["raw_values"] = present.tolist()
         counts: Counter = Counter()
-        for value, target in zip(present.tolist(), decoder.lut[present].tolist()):
+        for value, target in zip(present.tolist(), decoder.lut8[present].tolist()):
             counts[target] += int(stored[value])
         return counts
     if is_index:
@@ -283,6 +289,17 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "every edge into values of other classes; save masks as PNG from the original labels",
             lossy,
         )
+    dark = [e["image"] for e in entries if 0 < e.get("wide_max", 65535) <= 4095]
+    if dark:
+        add("dark_16_bit_images", "warning", f"{len(dark)} 16-bit images use at most 12 bits (maximum <= 4095): "
+            "scaled by 1/257 they are nearly black; rescale them to the 16-bit range (or to 8 bits) first",
+            dark)  # fmt: skip
+    shifted = decoder.ignore_index + 1
+    if decoder.reduce_zero_label and shifted in raw_values and shifted not in decoder.label_map:
+        masks = [e["mask"] for e in entries if shifted in e.get("raw_values", [])]
+        add("reduce_zero_label_collision", "error", f"stored value {shifted} becomes data.ignore_index="
+            f"{decoder.ignore_index} after reduce_zero_label and would be silently ignored; choose another "
+            "data.ignore_index or map it with data.label_map", masks)  # fmt: skip
     if mismatched:
         add(
             "size_mismatch",
