@@ -218,7 +218,10 @@ class SegmentationFolder(Dataset):
             )
         if self.num_classes is not None:
             # Checked here, not left to the loss: on a GPU an out-of-range label is a device-side assert.
-            outside = ((mask < 0) | (mask >= self.num_classes)) & (mask != self.ignore_index)
+            outside = mask >= self.num_classes
+            if mask.dtype.kind == "i":  # only signed masks (a label_map target) can go below 0
+                outside |= mask < 0
+            outside &= mask != self.ignore_index
             if outside.any():
                 bad = np.unique(mask[outside])
                 raise UserError(
