@@ -180,6 +180,11 @@ def scan_data(data: DictConfig, splits: list[str]) -> list[SplitReport]:
     return reports
 
 
+def takes_class_weights(target: str) -> bool:
+    """Whether the loss class ``target`` (a ``_target_`` path) accepts ``class_weights``."""
+    return bool(target) and "class_weights" in inspect.signature(get_class(target)).parameters
+
+
 def with_class_weights(loss_cfg: DictConfig, data: DictConfig, train_report: SplitReport | None) -> DictConfig:
     """``loss_cfg`` with every ``class_weights: auto`` (top level or inside ``losses``) replaced by
     median-frequency weights of the train split, and explicit lists checked against the classes."""
@@ -190,8 +195,8 @@ def with_class_weights(loss_cfg: DictConfig, data: DictConfig, train_report: Spl
         if weights is None:
             continue
         target = node.get("_target_", "")
-        if "class_weights" not in inspect.signature(get_class(target)).parameters:
-            inner = [k for k, n in nodes[1:] if "CrossEntropy" in n.get("_target_", "")]
+        if not takes_class_weights(target):
+            inner = [k for k, n in nodes[1:] if takes_class_weights(n.get("_target_", ""))]
             hint = f"; set {inner[0]}.class_weights instead" if inner else f"; drop it with ~{key}.class_weights"
             raise UserError(f"{key}.class_weights is set but {target.rsplit('.', 1)[-1]} takes no class weights{hint}")
         if weights == "auto":
