@@ -3,8 +3,10 @@ JSON sidecar from which :func:`load_safetensors` rebuilds the model without the 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,24 @@ from torch import nn
 
 from fcn.errors import UserError
 from fcn.models import FCN
+
+# The exporter's own loggers: at INFO they print ~80 lines per export ("Removed 128 unused
+# nodes", "Skipping constant folding ...") around the two lines a user wants.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch._export")
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Raise the exporter's loggers to WARNING for the duration of an export; restore them after."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def export_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
@@ -25,10 +45,19 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, 64, 64)
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
-    torch.onnx.export(
-        model.eval(), (example,), str(path), input_names=["images"], output_names=["logits"],
-        dynamic_shapes={"x": dims}, dynamo=True, opset_version=opset, verbose=False, external_data=False,
-    )  # fmt: skip
+    with _quiet_exporter():
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"x": dims},
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+            external_data=False,
+        )
 
 
 def check_onnx(model: nn.Module, path: Path, shapes: Sequence[Sequence[int]], seed: int = 0) -> float:
