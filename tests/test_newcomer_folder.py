@@ -12,7 +12,6 @@ from PIL import Image
 
 from fcn.cli.check_data import run_check
 from fcn.data.folder import find_pairs, list_split
-from fcn.data.splits import write_default_splits
 from fcn.errors import UserError
 from tests.conftest import compose_config
 from tests.layouts import image_array, write_folder
@@ -59,6 +58,8 @@ def test_the_default_split_never_overwrites_an_existing_list(tmp_path):
     with pytest.raises(UserError, match="split list not found"):
         list_split(root, "val", **LAYOUT)  # one list of the pair is the user's: not completed behind their back
     assert (root / "splits" / "train.txt").read_text() == "a\n" and not (root / "splits" / "val.txt").exists()
+    from fcn.data.splits import write_default_splits
+
     keep = tmp_path / "keep.txt"
     keep.write_text("mine\n")
     assert write_default_splits(tmp_path, "keep.txt", ["x", "y"]) == {}  # the file exists: nothing written
