@@ -65,6 +65,12 @@ def test_interpolated_binary_masks_with_the_label_map_still_name_the_in_between_
     assert "every foreground pixel" not in _text(report)  # the label map already keeps the foreground
 
 
+def test_binary_masks_with_a_void_border_are_not_taken_for_interpolated_ones(tmp_path):
+    write_folder(tmp_path, values=(0, 1, 1, 1, 1, 1, 1, 1, 255))  # 0/1 masks, 255 border: all fine
+    report = _scan(tmp_path)
+    assert not report.errors, _text(report)
+
+
 def test_a_stray_value_never_becomes_the_suggested_class_count(tmp_path):
     write_folder(tmp_path, values=(0, 1))
     save(mask_array(24, 32, [0, 1, 200]), tmp_path / "masks" / "b.png")

@@ -156,18 +156,21 @@ def diagnose_values(
     raw = set(int(v) for v in values)
     found: list[Diagnosis] = []
     mapped = bool(label_map) or reduce_zero_label
-    cityscapes_ids = [n for n in mask_names if n.endswith(("_labelIds.png",))]
+    cityscapes_ids = any(n.endswith("_labelIds.png") for n in mask_names)
+    cityscapes_files = any("_gtFine_" in n or "_gtCoarse_" in n for n in mask_names)
     if num_classes == CITYSCAPES_TRAIN_CLASSES and not mapped and raw:
         in_id_range = raw - {ignore_index} <= set(range(CITYSCAPES_LABEL_IDS))
-        if cityscapes_ids or (in_id_range and max(raw - {ignore_index}, default=0) >= num_classes):
+        beyond = max(raw - {ignore_index}, default=0) >= num_classes
+        if cityscapes_ids or (cityscapes_files and in_id_range and beyond):
             found.append(Diagnosis("cityscapes_label_ids", "error",
                 "masks hold Cityscapes label ids (0-33) where train ids (0-18) are expected: id 7 is road, "
                 "26 is car, and read as train ids they are other classes or dropped. Fix: data=cityscapes_labelids "
                 "(maps label ids to train ids); do not ignore these values, they are classes"))  # fmt: skip
             return found
     lm = dict(label_map or {})
-    between = sorted(v for v in raw if 0 < v < 255 and v not in lm)
-    if not reduce_zero_label and {0, 255} <= raw and between and num_classes < len(raw):
+    # Values between 0 and 255 that are no class: two or more of them (one is a void value, see below).
+    between = sorted(v for v in raw if 0 < v < 255 and v not in lm and v >= num_classes)
+    if not reduce_zero_label and {0, 255} <= raw and len(between) >= 2:
         share = _share(histogram, between)
         if share is None or share < 0.25:
             ignored = ignore_index == 255 and 255 not in lm
