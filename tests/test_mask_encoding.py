@@ -166,3 +166,25 @@ def test_voc_instance_masks_beside_a_missing_class_folder_are_named(tmp_path):
     with pytest.raises(UserError) as info:
         list_split(root, "train", **data_layout(data))
     assert "SegmentationObject/ holds VOC instance masks" in str(info.value)
+
+
+def test_palette_masks_whose_colours_are_other_classes_of_the_palette_are_named(tmp_path):
+    root = write_voc(tmp_path / "voc")
+    for mask_path in (root / "SegmentationClass").glob("*.png"):
+        with Image.open(mask_path) as mask:
+            swapped = mask.copy()
+        # the exporting tool's class order: index 1 is drawn in class 2's colour and index 2 in class 1's
+        flat = [*VOC_PALETTE[0], *VOC_PALETTE[2], *VOC_PALETTE[1]] + [224, 224, 192] * 253
+        swapped.putpalette(flat)
+        swapped.save(mask_path)
+    data = compose_config("train", ["data=voc", f"data.root={root}"]).data
+    report = scan_split(root, "train", data_layout(data), mask_decoder(data), cache=False)
+    problem = next(p for p in report.warnings if p.kind == "palette_order")
+    assert "index 1 has the colour of class 2" in problem.message and "data.label_map={1:2,2:1}" in problem.message
+
+
+def test_palette_masks_with_the_config_palette_raise_no_palette_warning(tmp_path):
+    root = write_voc(tmp_path / "voc")
+    data = compose_config("train", ["data=voc", f"data.root={root}"]).data
+    report = scan_split(root, "train", data_layout(data), mask_decoder(data), cache=False)
+    assert "palette_order" not in _kinds(report) and not report.errors

@@ -66,6 +66,13 @@ def test_the_default_split_never_overwrites_an_existing_list(tmp_path):
     assert keep.read_text() == "mine\n"
 
 
+def test_a_published_datasets_missing_lists_are_reported_not_made_up(tmp_path):
+    root = write_folder(tmp_path / "d")
+    with pytest.raises(UserError, match="split list not found"):
+        list_split(root, "train", split_file="ImageSets/Segmentation/{split}.txt")
+    assert not (root / "ImageSets").exists()
+
+
 def test_masks_under_another_extension_are_named_with_the_suffix_that_reads_them(tmp_path):
     root = write_newcomer_folder(tmp_path / "d")
     with pytest.raises(UserError) as info:

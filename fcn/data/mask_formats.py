@@ -272,3 +272,36 @@ def _value_fix(values: list[int], raw: set[int], num_classes: int, ignore_index:
             f"data.ignore_index={ignore_index} what must be ignored"
         )
     return "; or ".join(hints)
+
+
+def palette_order(
+    mask_palettes: Sequence[Sequence[int]], values: Collection[int], palette: Sequence[Sequence[int]]
+) -> dict[int, int]:
+    """``{stored index: class}`` for the indices of palette masks whose colour is another class's
+    colour in ``palette`` (the config's); empty when every used index has its class's colour or a
+    colour of none (an unrelated viewing palette is fine: the indices are the classes).
+
+    ``mask_palettes``: flat ``[r, g, b, r, g, b, ...]`` tables of some palette-mode masks.
+    """
+    classes = {tuple(int(c) for c in colour): i for i, colour in enumerate(palette)}
+    moved: dict[int, int] = {}
+    for table in mask_palettes:
+        for v in sorted(int(v) for v in values):
+            if 3 * v + 2 >= len(table) or v >= len(palette):
+                continue
+            colour = tuple(table[3 * v : 3 * v + 3])
+            target = classes.get(colour)
+            if target is not None and target != v:
+                moved.setdefault(v, target)
+    return moved
+
+
+def palette_order_message(moved: Mapping[int, int], names: Sequence[str] | None = None) -> str:
+    """The warning for :func:`palette_order`'s result."""
+    named = (lambda c: f"{c} ({names[c]})") if names else str
+    first = ", ".join(f"index {v} has the colour of class {named(c)}" for v, c in list(moved.items())[:4])
+    return (
+        f"palette masks colour their indices as other classes of data.palette: {first}. Indices are read as the "
+        "classes (the colours are only for viewing); if the colours are right and the indices are not, "
+        f"data.label_map={_map_text(dict(moved))}"
+    )

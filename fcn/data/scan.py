@@ -27,7 +27,7 @@ from PIL import Image
 
 from fcn.data.folder import SplitFiles, list_split
 from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, exif_orientation
-from fcn.data.mask_formats import diagnose_values
+from fcn.data.mask_formats import diagnose_values, palette_order, palette_order_message
 from fcn.data.splits import overlap_message, split_overlap
 from fcn.errors import UserError
 
@@ -418,7 +418,24 @@ def _encoding_problems(entries: list[dict], raw_values: set[int], outside: dict,
         else:
             paths = [e["mask"] for e in entries if "raw_values" in e]
         problems.append(Problem(found.kind, found.severity, message, paths[:20], len(paths)))
+    if decoder.palette and not decoder.label_map:
+        problems.extend(_palette_order_problems(entries, raw_values, decoder))
     return problems
+
+
+def _palette_order_problems(entries: list[dict], raw_values: set[int], decoder: MaskDecoder) -> list[Problem]:
+    """Palette masks whose colour table puts data.palette's colours at other indices (a few masks'
+    headers are read: the table is in the header, no pixel is decoded)."""
+    paths = [e["mask"] for e in entries if e.get("mask_mode") == "P"][:5]
+    tables = []
+    for path in paths:
+        try:
+            with Image.open(path) as mask:
+                tables.append(mask.getpalette() or [])
+        except OSError:
+            continue  # the scan reports unreadable masks already
+    moved = palette_order(tables, raw_values, decoder.palette)
+    return [Problem("palette_order", "warning", palette_order_message(moved), paths, len(paths))] if moved else []
 
 
 def split_overlap_problem(root: str | Path, layout: dict, train_split: str, val_split: str) -> Problem | None:

@@ -24,6 +24,7 @@ from fcn.errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_SPLITS = ("train", "val")
+DEFAULT_SPLIT_FILE = "splits/{split}.txt"  # the folder layout's lists (configs/data/folder.yaml)
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_SEED = 0
 
@@ -169,10 +170,11 @@ def write_default_splits(
 
 
 def default_split_applies(split: str, split_file: str | None, image_dir: str, root: Path) -> bool:
-    """Whether a missing list for ``split`` gets the default split: the list pattern holds
-    ``{split}``, the split is ``train`` or ``val``, the images of both share one folder, and
+    """Whether a missing list for ``split`` gets the default split: the lists are the folder
+    layout's ``splits/{split}.txt`` (a published dataset's own lists, e.g. VOC's ImageSets, are
+    never made up), the split is ``train`` or ``val``, the images of both share one folder, and
     neither list exists yet (a half-written pair is the user's and is reported, not completed)."""
-    if not split_file or "{split}" not in split_file or "{split}" in image_dir or split not in DEFAULT_SPLITS:
+    if split_file != DEFAULT_SPLIT_FILE or "{split}" in image_dir or split not in DEFAULT_SPLITS:
         return False
     return not any((root / split_file.format(split=s)).exists() for s in DEFAULT_SPLITS)
 
