@@ -188,3 +188,20 @@ def test_palette_masks_with_the_config_palette_raise_no_palette_warning(tmp_path
     data = compose_config("train", ["data=voc", f"data.root={root}"]).data
     report = scan_split(root, "train", data_layout(data), mask_decoder(data), cache=False)
     assert "palette_order" not in _kinds(report) and not report.errors
+
+
+def test_rgb_colour_masks_where_index_masks_are_expected_list_their_colours_for_the_palette(tmp_path):
+    write_folder(tmp_path)
+    colours = np.zeros((24, 32, 3), np.uint8)
+    colours[:, 16:] = (128, 0, 0)
+    save(colours, tmp_path / "masks" / "a.png")
+    report = _scan(tmp_path)
+    problem = next(p for p in report.errors if p.kind == "rgb_mask_no_palette")
+    assert "its colours: [0,0,0],[128,0,0]" in problem.message and "data.palette=" in problem.message
+
+
+def test_ignore_colors_on_index_masks_are_named_as_unused(tmp_path):
+    write_folder(tmp_path)
+    report = _scan(tmp_path, ignore_colors=[[0, 0, 0]])
+    problem = next(p for p in report.warnings if p.kind == "ignore_colors_unused")
+    assert problem.count == 3 and "data.label_map={value:255}" in problem.message

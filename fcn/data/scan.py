@@ -420,6 +420,12 @@ def _encoding_problems(entries: list[dict], raw_values: set[int], outside: dict,
         problems.append(Problem(found.kind, found.severity, message, paths[:20], len(paths)))
     if decoder.palette and not decoder.label_map:
         problems.extend(_palette_order_problems(entries, raw_values, decoder))
+    index_masks = [e["mask"] for e in entries if "raw_values" in e]
+    if decoder.ignore_colors and index_masks and len(index_masks) == len(entries):
+        problems.append(Problem("ignore_colors_unused", "warning", "data.ignore_colors is set, but the masks are "
+                                "index masks (a value per pixel, no colours): it changes nothing; to ignore a value "
+                                f"use data.label_map={{value:{decoder.ignore_index}}}", index_masks[:20],
+                                len(index_masks)))  # fmt: skip
     return problems
 
 
