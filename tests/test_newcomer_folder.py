@@ -96,3 +96,10 @@ def test_one_doctor_run_reports_every_problem_of_the_newcomer_folder(tmp_path):
     assert "data.mask_suffix=.jpg" in messages and "data.label_map={255:1}" in messages
     assert "num_classes=" not in messages  # never a class count from the JPEG noise
     assert (root / "splits" / "train.txt").is_file() and (root / "splits" / "val.txt").is_file()
+
+
+def test_masks_in_a_folder_of_another_common_name_are_named_with_the_key(tmp_path):
+    root = write_folder(tmp_path / "d")
+    (root / "masks").rename(root / "labels")
+    with pytest.raises(UserError, match=r"if labels/ holds the masks: data.mask_dir=labels"):
+        list_split(root, "train", split_file=None)

@@ -105,7 +105,7 @@ def list_split(
         if not folder.is_dir():
             raise UserError(
                 f"folder for split {split!r} not found: {folder.resolve()} (check {key} and data.root; "
-                f"{root.resolve()} contains {_contents(root)}{folder_hint(folder)})"
+                f"{root.resolve()} contains {_contents(root)}{folder_hint(folder) if key == 'data.mask_dir' else ''})"
             )
     image_suffixes = (image_suffix,) if image_suffix else IMAGE_EXTENSIONS
     images = _files_by_key(images_folder, image_suffixes, image_glob, recursive)

@@ -42,6 +42,9 @@ KNOWN_MASK_FOLDERS = {
     "gtFine": "Cityscapes fine annotations: data=cityscapes",
     "annotations": "class masks: data.mask_dir=annotations",
 }
+# Folder names people give their masks: a missing data.mask_dir beside one of them names it.
+COMMON_MASK_FOLDERS = ("labels", "label", "masks", "mask", "gt", "groundtruth", "ground_truth", "annotations",
+                       "annotation", "segmentation", "segmentations", "SegmentationClassPNG")  # fmt: skip
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe")
 CITYSCAPES_TRAIN_CLASSES = 19
 CITYSCAPES_LABEL_IDS = 34  # label ids 0..33 (-1, license plate, is never stored)
@@ -116,6 +119,9 @@ def folder_hint(missing: Path) -> str:
     if not parent.is_dir():
         return ""
     hints = [f"{name}/ holds {what}" for name, what in KNOWN_MASK_FOLDERS.items() if (parent / name).is_dir()]
+    known = set(KNOWN_MASK_FOLDERS) | {missing.name}
+    hints += [f"if {n}/ holds the masks: data.mask_dir={n}" for n in COMMON_MASK_FOLDERS
+              if n not in known and (parent / n).is_dir()]  # fmt: skip
     return ("; " + "; ".join(hints)) if hints else ""
 
 
