@@ -117,3 +117,13 @@ def test_a_val_list_equal_to_the_train_list_is_said_loudly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "WARNING splits 'train' and 'val' are the same 2 images: validation scores measure training images" in out
     assert "shares images with the training split" in out.split("verdict:")[1]
+
+
+def test_file_names_with_unprintable_characters_are_shown_with_repr_in_the_doctor(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", split_lists={"train": ["a"], "val": ["b"]})
+    (root / "images" / "a.jpg").rename(root / "images" / "a\tx.jpg")
+    (root / "splits" / "train.txt").write_text("a\tx\n")
+    cfg = compose_config("check_data", ["data=folder", f"data.root={root}", "data.num_classes=2",
+                                        "data.class_names=[a,b]", f"report={tmp_path / 'r.json'}"])  # fmt: skip
+    run_check(cfg, tmp_path)
+    assert "'a\\tx'" in capsys.readouterr().out  # the image without a mask, named unambiguously

@@ -25,6 +25,7 @@ from fcn.cli.common import (
     prepare_data_root,
 )
 from fcn.data.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
+from fcn.data.splits import shown
 from fcn.errors import UserError
 from fcn.report import to_json
 
@@ -100,7 +101,8 @@ def _print_summary(data, reports: list[SplitReport], layout_errors: list[str], r
         freqs = _frequencies(r)
         print("  class pixel frequency: " + ", ".join(f"{n} {100 * f:.2f}%" for n, f in zip(names, freqs)))
         for problem in r.problems:
-            files = f": {', '.join(problem.files[:5])}" + (" ..." if problem.count > 5 else "") if problem.files else ""
+            listed = ", ".join(map(shown, problem.files[:5])) + (" ..." if problem.count > 5 else "")
+            files = f": {listed}" if problem.files else ""
             print(f"  {problem.severity.upper()} {problem.message}{files}")
     for split, why in report["skipped"].items():
         print(f"\n[{split}] not present, skipped ({why.split(' (')[0]})")

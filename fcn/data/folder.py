@@ -54,8 +54,8 @@ def _files_by_key(folder: Path, suffixes: tuple[str, ...], pattern: str | None, 
 
 def first_items(items: list[str], n: int = 5) -> str:
     """``a, b, c, ... (N in all)``: the start of a long list, for error messages."""
-    shown = ", ".join(items[:n])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
+    listed = ", ".join(shown(item) for item in items[:n])  # repr for names with unprintable characters
+    return listed + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _contents(folder: Path) -> str:
@@ -127,7 +127,7 @@ def list_split(
         keys, rewritten = resolve_names(names, images, image_dir.format(split=split))
         if rewritten:
             list_notes.append(f"names {rewritten} images with their extension or folder (matched without them)")
-        listed_without_image = [shown(k) for k in keys if k not in images]
+        listed_without_image = [k for k in keys if k not in images]
         keys = [k for k in keys if k in images]
     else:
         keys = list(images)

@@ -29,6 +29,7 @@ from fcn.data.folder import SplitFiles, list_split
 from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, exif_orientation
 from fcn.data.mask_formats import diagnose_values, palette_order, palette_order_message
 from fcn.data.splits import overlap_message, split_overlap
+from fcn.data.splits import shown as shown_name
 from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -482,7 +483,7 @@ def format_errors(reports: Sequence[SplitReport], limit: int = 5) -> str:
     lines = []
     for report in reports:
         for problem in report.errors:
-            shown = ", ".join(problem.files[:limit])
+            shown = ", ".join(map(shown_name, problem.files[:limit]))
             more = f" ... ({problem.count} in all)" if problem.count > limit else ""
             lines.append(f"[{report.split}] {problem.message}" + (f"\n    files: {shown}{more}" if shown else ""))
     return "\n  ".join(lines)
