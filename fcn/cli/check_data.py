@@ -24,7 +24,8 @@ from fcn.cli.common import (
     mask_decoder,
     prepare_data_root,
 )
-from fcn.data.scan import SplitReport, median_frequency_weights, scan_split
+from fcn.data.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
+from fcn.data.splits import shown
 from fcn.errors import UserError
 from fcn.report import to_json
 
@@ -54,8 +55,13 @@ def run_check(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, bool]:
             continue
         reports.append(found)
         report["splits"][split] = found.to_dict() | {"class_frequency": _frequencies(found)}
+    val = next((r for r in reports if r.split == data.val_split), None)
+    overlap = split_overlap_problem(data.root, data_layout(data), data.train_split, data.val_split)
+    if overlap is not None and val is not None:
+        val.problems.insert(0, overlap)  # first: every score the val split gives depends on it
+        report["splits"][val.split] = val.to_dict() | {"class_frequency": _frequencies(val)}
     train = next((r for r in reports if r.split == data.train_split), None)
-    if train is not None and any(train.class_pixels):
+    if train is not None and any(train.class_pixels) and not train.errors:  # weights of wrong labels mislead
         weights = median_frequency_weights(train)
         report["class_weights_median_frequency"] = weights
         report["suggestions"].append(
@@ -95,7 +101,8 @@ def _print_summary(data, reports: list[SplitReport], layout_errors: list[str], r
         freqs = _frequencies(r)
         print("  class pixel frequency: " + ", ".join(f"{n} {100 * f:.2f}%" for n, f in zip(names, freqs)))
         for problem in r.problems:
-            files = f": {', '.join(problem.files[:5])}" + (" ..." if problem.count > 5 else "") if problem.files else ""
+            listed = ", ".join(map(shown, problem.files[:5])) + (" ..." if problem.count > 5 else "")
+            files = f": {listed}" if problem.files else ""
             print(f"  {problem.severity.upper()} {problem.message}{files}")
     for split, why in report["skipped"].items():
         print(f"\n[{split}] not present, skipped ({why.split(' (')[0]})")
@@ -104,6 +111,8 @@ def _print_summary(data, reports: list[SplitReport], layout_errors: list[str], r
     for suggestion in report["suggestions"]:
         print(f"\nsuggestion: {suggestion}")
     verdict = "usable" if report["usable"] else "NOT usable: fix the errors above"
+    if any(p.kind == "split_overlap" for r in reports for p in r.problems):
+        verdict += " (but the validation split shares images with the training split: see the WARNING above)"
     print(f"\nverdict: {verdict}\nreport: {path}")
 
 

@@ -21,7 +21,7 @@ from fcn.checkpoint import load_checkpoint
 from fcn.data.download import download
 from fcn.data.folder import SegmentationFolder, find_pairs
 from fcn.data.labels import MaskDecoder
-from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, scan_split
+from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.shapes import ensure_shapes
 from fcn.errors import UserError
 from fcn.inference import predict_logits
@@ -172,6 +172,10 @@ def scan_data(data: DictConfig, splits: list[str]) -> list[SplitReport]:
         for problem in report.warnings:
             log.warning("[%s] %s%s", split, problem.message, f" (e.g. {problem.files[0]})" if problem.files else "")
         reports.append(report)
+    if data.train_split in splits and data.val_split in splits:  # training: val must not be train images
+        overlap = split_overlap_problem(data.root, data_layout(data), data.train_split, data.val_split)
+        if overlap is not None:
+            log.warning("%s (e.g. %s)", overlap.message, overlap.files[0])
     if any(r.errors for r in reports):
         raise UserError(
             f"the {data.name} data at {Path(data.root).resolve()} has problems:\n  {format_errors(reports)}\n"

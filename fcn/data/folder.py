@@ -29,6 +29,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fcn.data.labels import MaskDecoder, image_to_rgb
+from fcn.data.mask_formats import AlternativeMasks, find_alternative_masks, folder_hint
+from fcn.data.splits import default_split_applies, read_split_list, resolve_names, shown, write_default_splits
 from fcn.data.transforms import reseed
 from fcn.errors import UserError
 
@@ -52,8 +54,8 @@ def _files_by_key(folder: Path, suffixes: tuple[str, ...], pattern: str | None, 
 
 def first_items(items: list[str], n: int = 5) -> str:
     """``a, b, c, ... (N in all)``: the start of a long list, for error messages."""
-    shown = ", ".join(items[:n])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
+    listed = ", ".join(shown(item) for item in items[:n])  # repr for names with unprintable characters
+    return listed + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _contents(folder: Path) -> str:
@@ -72,6 +74,10 @@ class SplitFiles:
     masks_without_image: list[str] = field(default_factory=list)
     listed_without_image: list[str] = field(default_factory=list)
     split_list: Path | None = None
+    list_notes: list[str] = field(default_factory=list)  # what reading the split list cleaned up
+    default_lists: dict[str, Path] = field(default_factory=dict)  # default split lists written now
+    alternative: AlternativeMasks | None = None  # masks of the unmatched images under another name
+    images: list[Path] = field(default_factory=list)  # every image of the split, with a mask or not
 
 
 def list_split(
@@ -99,18 +105,28 @@ def list_split(
         if not folder.is_dir():
             raise UserError(
                 f"folder for split {split!r} not found: {folder.resolve()} (check {key} and data.root; "
-                f"{root.resolve()} contains {_contents(root)})"
+                f"{root.resolve()} contains {_contents(root)}{folder_hint(folder) if key == 'data.mask_dir' else ''})"
             )
     image_suffixes = (image_suffix,) if image_suffix else IMAGE_EXTENSIONS
     images = _files_by_key(images_folder, image_suffixes, image_glob, recursive)
     masks = _files_by_key(masks_folder, (mask_suffix,), None, recursive or bool(image_glob and "**" in image_glob))
     listed_without_image: list[str] = []
+    list_notes: list[str] = []
+    default_lists: dict[str, Path] = {}
     list_path = None
     if split_file:
         list_path = root / split_file.format(split=split)
+        if not list_path.is_file() and default_split_applies(split, split_file, image_dir, root) and images:
+            default_lists = write_default_splits(root, split_file, list(images))
         if not list_path.is_file():
-            raise UserError(f"split list not found: {list_path.resolve()} (check data.split_file)")
-        keys = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+            raise UserError(
+                f"split list not found: {list_path.resolve()} (check data.split_file; data.split_file=null uses "
+                "every image of the folder)"
+            )
+        names, list_notes = read_split_list(list_path)
+        keys, rewritten = resolve_names(names, images, image_dir.format(split=split))
+        if rewritten:
+            list_notes.append(f"names {rewritten} images with their extension or folder (matched without them)")
         listed_without_image = [k for k in keys if k not in images]
         keys = [k for k in keys if k in images]
     else:
@@ -125,15 +141,20 @@ def list_split(
             "data.image_suffix and data.image_glob"
         )
     key_set = set(keys)
+    without_mask = [k for k in keys if k not in masks]
     return SplitFiles(
         pairs=[(images[k], masks[k]) for k in keys if k in masks],
         images_folder=images_folder,
         masks_folder=masks_folder,
-        images_without_mask=[k for k in keys if k not in masks],
+        images_without_mask=without_mask,
         # with a split list or a glob the split is a subset: the other masks belong to other images
         masks_without_image=[] if split_file or image_glob else [k for k in masks if k not in key_set],
         listed_without_image=listed_without_image,
         split_list=list_path,
+        list_notes=list_notes,
+        default_lists=default_lists,
+        alternative=find_alternative_masks(masks_folder, {k: images[k] for k in without_mask}, mask_suffix),
+        images=[images[k] for k in keys if k in images],
     )
 
 
@@ -153,6 +174,8 @@ def find_pairs(root: str | Path, split: str, **layout) -> list[tuple[Path, Path]
         )
     if files.images_without_mask:
         unmatched = files.images_without_mask
+        if files.alternative is not None:
+            raise UserError(f"{len(unmatched)} images in {files.images_folder}: {files.alternative.message()}")
         raise UserError(
             f"{len(unmatched)} images in {files.images_folder} have no mask '<name>{mask_suffix}' "
             f"in {files.masks_folder}: {first_items(unmatched)} (check data.mask_dir and data.mask_suffix)"

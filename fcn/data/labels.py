@@ -156,12 +156,15 @@ class MaskDecoder:
         return all(int(c) in known for c in np.unique(self._codes(rgb)))
 
     def _colours_to_indices(self, rgb: np.ndarray, path: Path | str) -> np.ndarray:
-        if not self.palette:
-            raise UserError(
-                f"mask {path} is an RGB colour mask but data.palette is not set: list the mask colours in class "
-                "order as data.palette=[[r,g,b],...] (or save masks as index PNGs)"
-            )
         codes = self._codes(rgb)
+        if not self.palette:
+            found = np.unique(codes)
+            listed = ",".join(f"[{c >> 16},{(c >> 8) & 255},{c & 255}]" for c in found[:12].tolist())
+            more = f" ... ({len(found)} colours in all)" if len(found) > 12 else ""
+            raise UserError(
+                f"mask {path} is an RGB colour mask but data.palette is not set; its colours: {listed}{more}. List "
+                "the mask colours in class order as data.palette=[[r,g,b],...] (or save masks as index PNGs)"
+            )
         colours, inverse = np.unique(codes, return_inverse=True)
         table = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(self.palette)}
         table.update({(r << 16) | (g << 8) | b: self.ignore_index for r, g, b in self.ignore_colors})

@@ -25,8 +25,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcn.data.folder import list_split
+from fcn.data.folder import SplitFiles, list_split
 from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, exif_orientation
+from fcn.data.mask_formats import diagnose_values, palette_order, palette_order_message
+from fcn.data.splits import overlap_message, split_overlap
+from fcn.data.splits import shown as shown_name
 from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -108,13 +111,14 @@ def scan_split(
     """
     start = time.perf_counter()
     files = list_split(root, split, **layout)
+    pairs = _pairs_to_scan(files, root, split, layout)
     cache_path = _cache_path(root, split, decoder, None if cache is True else cache) if cache else None
     cached = _read_cache(cache_path)
     entries: dict[str, dict] = {}
     todo: list[tuple[str, tuple, Path, Path]] = []
     root = Path(root)
-    keys = [_relative(image, root) + "|" + _relative(mask, root) for image, mask in files.pairs]
-    for key, (image, mask) in zip(keys, files.pairs):
+    keys = [_relative(image, root) + "|" + _relative(mask, root) for image, mask in pairs]
+    for key, (image, mask) in zip(keys, pairs):
         signature = _signature(image, mask)
         hit = cached.get(key)
         if hit is not None and hit["sig"] == list(signature):
@@ -129,11 +133,20 @@ def scan_split(
                 entries[key] = {"sig": list(signature), "result": result}
         _write_cache(cache_path, entries)
     # File names as this caller spelled the root (the cache may have been written through another path).
-    ordered = [entries[k]["result"] | {"image": str(i), "mask": str(m)} for k, (i, m) in zip(keys, files.pairs)]
+    ordered = [entries[k]["result"] | {"image": str(i), "mask": str(m)} for k, (i, m) in zip(keys, pairs)]
     report = _summarise(split, files, ordered, decoder)
     report.seconds = round(time.perf_counter() - start, 3)
     report.rescanned = len(todo)
     return report
+
+
+def _pairs_to_scan(files: SplitFiles, root: str | Path, split: str, layout: dict) -> list[tuple[Path, Path]]:
+    """The pairs to scan: the split's own, or, when none of its images has a mask under
+    ``data.mask_suffix`` but all have one under another image suffix, those, so that one run reports
+    every other problem of the files too (the missing suffix stays an error)."""
+    if files.pairs or files.alternative is None or files.alternative.readable_suffix is None:
+        return files.pairs
+    return list_split(root, split, **{**layout, "mask_suffix": files.alternative.readable_suffix}).pairs
 
 
 def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dict:
@@ -245,7 +258,17 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "fix the list or add the images",
             files.listed_without_image,
         )
-    if files.images_without_mask:
+    if files.images_without_mask and files.alternative is not None:
+        add(
+            "masks_under_other_suffix",
+            "error",
+            f"{len(files.images_without_mask)} images in {files.images_folder}: "
+            + files.alternative.message()
+            + (f" (the checks below read them as '<name>{files.alternative.readable_suffix}')"
+               if files.alternative.readable_suffix and not files.pairs else ""),
+            files.images_without_mask,
+        )  # fmt: skip
+    elif files.images_without_mask:
         add(
             "image_without_mask",
             "error",
@@ -253,6 +276,11 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "check data.mask_dir and data.mask_suffix, or remove the images",
             files.images_without_mask,
         )
+    for note in files.list_notes:
+        add("split_list_format", "warning", f"split list {files.split_list} {note}", [])
+    for written_split, path in files.default_lists.items():
+        add("default_split_written", "warning", f"no split lists: wrote the default {written_split!r} list {path} "
+            "(seeded 80/20 train/val split of the images; edit it to choose your own)", [str(path)])  # fmt: skip
     if files.masks_without_image:
         add(
             "mask_without_image",
@@ -308,16 +336,7 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "masks must have the size of their image",
             mismatched,
         )
-    if outside:
-        values = sorted(outside)
-        listing = "; ".join(f"{v} in {len(outside[v])} masks (e.g. {outside[v][0]})" for v in values[:8])
-        add(
-            "values_out_of_range",
-            "error",
-            f"mask values outside [0, {num_classes}) that are not data.ignore_index={ignore_index}: {listing}. "
-            + _value_fix(values, raw_values, num_classes, ignore_index),
-            sorted({p for v in values for p in outside[v]}),
-        )
+    problems.extend(_encoding_problems(entries, raw_values, outside, decoder))
     for mode, paths in sorted(converted.items()):
         add(
             "converted_images",
@@ -342,11 +361,11 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "as index masks (the first channel)",
             gray_rgb,
         )
-    if raw_values and raw_values <= {0, 255} and 255 in raw_values and ignore_index == 255 and not decoder.label_map:
-        # The classic 0/255 binary mask: every foreground pixel would be silently ignored.
-        masks = [e["mask"] for e in entries if 255 in e.get("raw_values", [])]
-        add("binary_masks_ignored", "error", "masks hold only 0 and 255, and 255 is data.ignore_index: every "
-            "foreground pixel would be ignored. Fix: for 0/255 binary masks data.label_map={255:1}", masks)  # fmt: skip
+    unlabelled = [e["mask"] for e in entries if "counts" in e and not any(e["counts"].values()) and e["ignored"]]
+    if unlabelled:
+        add("unlabelled_masks", "warning", f"{len(unlabelled)} masks have no labelled pixel (every pixel is "
+            f"data.ignore_index={ignore_index} after label handling): they teach nothing, and a batch of only such "
+            "masks has no loss; check them, or remove them and their images", unlabelled)  # fmt: skip
     absent = [str(c) for c in range(num_classes) if class_pixels[c] == 0]
     if entries and absent:
         add("absent_classes", "warning", f"classes {', '.join(absent)} have no pixels in split {split!r}", [])
@@ -367,18 +386,81 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
     )
 
 
-def _value_fix(values: list[int], raw: set[int], num_classes: int, ignore_index: int) -> str:
-    """How to make mask values fit, from what the values look like."""
-    hints = []
-    if raw <= {0, 255} and num_classes == 2:
-        hints.append("binary 0/255 masks: data.label_map={255:1}")
-    if values == [num_classes] and 0 in raw:
-        hints.append("if 0 means 'unlabelled' and classes start at 1: data.reduce_zero_label=true")
-    if len(values) == 1:
-        v = values[0]
-        hints.append(f"if {v} marks void pixels: data.ignore_index={v} or data.label_map={{{v}:{ignore_index}}}")
-    hints.append(f"if they are real classes: data.num_classes={max(values) + 1}")
-    return "Fix: " + "; or ".join(hints)
+def _encoding_problems(entries: list[dict], raw_values: set[int], outside: dict, decoder: MaskDecoder) -> list[Problem]:
+    """Mask encodings that contradict the label settings (see :func:`fcn.data.mask_formats.diagnose_values`)."""
+    histogram: Counter | None = None
+    if decoder.identity and not decoder.palette:  # stored value = decoded class: the counts are the histogram
+        histogram = Counter()
+        for entry in entries:
+            if "counts" in entry:
+                histogram.update({int(c): n for c, n in entry["counts"].items()})
+                histogram.update({int(c): n for c, n in entry["outside"].items()})
+                histogram[decoder.ignore_index] += entry["ignored"]
+    names = [e["mask"] for e in entries[:50]]
+    problems = []
+    for found in diagnose_values(
+        raw_values,
+        sorted(outside),
+        decoder.num_classes,
+        decoder.ignore_index,
+        histogram=histogram,
+        label_map=decoder.label_map,
+        reduce_zero_label=decoder.reduce_zero_label,
+        palette=decoder.palette,
+        mask_names=names,
+    ):
+        message = found.message
+        if found.kind == "values_out_of_range":
+            values = sorted(outside)
+            listing = "; ".join(f"{v} in {len(outside[v])} masks (e.g. {outside[v][0]})" for v in values[:8])
+            message = (f"mask values outside [0, {decoder.num_classes}) that are not data.ignore_index="
+                       f"{decoder.ignore_index}: {listing}. {message}")  # fmt: skip
+            paths = sorted({p for v in values for p in outside[v]})
+        else:
+            paths = [e["mask"] for e in entries if "raw_values" in e]
+        problems.append(Problem(found.kind, found.severity, message, paths[:20], len(paths)))
+    if decoder.palette and not decoder.label_map:
+        problems.extend(_palette_order_problems(entries, raw_values, decoder))
+    index_masks = [e["mask"] for e in entries if "raw_values" in e]
+    if decoder.ignore_colors and index_masks and len(index_masks) == len(entries):
+        problems.append(Problem("ignore_colors_unused", "warning", "data.ignore_colors is set, but the masks are "
+                                "index masks (a value per pixel, no colours): it changes nothing; to ignore a value "
+                                f"use data.label_map={{value:{decoder.ignore_index}}}", index_masks[:20],
+                                len(index_masks)))  # fmt: skip
+    return problems
+
+
+def _palette_order_problems(entries: list[dict], raw_values: set[int], decoder: MaskDecoder) -> list[Problem]:
+    """Palette masks whose colour table puts data.palette's colours at other indices (a few masks'
+    headers are read: the table is in the header, no pixel is decoded)."""
+    paths = [e["mask"] for e in entries if e.get("mask_mode") == "P"][:5]
+    tables = []
+    for path in paths:
+        try:
+            with Image.open(path) as mask:
+                tables.append(mask.getpalette() or [])
+        except OSError:
+            continue  # the scan reports unreadable masks already
+    moved = palette_order(tables, raw_values, decoder.palette)
+    return [Problem("palette_order", "warning", palette_order_message(moved), paths, len(paths))] if moved else []
+
+
+def split_overlap_problem(root: str | Path, layout: dict, train_split: str, val_split: str) -> Problem | None:
+    """A warning when splits ``train_split`` and ``val_split`` share images (``None`` when they
+    do not, or when either cannot be listed: the scan reports that)."""
+    try:
+        train = list_split(root, train_split, **layout)
+        val = train if val_split == train_split else list_split(root, val_split, **layout)
+    except UserError:
+        return None
+    train_images = [str(path.resolve()) for path in train.images]
+    val_images = [str(path.resolve()) for path in val.images]
+    shared, identical = split_overlap(train_images, val_images)
+    if not shared:
+        return None
+    message = overlap_message(train_split, val_split, shared, identical, len(set(val_images)))
+    files = sorted(set(train_images) & set(val_images))
+    return Problem("split_overlap", "warning", message, files[:20], shared)
 
 
 def median_frequency_weights(report: SplitReport) -> list[float]:
@@ -401,7 +483,7 @@ def format_errors(reports: Sequence[SplitReport], limit: int = 5) -> str:
     lines = []
     for report in reports:
         for problem in report.errors:
-            shown = ", ".join(problem.files[:limit])
+            shown = ", ".join(map(shown_name, problem.files[:limit]))
             more = f" ... ({problem.count} in all)" if problem.count > limit else ""
             lines.append(f"[{report.split}] {problem.message}" + (f"\n    files: {shown}{more}" if shown else ""))
     return "\n  ".join(lines)

@@ -1,0 +1,200 @@
+"""Split lists as users write them, the default split of a folder without lists, and overlap.
+
+A split list is a text file with one image name per line. Lists come from editors, spreadsheets
+and scripts on every system, so :func:`read_split_list` accepts what they write: a UTF-8 or
+UTF-16 byte-order mark, ``\\r\\n`` / ``\\r`` line endings, blank lines, leading and trailing
+spaces, ``#`` comment lines, and duplicates (kept once, with a note). :func:`resolve_names`
+then matches the names to the image keys of :func:`fcn.data.folder.list_split`, accepting a name
+written with its image extension or with the image folder in front (``images/a.jpg`` for ``a``).
+
+A folder without split lists gets a default one (:func:`write_default_splits`): a seeded 80/20
+train/val split of its images, written to the lists the config names, never over an existing
+file. :func:`split_overlap` counts the images two splits share.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import random
+from pathlib import Path
+
+from fcn.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPLITS = ("train", "val")
+DEFAULT_SPLIT_FILE = "splits/{split}.txt"  # the folder layout's lists (configs/data/folder.yaml)
+DEFAULT_VAL_FRACTION = 0.2
+DEFAULT_SEED = 0
+
+
+def shown(name: str) -> str:
+    """``name`` as printed in a message: as is when printable, else its ``repr`` (tabs, NULs, ...)."""
+    return name if name.isprintable() else repr(name)
+
+
+def read_split_list(path: Path) -> tuple[list[str], list[str]]:
+    """The names of a split list and notes on what was cleaned up on the way.
+
+    Returns ``(names, notes)``: the names in file order, each once, stripped of spaces, with
+    backslashes turned into ``/`` and a leading ``./`` removed; ``notes`` says which byte-order
+    mark, line endings, duplicates or comment lines were met (for the scan's warnings).
+
+    Raises :class:`UserError` when the file is not text in UTF-8 or UTF-16.
+    """
+    raw = path.read_bytes()
+    notes: list[str] = []
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding, note = "utf-16", "is UTF-16 text"
+    elif raw.startswith(codecs.BOM_UTF8):
+        encoding, note = "utf-8-sig", "starts with a UTF-8 byte-order mark"
+    else:
+        encoding, note = "utf-8", ""
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"split list {path} is not UTF-8 or UTF-16 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from exc
+    if note:
+        notes.append(f"{note} (read as such)")
+    if "\r" in text:
+        notes.append("has Windows or old-Mac line endings (read as such)")
+    names: list[str] = []
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    comments = 0
+    for line in text.splitlines():
+        name = line.strip().strip("\ufeff").strip()
+        if not name:
+            continue
+        if name.startswith("#"):
+            comments += 1
+            continue
+        name = name.replace("\\", "/")
+        while name.startswith("./"):
+            name = name[2:]
+        if name in seen:
+            duplicates.append(name)
+            continue
+        seen.add(name)
+        names.append(name)
+    if comments:
+        notes.append(f"has {comments} comment lines starting with '#' (skipped)")
+    if duplicates:
+        listed = ", ".join(shown(d) for d in duplicates[:5])
+        more = f" ... ({len(duplicates)} in all)" if len(duplicates) > 5 else ""
+        notes.append(f"lists {len(duplicates)} names more than once, each used once: {listed}{more}")
+    return names, notes
+
+
+def resolve_names(names: list[str], images: dict[str, Path], image_dir: str) -> tuple[list[str], int]:
+    """Map listed names to image keys: a name is a key, or a key once its image extension or the
+    image folder in front of it is taken off (``images/a.jpg`` -> ``a``).
+
+    Returns ``(keys, rewritten)``: the keys (names that match nothing are kept unchanged, for the
+    caller to report) and how many names needed rewriting. Two names that resolve to the same key
+    are kept once.
+    """
+    prefix = image_dir.strip("/") + "/"
+    keys: list[str] = []
+    rewritten = 0
+    for name in names:
+        key = name
+        if key not in images:
+            for candidate in _candidates(name, prefix):
+                if candidate in images:
+                    key, rewritten = candidate, rewritten + 1
+                    break
+        if key not in keys:
+            keys.append(key)
+    return keys, rewritten
+
+
+def _candidates(name: str, prefix: str) -> list[str]:
+    bare = name[len(prefix) :] if name.startswith(prefix) else name
+    out = [bare]
+    stem, dot, _ = bare.rpartition(".")
+    if dot and stem:
+        out.append(stem)
+    return out
+
+
+def write_default_splits(
+    root: Path,
+    split_file: str,
+    keys: list[str],
+    *,
+    seed: int = DEFAULT_SEED,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+) -> dict[str, Path]:
+    """Write a seeded train/val split of ``keys`` to ``root / split_file.format(split=...)``.
+
+    The names are shuffled with ``random.Random(seed)``; the last ``round(len * val_fraction)``
+    (at least one, and none when there is only one image: it then serves both) go to ``val``.
+    Files are created exclusively: an existing list is never overwritten. Returns the paths written.
+
+    Raises :class:`UserError` when the lists cannot be written (a read-only dataset).
+    """
+    shuffled = sorted(keys)
+    random.Random(seed).shuffle(shuffled)
+    n_val = max(1, round(len(shuffled) * val_fraction)) if len(shuffled) > 1 else 0
+    lists = {"train": sorted(shuffled[: len(shuffled) - n_val]), "val": sorted(shuffled[len(shuffled) - n_val :])}
+    if not lists["val"]:
+        lists["val"] = lists["train"]
+    written: dict[str, Path] = {}
+    for split, names in lists.items():
+        path = root / split_file.format(split=split)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("x", encoding="utf-8") as f:  # "x": never over an existing list
+                f.write("".join(f"{n}\n" for n in names))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(
+                f"no split lists in {root} and the default split cannot be written ({exc}); write "
+                f"{split_file.format(split='train')} and {split_file.format(split='val')} (one name per line) "
+                "or set data.split_file=null to use every image for both"
+            ) from exc
+        written[split] = path
+    if written:
+        log.warning(
+            "no split lists found: wrote a default split of the %d images of %s (seed %d, %d%% val): %s; "
+            "edit these lists to choose your own split",
+            len(keys), root, seed, round(100 * val_fraction), ", ".join(f"{p} ({len(lists[s])} names)"
+                                                                           for s, p in written.items()),
+        )  # fmt: skip
+    return written
+
+
+def default_split_applies(split: str, split_file: str | None, image_dir: str, root: Path) -> bool:
+    """Whether a missing list for ``split`` gets the default split: the lists are the folder
+    layout's ``splits/{split}.txt`` (a published dataset's own lists, e.g. VOC's ImageSets, are
+    never made up), the split is ``train`` or ``val``, the images of both share one folder, and
+    neither list exists yet (a half-written pair is the user's and is reported, not completed)."""
+    if split_file != DEFAULT_SPLIT_FILE or "{split}" in image_dir or split not in DEFAULT_SPLITS:
+        return False
+    return not any((root / split_file.format(split=s)).exists() for s in DEFAULT_SPLITS)
+
+
+def split_overlap(train_keys: list[str], val_keys: list[str]) -> tuple[int, bool]:
+    """``(shared, identical)``: how many image keys two splits share, and whether they are the same set."""
+    train, val = set(train_keys), set(val_keys)
+    shared = len(train & val)
+    return shared, bool(train) and train == val
+
+
+def overlap_message(train_split: str, val_split: str, shared: int, identical: bool, n_val: int) -> str:
+    """The warning for images that are in both ``train_split`` and ``val_split``."""
+    if identical:
+        return (
+            f"splits {train_split!r} and {val_split!r} are the same {shared} images: validation scores measure "
+            "training images, not generalisation. Give the folder split lists (splits/train.txt, splits/val.txt), "
+            "or leave data.split_file at its default for a seeded 80/20 split"
+        )
+    return (
+        f"{shared} of the {n_val} images of split {val_split!r} are also in split {train_split!r}: validation "
+        "scores on them measure training images; remove them from one of the lists"
+    )
