@@ -250,12 +250,11 @@ def load_checkpoint(
         head = f.read(4096)
     if not head:
         raise UserError(f"checkpoint {path}{given} is corrupt or truncated (an empty file, 0 bytes)")
+    # First the digest, when there is one: a damaged first byte makes a checkpoint look like something else.
+    if verify and verify_digest(path) is None:
+        log.debug("%s has no digest (written by an older fcn, or not by fcn): no integrity check", path)
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive (torch.save) or a pickle (older torch)
         raise UserError(f"not a checkpoint: {path}{given} is {describe_file(path, head)}; {_fix(key)}")
-    if verify and head.startswith(b"PK"):
-        verified = verify_digest(path)
-        if verified is None:
-            log.debug("%s has no digest (written by an older fcn): loaded without the integrity check", path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
