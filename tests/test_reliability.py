@@ -320,19 +320,20 @@ def _flip(path: Path, offset: int, mask: int) -> None:
 
 
 def _small_checkpoint(path: Path) -> Path:
-    weight = torch.full((64,), -0.00112)
-    save_checkpoint({"model": {"w": weight}, "config": {}, "optimizer": {"m": torch.ones(64)}}, path)
+    weight = torch.full((2000,), -0.00112)
+    save_checkpoint({"model": {"w": weight}, "config": {}, "optimizer": {"m": torch.ones(2000)}}, path)
     return path
 
 
 @pytest.mark.parametrize("where", ["tensor-byte", "exponent-bit", "zip-directory", "digest-record", "every-100th-byte"])
-def test_a_flipped_bit_anywhere_in_a_checkpoint_is_reported_as_corrupt(tmp_path, where):
+def test_a_flipped_bit_anywhere_in_a_checkpoint_is_reported_as_corrupt(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(fcn.checkpoint, "_CHUNK", 4096)  # several chunks, the last one partial
     path = _small_checkpoint(tmp_path / "best.pt")
     size = path.stat().st_size
     # float32 little-endian: byte 3 holds the sign and the top exponent bits (-0.00112 -> -3.8e35)
     offsets = {"tensor-byte": [_tensor_offset(path) + 17], "exponent-bit": [_tensor_offset(path) + 4 * 10 + 3],
                "zip-directory": [size - 150], "digest-record": [size - 30],
-               "every-100th-byte": range(0, size, 100)}[where]  # fmt: skip
+               "every-100th-byte": range(0, size, 97)}[where]  # fmt: skip
     original = path.read_bytes()
     for offset in offsets:
         path.write_bytes(original)
