@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import fcn.checkpoint
 from fcn.checkpoint import load_checkpoint, previous_path, save_checkpoint
-from fcn.cli.common import exit_on_user_error
+from fcn.cli.common import exit_on_user_error, scan_data
 from fcn.cli.train import TrainingInterrupted, train
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import scan_split
@@ -630,3 +630,27 @@ def test_file_made_unreadable_after_a_cached_scan_is_still_caught(tmp_path, monk
     monkeypatch.setattr(builtins, "open", real_open)  # fixed: read again, not served from the cache
     fixed = scan_split(root, "train", layout, MaskDecoder(3))
     assert fixed.rescanned == 1 and not fixed.errors
+
+
+def test_training_with_a_warm_scan_cache_stops_before_the_first_step_on_an_unreadable_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    root = write_folder(tmp_path / "data", names=("a", "b", "c", "d"), values=(0, 1, 2),
+                        split_lists={"train": ["a", "b", "c"], "val": ["d"]})  # fmt: skip
+    cfg = compose_config("train", ["data=folder", f"data.root={root}", "data.num_classes=3",
+                                   "data.class_names=[a,b,c]", "trainer=debug", "data.crop_size=16"])  # fmt: skip
+    scan_data(cfg.data, ["train", "val"])
+    assert [r.rescanned for r in scan_data(cfg.data, ["train", "val"])] == [0, 0]  # the cache is warm
+    locked = (root / "images" / "b.jpg").resolve()
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):  # chmod 000, as seen by anyone but root
+        if isinstance(file, (str, Path)) and Path(file).resolve() == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(UserError, match=r"b\.jpg") as caught:
+        train(cfg, tmp_path / "run")
+    assert "has problems" in str(caught.value)  # found by the scan before training, not by a loader mid-epoch
+    assert "Permission denied" in str(caught.value) or "PermissionError" in str(caught.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
