@@ -401,7 +401,7 @@ def _safetensors_bytes() -> bytes:
 
 
 # An ONNX ModelProto starts with ir_version (field 1), producer_name (field 2), ... as torch writes it.
-ONNX_HEAD = b"\x08\x08\x12\x07pytorch\x1a\x052.1.0:\x10\n\x05input"
+ONNX_HEAD = b"\x08\t\x12\x07pytorch\x1a\x062.14.1:\x94\x02\n\x83"  # torch.onnx.export's first bytes
 
 NOT_CHECKPOINTS = {
     "random.pt": (lambda: os.urandom(4096), "not a file torch.save writes"),
