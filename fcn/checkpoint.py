@@ -52,6 +52,7 @@ _EOCD = b"PK\x05\x06"  # end-of-central-directory signature; the record is 22 by
 _DIGEST_TAG = b"fcn-crc32:"
 _CHUNK = 64 << 20  # bytes per CRC; one chunk per thread when verifying
 _MAX_COMMENT = 0xFFFF
+_ONNX_NEXT_FIELDS = b"\x12\x1a\x22\x28\x32\x3a\x42"  # protobuf tags of ModelProto fields 2-8
 
 
 def previous_path(path: str | Path) -> Path:
