@@ -393,9 +393,8 @@ def describe_file(path: str | Path, head: bytes | None = None) -> str:
         header_len = struct.unpack("<Q", head[:8])[0]
         if head[8:9] == b"{" and 2 <= header_len <= size - 8:
             return "a safetensors file (fcn reads the .pt checkpoints its training writes)"
-    if path.suffix.lower() == ".onnx" or (
-        head[0] == 0x08 and len(head) > 2 and head[2] in b"\x12\x1a\x22\x28\x32\x3a\x42"
-    ):
+    # ONNX: a protobuf ModelProto, ir_version (field 1) first, then producer_name, producer_version...
+    if path.suffix.lower() == ".onnx" or (head[0] == 0x08 and len(head) > 2 and head[2] in _ONNX_NEXT_FIELDS):
         return "an ONNX model (an export for inference; it cannot be loaded back)"
     try:
         text = head.decode("utf-8")
