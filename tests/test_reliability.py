@@ -597,6 +597,7 @@ def test_nan_gradients_without_skipping_stop_before_the_update(clip):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), after_two.parameters()))
 
 
+@pytest.mark.slow
 def test_nan_gradients_in_training_name_the_step_and_the_gradients(shapes_root, tmp_path):
     cfg = _cfg(shapes_root, "loss._target_=tests.test_reliability.NaNGradientAtSteps", "+loss.bad=[5]",
                "logger=none")  # fmt: skip
