@@ -31,11 +31,25 @@ class EpochResult:
 
 
 class NonFiniteLossError(Exception):
-    """The loss was NaN or inf more times in a row than allowed; weights were not updated with it."""
+    """The loss or the gradients were NaN or inf more times in a row than allowed; the weights were
+    not updated with them. ``what`` is ``"loss"`` or ``"gradients"`` (of the step that stopped the
+    run), ``first_step`` the first bad step of the run of bad steps, ``value`` the loss (or the
+    gradients' global norm)."""
 
-    def __init__(self, step: int, value: float, consecutive: int) -> None:
-        super().__init__(f"loss {value} at step {step} ({consecutive} non-finite in a row)")
-        self.step, self.value, self.consecutive = step, value, consecutive
+    def __init__(self, step: int, value: float, consecutive: int, what: str = "loss", first_step: int | None = None):
+        first_step = step if first_step is None else first_step
+        self.step, self.value, self.consecutive, self.what, self.first_step = step, value, consecutive, what, first_step
+        super().__init__(self.summary())
+
+    def summary(self) -> str:
+        """What went wrong, for the user: "training loss became nan at step 5 (1 in a row)", or
+        "gradients became non-finite (global norm nan, loss finite) at step 3 (...)"."""
+        if self.what == "gradients":
+            head = f"gradients became non-finite (global norm {self.value}, loss finite) at step {self.step}"
+        else:
+            head = f"training loss became {self.value} at step {self.step}"
+        since = f", the first at step {self.first_step}" if self.first_step != self.step else ""
+        return f"{head} ({self.consecutive} in a row{since}); the weights were not updated with it"
 
 
 def train_one_epoch(
@@ -70,9 +84,13 @@ def train_one_epoch(
     step, on the step's last batch (``no_sync`` on the others). The loss is averaged over ranks
     before anything else looks at it, so every rank logs, skips or stops on the same value.
 
-    A NaN or inf loss is never back-propagated: the step (its whole accumulation window) is
-    skipped with a warning, up to ``skip_nonfinite`` times in a row, after which
-    :class:`NonFiniteLossError` is raised. ``should_stop(step)`` is polled after every step;
+    A NaN or inf loss is never back-propagated, and gradients with a NaN or inf anywhere never
+    reach ``optimizer.step()`` (checked on their global norm: the norm clipping computes anyway
+    when ``grad_clip_norm`` is set, else one fused ``torch._foreach_norm`` reduction; with a
+    ``scaler``, its own inf check skips the step and lowers the scale instead, as float16 overflow
+    is expected there). The step (its whole accumulation window) is skipped with a warning naming
+    the loss or the gradients, up to ``skip_nonfinite`` times in a row, after which
+    :class:`NonFiniteLossError` is raised before any update. ``should_stop(step)`` is polled after every step;
     when it says yes the epoch ends there, so a stop never falls inside a window.
     ``on_step(step, loss, lr, grad_norm)`` is called after every optimisation step (for logging);
     ``grad_norm`` is the global gradient norm before clipping, computed on steps that clip
@@ -84,7 +102,7 @@ def train_one_epoch(
     """
     model.train()
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel only
-    total, count, batches, steps, bad_in_a_row = 0.0, 0, 0, 0, 0
+    total, count, batches, steps, bad_in_a_row, first_bad = 0.0, 0, 0, 0, 0, 0
     limit = None if max_steps is None else max_steps * accumulate
     bar = tqdm(loader, desc=f"epoch {epoch}", total=_num_batches(loader, limit), leave=False,
                disable=None if progress else True)  # fmt: skip
@@ -115,16 +133,22 @@ def train_one_epoch(
         step += 1
         steps += 1
         finite = math.isfinite(window_loss)
-        grad_norm = None
+        grad_norm, what, bad_value = None, "loss", window_loss
         if finite:
-            bad_in_a_row = 0
             measure = bool(grad_clip_norm) or (grad_norm_every > 0 and step % grad_norm_every == 0)
             if scaler is not None and measure:
                 scaler.unscale_(optimizer)  # clip and measure the true gradients, not the scaled ones
             if grad_clip_norm:
                 grad_norm = _clip(optimizer, grad_clip_norm)
-            elif measure:
-                grad_norm = _grad_norm(optimizer)
+                norm = grad_norm
+            else:
+                norm = _grad_norm(optimizer) if scaler is None or measure else 0.0
+                grad_norm = norm if measure else None
+            if scaler is None and not math.isfinite(norm):  # the scaler skips such steps itself
+                finite, what, bad_value = False, "gradients", norm
+                optimizer.zero_grad(set_to_none=True)
+        if finite:
+            bad_in_a_row = 0
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -135,10 +159,12 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # drawn at tqdm's own pace
         else:
             bad_in_a_row += 1
+            first_bad = step if bad_in_a_row == 1 else first_bad
             if bad_in_a_row > skip_nonfinite:
-                raise NonFiniteLossError(step, window_loss, bad_in_a_row)
-            what = "batch" if accumulate == 1 else f"step ({accumulate} batches)"
-            log.warning("loss %s at step %d: %s skipped (%d/%d in a row)", window_loss, step, what, bad_in_a_row,
+                raise NonFiniteLossError(step, bad_value, bad_in_a_row, what, first_bad)
+            skipped = "batch" if accumulate == 1 else f"step ({accumulate} batches)"
+            bad = f"loss {bad_value}" if what == "loss" else f"gradients non-finite (norm {bad_value}, loss finite)"
+            log.warning("%s at step %d: %s skipped (%d/%d in a row)", bad, step, skipped, bad_in_a_row,
                         skip_nonfinite)  # fmt: skip
         scheduler.step()
         # after the scheduler: a checkpoint written by on_step holds the state of the next step
@@ -240,7 +266,7 @@ def _gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
     """Clip the global gradient norm to ``max_norm``; the norm before clipping, which clipping
-    computes anyway, is returned for logging."""
+    computes anyway, is returned (for logging, and NaN or inf when any gradient is)."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 

@@ -1,9 +1,76 @@
 """The one exception type for mistakes a user can fix (bad path, bad file, wrong setting).
 
 Entry points catch it and print its message as a single line with a non-zero exit code, so a
-user sees what to change instead of a traceback.
+user sees what to change instead of a traceback. :func:`disk_full_error` turns a full disk,
+found anywhere in an exception's chain, into one.
 """
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
 
 
 class UserError(Exception):
     """A problem with the user's input; the message names the file or key and the fix."""
+
+
+def disk_full_error(
+    exc: BaseException, *, path: str | Path | None = None, needed: int | None = None, note: str = ""
+) -> UserError | None:
+    """A one-line :class:`UserError` when ``exc`` or an exception in its chain (``__cause__`` /
+    ``__context__``) is a full disk or an exceeded quota, else None.
+
+    Found as an :class:`OSError` with errno ENOSPC / EDQUOT, or as the text of those errors in a
+    message (torch's zip writer reports a failed write as ``RuntimeError: [enforce fail at
+    inline_container.cc ...]``). The message names the directory (of ``path``, else of the
+    failing file when the error names it, else the current directory), the bytes ``needed`` when
+    given, the bytes free there (``shutil.disk_usage``) and the fix; ``note`` is added (e.g.
+    what was left intact).
+    """
+    seen: set[int] = set()
+    reason, filename = None, None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            reason, filename = _FULL[exc.errno], filename or exc.filename
+        elif reason is None:
+            reason = next((text for text in _FULL.values() if text in str(exc)), None)
+        exc = exc.__cause__ or exc.__context__
+    if reason is None:
+        return None
+    target = Path(path) if path is not None else Path(filename) if isinstance(filename, (str, Path)) else None
+    folder = target.parent if target is not None else Path.cwd()
+    parts = [f"{_size(needed)} needed"] if needed else []
+    free = _free_bytes(folder)
+    if free is not None:
+        parts.append(f"{_size(free)} free")
+    what = f"writing {target}" if target is not None else "writing the run's files"
+    space = f" ({', '.join(parts)})" if parts else ""
+    extra = f"; {note}" if note else ""
+    return UserError(
+        f"disk full while {what}: {reason} on {folder.resolve()}{space}{extra}; free space there (or write to "
+        "another disk) and run again (training: add resume=auto to continue)"
+    )
+
+
+def _free_bytes(folder: Path) -> int | None:
+    for candidate in (folder, *folder.resolve().parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def _size(n: int) -> str:
+    if n < 1000:
+        return f"{n} bytes"
+    value, units = n / 1000, ["KB", "MB", "GB", "TB"]
+    while value >= 1000 and len(units) > 1:
+        value, units = value / 1000, units[1:]
+    return f"{value:.1f} {units[0]}"

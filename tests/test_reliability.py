@@ -5,9 +5,13 @@ an out-of-memory error, a full disk, a corrupt or mismatched or unsafe checkpoin
 that no work is lost and the user is told what happened and what to do.
 """
 
+import builtins
 import errno
+import io
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -15,14 +19,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fcn.checkpoint
 from fcn.checkpoint import load_checkpoint, previous_path, save_checkpoint
+from fcn.cli.common import exit_on_user_error, scan_data
 from fcn.cli.train import TrainingInterrupted, train
+from fcn.data.labels import MaskDecoder
+from fcn.data.scan import scan_split
+from fcn.engine import NonFiniteLossError, train_one_epoch
 from fcn.errors import UserError
 from fcn.signals import GracefulStop
 from tests.conftest import StopAtStep, compose_config, tiny_train_overrides
+from tests.layouts import write_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -286,3 +296,362 @@ def test_ctrl_c_to_the_whole_process_group_with_workers_still_saves(shapes_root,
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] >= 3
+
+
+# --- silent corruption: every checkpoint carries a digest of its bytes ---------------------------
+
+
+def _tensor_offset(path: Path, index: int = 0) -> int:
+    """Where the bytes of the checkpoint's ``index``-th tensor storage start in the file."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(f"/data/{index}"))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _flip(path: Path, offset: int, mask: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def _small_checkpoint(path: Path) -> Path:
+    weight = torch.full((2000,), -0.00112)
+    save_checkpoint({"model": {"w": weight}, "config": {}, "optimizer": {"m": torch.ones(2000)}}, path)
+    return path
+
+
+@pytest.mark.parametrize("where", ["tensor-byte", "exponent-bit", "zip-directory", "digest-record", "every-100th-byte"])
+def test_a_flipped_bit_anywhere_in_a_checkpoint_is_reported_as_corrupt(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(fcn.checkpoint, "_CHUNK", 4096)  # several chunks, the last one partial
+    path = _small_checkpoint(tmp_path / "best.pt")
+    size = path.stat().st_size
+    # float32 little-endian: byte 3 holds the sign and the top exponent bits (-0.00112 -> -3.8e35)
+    offsets = {"tensor-byte": [_tensor_offset(path) + 17], "exponent-bit": [_tensor_offset(path) + 4 * 10 + 3],
+               "zip-directory": [size - 150], "digest-record": [size - 30],
+               "every-100th-byte": range(0, size, 97)}[where]  # fmt: skip
+    original = path.read_bytes()
+    for offset in offsets:
+        path.write_bytes(original)
+        _flip(path, offset, 0x40)
+        with pytest.raises(UserError, match=f"checkpoint {path} is corrupt or truncated") as caught:
+            load_checkpoint(path)
+        assert "\n" not in str(caught.value)
+
+
+def test_checkpoint_without_a_digest_still_loads(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "config": {}}, path)  # as fcn wrote them before digests
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert fcn.checkpoint.verify_digest(path) is None
+    assert fcn.checkpoint.verify_digest(_small_checkpoint(tmp_path / "new.pt")) is True
+
+
+@pytest.mark.slow
+def test_flipped_bit_in_last_checkpoint_falls_back_to_the_previous_one(shapes_root, tmp_path, caplog):
+    train(_cfg(shapes_root, "logger=none"), tmp_path)  # two epochs: last.pt and last.prev.pt
+    last = tmp_path / "checkpoints" / "last.pt"
+    _flip(last, _tensor_offset(last, 3) + 5, 0x01)  # one bit in the middle of the file, in tensor data
+    train(_cfg(shapes_root, "logger=none", "resume=auto"), tmp_path)
+    assert "digest mismatch" in caplog.text and "trying the previous checkpoint" in caplog.text
+    assert load_checkpoint(last)["step"] == 6  # epoch 2 was redone from last.prev.pt
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_best_checkpoint_with_a_flipped_exponent_bit_in_one_line(shapes_root, tmp_path):
+    train(_cfg(shapes_root, "trainer.epochs=1", "logger=none"), tmp_path / "run")
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    _flip(best, _tensor_offset(best, 0) + 3, 0x40)
+    proc = _run_script("evaluate.py", f"checkpoint={best}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {best}")
+    assert "corrupt or truncated" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+
+
+# --- files that are not checkpoints: say what they are ------------------------------------------
+
+
+def _image_bytes(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _zip_bytes() -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    return buffer.getvalue()
+
+
+def _safetensors_bytes() -> bytes:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    return struct.pack("<Q", len(header)) + header + bytes(8)
+
+
+# An ONNX ModelProto starts with ir_version (field 1), producer_name (field 2), ... as torch writes it.
+ONNX_HEAD = b"\x08\t\x12\x07pytorch\x1a\x062.14.1:\x94\x02\n\x83"  # torch.onnx.export's first bytes
+
+NOT_CHECKPOINTS = {
+    "random.pt": (lambda: os.urandom(4096), "not a file torch.save writes"),
+    "photo.jpg": (lambda: _image_bytes("JPEG"), "a JPEG image"),
+    "mask.png": (lambda: _image_bytes("PNG"), "a PNG image"),
+    "model.onnx": (lambda: ONNX_HEAD + bytes(64), "an ONNX model"),
+    "model_onnx.pt": (lambda: ONNX_HEAD + bytes(64), "an ONNX model"),
+    "notes.txt": (lambda: b"model: fcn8s\nlr: 0.01\n", "a text file"),
+    "archive.zip": (_zip_bytes, "a zip archive that torch.save did not write"),
+    "model.safetensors": (_safetensors_bytes, "a safetensors file"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CHECKPOINTS))
+def test_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, name):
+    make, what = NOT_CHECKPOINTS[name]
+    path = tmp_path / name
+    path.write_bytes(make())
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(path, key="init_from")
+    message = str(caught.value)
+    assert message.startswith(f"not a checkpoint: {path} (given as init_from=) is {what}")
+    assert "\n" not in message and "weights_only" not in message and "safety" not in message
+
+
+def test_empty_file_or_directory_given_as_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "empty.pt").touch()
+    with pytest.raises(UserError, match=r"empty.pt \(given as checkpoint=\) is corrupt or truncated \(an empty"):
+        load_checkpoint(tmp_path / "empty.pt", key="checkpoint")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match=r"not a checkpoint: .*run \(given as resume=\) is a directory"):
+        load_checkpoint(tmp_path / "run", key="resume")
+
+
+def test_unsafe_pickle_is_refused_without_advice_to_load_it_unsafely(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "payload": _Payload()}, path)
+    with pytest.raises(UserError, match=r"refused for safety.*GLOBAL posix.system") as caught:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(caught.value) and "Re-running" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_text_file_as_checkpoint_says_so_in_one_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("model: fcn8s\n")
+    proc = _run_script("evaluate.py", f"checkpoint={path}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: not a checkpoint: {path}")
+    assert "a text file" in proc.stderr and "Traceback" not in proc.stderr and "IndexError" not in proc.stderr
+
+
+# --- disk full: one line naming the directory, the space needed and free ------------------------
+
+
+def _enforce_fail(state, fd, close=True):
+    os.write(fd, b"half a checkpoint")
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:  # what torch's zip writer makes of it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+
+def _write_to_dev_full(state, fd, close=True):
+    real_dump(state, os.open("/dev/full", os.O_WRONLY))  # torch's own writer meets a real ENOSPC
+
+
+real_dump = fcn.checkpoint._dump
+
+
+@pytest.mark.parametrize("writer", [_enforce_fail, _write_to_dev_full], ids=["torch-enforce-fail", "dev-full"])
+def test_disk_full_during_a_save_names_the_directory_needed_and_free_space(tmp_path, monkeypatch, writer):
+    if writer is _write_to_dev_full and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.zeros(2)}, "config": {}}, path, keep_previous=True)
+    monkeypatch.setattr(fcn.checkpoint, "_dump", writer)
+    with pytest.raises(UserError) as caught:
+        save_checkpoint({"model": {"w": torch.ones(1000)}, "config": {}}, path, keep_previous=True)
+    message = str(caught.value)
+    assert f"disk full while writing {path}: No space left on device on {tmp_path}" in message
+    assert "4.0 KB needed" in message and " free" in message and "previous checkpoint (if any) is intact" in message
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.zeros(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_disk_full_writing_metrics_json_ends_in_one_line_with_exit_2(shapes_root, tmp_path, monkeypatch, capsys):
+    write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "metrics.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SystemExit) as caught:
+        exit_on_user_error(train)(_cfg(shapes_root, "trainer.epochs=1", "logger=none"), tmp_path)
+    assert caught.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: disk full while writing the run's files: No space left on device on ")
+    assert "free" in line and "resume=auto" in line
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3  # the checkpoints are intact
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        OSError(errno.EDQUOT, "Disk quota exceeded", "/runs/x/tensorboard/events.out"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
+            "file write failed, No space left on device"
+        ),  # fmt: skip
+    ],
+    ids=["tensorboard-quota", "torch-writer-text"],
+)
+def test_any_write_failing_for_space_ends_in_one_line(raised, capsys):
+    def task():
+        try:
+            raise raised
+        except Exception as exc:
+            raise ValueError("wrapped by a library") from exc
+
+    with pytest.raises(SystemExit) as caught:
+        exit_on_user_error(task)()
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: disk full while writing")
+    assert ("Disk quota exceeded on /runs/x/tensorboard" in err) if isinstance(raised, OSError) else "free" in err
+
+
+# --- non-finite gradients: checked before optimizer.step() --------------------------------------
+
+
+class _NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class NaNGradientAtSteps(torch.nn.CrossEntropyLoss):
+    """Cross-entropy with a finite value whose backward yields NaN gradients on the given training calls."""
+
+    def __init__(self, ignore_index: int = 255, bad: list[int] = (), **unused) -> None:
+        super().__init__(ignore_index=ignore_index)
+        self.bad, self.calls = set(bad), 0
+
+    def forward(self, logits, target):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls in self.bad:
+                logits = _NaNGradient.apply(logits)
+        return super().forward(logits, target)
+
+
+def _epoch(loss_fn, clip=None, skip=1, max_steps=None):
+    """Five steps of SGD with momentum on a one-layer model; the model and the result (or the error)."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 3, padding=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=generator),
+                torch.randint(0, 4, (2, 8, 8), generator=generator)) for _ in range(5)]  # fmt: skip
+    try:
+        return model, train_one_epoch(model, batches, optimizer, scheduler, loss_fn, device=torch.device("cpu"),
+                                      mean=[0.5] * 3, std=[0.5] * 3, step=0, epoch=0, skip_nonfinite=skip,
+                                      grad_clip_norm=clip, max_steps=max_steps, progress=False)  # fmt: skip
+    except NonFiniteLossError as exc:
+        return model, exc
+
+
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no-clip", "clip-1.0"])
+def test_nan_gradients_skip_the_update_like_a_nan_loss(clip, caplog):
+    model, result = _epoch(NaNGradientAtSteps(bad=[3]), clip)
+    reference, _ = _epoch(NaNAtSteps(ignore_index=255, bad=[3]), clip)  # step 3 skipped by the loss check
+    assert result.step == 5 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert "gradients non-finite (norm nan, loss finite) at step 3: batch skipped (1/1 in a row)" in caplog.text
+
+
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no-clip", "clip-1.0"])
+def test_nan_gradients_without_skipping_stop_before_the_update(clip):
+    model, error = _epoch(NaNGradientAtSteps(bad=[3]), clip, skip=0)
+    assert isinstance(error, NonFiniteLossError)
+    assert error.what == "gradients" and error.step == 3 and error.first_step == 3
+    assert "gradients became non-finite" in str(error) and "at step 3" in str(error)
+    after_two, _ = _epoch(NaNGradientAtSteps(bad=[]), clip, max_steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), after_two.parameters()))
+
+
+@pytest.mark.slow
+def test_nan_gradients_in_training_name_the_step_and_the_gradients(shapes_root, tmp_path):
+    cfg = _cfg(shapes_root, "loss._target_=tests.test_reliability.NaNGradientAtSteps", "+loss.bad=[5]",
+               "logger=none")  # fmt: skip
+    with pytest.raises(UserError, match=r"gradients became non-finite \(global norm nan, loss finite\) at step 5"):
+        train(cfg, tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# --- the scan cache and files made unreadable after the scan ------------------------------------
+
+
+def test_file_made_unreadable_after_a_cached_scan_is_still_caught(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    root = write_folder(tmp_path / "d", names=("a", "b", "c"), values=(0, 1))
+    layout = {"split_file": None}
+    assert scan_split(root, "train", layout, MaskDecoder(3)).rescanned == 3
+    assert scan_split(root, "train", layout, MaskDecoder(3)).rescanned == 0  # warm cache
+    locked = (root / "masks" / "b.png").resolve()
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):  # what chmod 000 does to anyone but root
+        if isinstance(file, (str, Path)) and Path(file).resolve() == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    report = scan_split(root, "train", layout, MaskDecoder(3))
+    assert report.rescanned == 1 and report.errors and "b.png" in str(report.errors[0].files)
+    assert "PermissionError" in report.errors[0].message or "Permission denied" in str(report.to_dict())
+    monkeypatch.setattr(builtins, "open", real_open)  # fixed: read again, not served from the cache
+    fixed = scan_split(root, "train", layout, MaskDecoder(3))
+    assert fixed.rescanned == 1 and not fixed.errors
+
+
+def test_training_with_a_warm_scan_cache_stops_before_the_first_step_on_an_unreadable_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
+    root = write_folder(tmp_path / "data", names=("a", "b", "c", "d"), values=(0, 1, 2),
+                        split_lists={"train": ["a", "b", "c"], "val": ["d"]})  # fmt: skip
+    cfg = compose_config("train", ["data=folder", f"data.root={root}", "data.num_classes=3",
+                                   "data.class_names=[a,b,c]", "trainer=debug", "data.crop_size=16"])  # fmt: skip
+    scan_data(cfg.data, ["train", "val"])
+    assert [r.rescanned for r in scan_data(cfg.data, ["train", "val"])] == [0, 0]  # the cache is warm
+    locked = (root / "images" / "b.jpg").resolve()
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):  # chmod 000, as seen by anyone but root
+        if isinstance(file, (str, Path)) and Path(file).resolve() == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(UserError, match=r"b\.jpg") as caught:
+        train(cfg, tmp_path / "run")
+    assert "has problems" in str(caught.value)  # found by the scan before training, not by a loader mid-epoch
+    assert "Permission denied" in str(caught.value) or "PermissionError" in str(caught.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()

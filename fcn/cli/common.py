@@ -23,7 +23,7 @@ from fcn.data.folder import SegmentationFolder, find_pairs
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.shapes import ensure_shapes
-from fcn.errors import UserError
+from fcn.errors import UserError, disk_full_error
 from fcn.inference import predict_logits
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def exit_on_user_error(task: Callable) -> Callable:
         try:
             return task(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised below unless it is the user's mistake
-            cause = _user_error_in_chain(exc)
+            cause = _user_error_in_chain(exc) or disk_full_error(exc)  # a full disk: one line too
             if cause is None:
                 raise
             if isinstance(cause, MissingMandatoryValue):

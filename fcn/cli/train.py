@@ -310,7 +310,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     except NonFiniteLossError as exc:
         last = ckpt_dir / "last.pt"
         raise UserError(
-            f"training loss became {exc.value} at step {exc.step} ({exc.consecutive} in a row); "
+            f"{exc.summary()}; "
             f"last good checkpoint: {last if last.exists() else 'none yet'}. Lower optim.lr, check the data, "
             "or set trainer.skip_nonfinite=K to skip up to K bad steps in a row"
         ) from exc

@@ -4,7 +4,8 @@ A bad file found mid-epoch is a worker traceback or a CUDA device-side assert; f
 one message naming the files and the fix. The scan decodes every image and mask (a truncated
 JPEG only shows when decoded), reads masks in parallel threads (Pillow decodes with the GIL
 released), and caches each file's result keyed by its path, size and modification time, so a
-second scan of an unchanged dataset only stats the files. It also gathers what the dataset
+second scan of an unchanged dataset only stats the files and opens each (reading its first
+bytes: a file made unreadable since is still caught). It also gathers what the dataset
 doctor (``scripts/check_data.py``) reports: image sizes, mask values, per-class pixel counts,
 and suggestions such as a ``label_map`` or median-frequency class weights.
 """
@@ -34,6 +35,7 @@ from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
 
+_UNREADABLE = ("PermissionError", "IsADirectoryError", "FileNotFoundError", "NotADirectoryError")
 SCAN_VERSION = 1  # bump when what a file's entry holds changes: old cache entries are then rescanned
 MODE_NAMES = {"L": "grayscale", "LA": "grayscale+alpha", "P": "palette", "RGBA": "RGBA (alpha dropped)",
               "CMYK": "CMYK", "1": "1-bit", "I;16": "16-bit", "I;16B": "16-bit", "I": "32-bit integer",
@@ -118,15 +120,23 @@ def scan_split(
     todo: list[tuple[str, tuple, Path, Path]] = []
     root = Path(root)
     keys = [_relative(image, root) + "|" + _relative(mask, root) for image, mask in pairs]
+    hits: list[tuple[str, tuple, Path, Path]] = []
     for key, (image, mask) in zip(keys, pairs):
         signature = _signature(image, mask)
         hit = cached.get(key)
         if hit is not None and hit["sig"] == list(signature):
             entries[key] = hit
+            hits.append((key, signature, image, mask))
         else:
             todo.append((key, signature, image, mask))
+    threads = workers or min(16, 2 * (os.cpu_count() or 1))
+    if hits:
+        # A cache hit vouches for the contents, not for the file still being readable (a permission
+        # change keeps the modification time): open each one anyway, a rescan reports the unreadable.
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            readable = list(pool.map(lambda item: _readable(item[2]) and _readable(item[3]), hits))
+        todo += [item for item, ok in zip(hits, readable) if not ok]
     if todo:
-        threads = workers or min(16, 2 * (os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=threads) as pool:
             results = pool.map(lambda item: inspect_pair(item[2], item[3], decoder), todo)
             for (key, signature, _, _), result in zip(todo, results):
@@ -514,6 +524,21 @@ def _signature(image: Path, mask: Path) -> tuple[int, int, int, int]:
     return a.st_mtime_ns, a.st_size, b.st_mtime_ns, b.st_size
 
 
+def _readable(path: Path) -> bool:
+    """Whether ``path`` opens for reading and yields its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            f.read(16)
+    except OSError:
+        return False
+    return True
+
+
+def _unreadable(entry: dict) -> bool:
+    # A file that could not be opened: not cached, so it is read again once it is fixed.
+    return any(text.startswith(_UNREADABLE) for _, text in entry["result"].get("errors", []))
+
+
 def _read_cache(path: Path | None) -> dict:
     if path is None or not path.is_file():
         return {}
@@ -529,7 +554,7 @@ def _write_cache(path: Path | None, entries: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries))
+        tmp.write_text(json.dumps({key: entry for key, entry in entries.items() if not _unreadable(entry)}))
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old cache or the new one
     except OSError as exc:
         log.debug("scan cache not written (%s): %s", path, exc)
