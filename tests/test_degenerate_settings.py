@@ -87,3 +87,99 @@ def test_val_loss_averages_over_batches_with_labels_only():
     assert with_void.loss_batches == 1
     all_void = evaluate(model, _batches(void_first=False)[1:], **common)
     assert math.isnan(all_void.loss) and all_void.loss_batches == 0
+
+
+# ---- settings checked before any set-up: one line naming the key ----
+
+BAD_TRAIN_SETTINGS = {
+    "one_class": (["data.num_classes=1", "data.class_names=[fg]"], "data.num_classes=1"),
+    "zero_classes": (["data.num_classes=0", "data.class_names=[]"], "data.num_classes=0"),
+    "ignore_index_is_a_class": (["data.ignore_index=0"], "data.ignore_index=0"),
+    "crop_zero": (["data.crop_size=0"], "data.crop_size"),
+    "crop_negative_side": (["data.crop_size=[32,-8]"], "data.crop_size"),
+    "batch_of_one_with_1x1_features": (["trainer.batch_size=1", "data.crop_size=32"], "trainer.batch_size=1"),
+    "batch_size_zero": (["trainer.batch_size=0"], "trainer.batch_size"),
+    "epochs_zero": (["trainer.epochs=0"], "trainer.epochs"),
+    "val_every_zero": (["trainer.val_every=0"], "trainer.val_every"),
+    "accumulate_zero": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches"),
+    "limit_train_zero": (["trainer.limit_train_batches=0"], "trainer.limit_train_batches"),
+    "grad_clip_zero": (["trainer.grad_clip_norm=0"], "trainer.grad_clip_norm"),
+    "grad_clip_negative": (["trainer.grad_clip_norm=-1"], "trainer.grad_clip_norm"),
+    "decoder_lr_mult_zero": (["trainer.decoder_lr_mult=0"], "trainer.decoder_lr_mult"),
+    "lr_negative": (["optim.lr=-1"], "optim.lr=-1"),
+    "lr_zero": (["optim.lr=0"], "optim.lr=0"),
+    "lr_nan": (["optim.lr=nan"], "optim.lr=nan"),
+    "lr_inf": (["optim.lr=inf"], "optim.lr=inf"),
+    "weight_decay_negative": (["optim.weight_decay=-0.1"], "optim.weight_decay"),
+    "momentum_above_one": (["optim=sgd", "optim.momentum=1.5"], "optim.momentum"),
+    "momentum_negative": (["optim=sgd", "optim.momentum=-0.1"], "optim.momentum"),
+    "beta_above_one": (["+optim.betas=[0.9,1.5]"], "optim.betas"),
+    "warmup_negative": (["sched.warmup_steps=-1"], "sched.warmup_steps"),
+    "warmup_factor_zero": (["sched.warmup_factor=0"], "sched.warmup_factor"),
+    "label_smoothing_above_one": (["loss.label_smoothing=1.5"], "loss.label_smoothing"),
+    "label_smoothing_negative": (["loss.label_smoothing=-0.1"], "loss.label_smoothing"),
+    "ohem_keep_zero": (["loss=ohem", "loss.top_k=0"], "loss.top_k"),
+    "ohem_keep_above_one": (["loss=ohem", "loss.top_k=1.5"], "loss.top_k"),
+    "class_weights_too_few": (["loss.class_weights=[1,2]"], "loss.class_weights"),
+    "class_weights_negative": (["loss.class_weights=[1,1,1,1,1,-1]"], "loss.class_weights"),
+    "class_weights_all_zero": (["loss.class_weights=[0,0,0,0,0,0]"], "loss.class_weights"),
+    "inner_class_weights_in_a_sum": (
+        ["loss=ce_dice", "loss.losses.0.class_weights=[1]"],
+        "loss.losses.0.class_weights",
+    ),
+    "sum_weight_negative": (["loss=ce_dice", "loss.weights=[1,-0.5]"], "loss.weights"),
+    "window_zero": (["eval.window=[0,0]"], "eval.window"),
+    "stride_larger_than_window": (["eval=sliding", "eval.stride=[600,600]"], "eval.stride"),
+    "max_image_pixels_negative": (["data.max_image_pixels=-5"], "data.max_image_pixels"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRAIN_SETTINGS))
+def test_bad_setting_is_refused_before_set_up_naming_the_key(case, shapes_root, tmp_path):
+    from fcn.cli.train import train
+    from fcn.errors import UserError
+    from tests.conftest import compose_config, tiny_train_overrides
+
+    overrides, key = BAD_TRAIN_SETTINGS[case]
+    cfg = compose_config("train", [*tiny_train_overrides(shapes_root), *overrides])
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as caught:
+        train(cfg, out)
+    message = str(caught.value)
+    assert key in message and "\n" not in message
+    assert not out.exists()  # refused before the run directory, the scan or the model
+
+
+def test_default_and_tiny_settings_pass_validation(shapes_root):
+    from fcn.cli.validate import validate_eval_config, validate_train_config
+    from tests.conftest import compose_config, tiny_train_overrides
+
+    validate_train_config(compose_config("train", []))
+    validate_train_config(compose_config("train", tiny_train_overrides(shapes_root)))
+    validate_train_config(compose_config("train", ["optim=sgd", "loss=ce_dice", "eval=sliding", "model=vgg16_fcn8s"]))
+    validate_eval_config(compose_config("predict", ["eval=sliding"]))
+
+
+def test_predict_refuses_a_bad_window_before_reading_the_checkpoint(tmp_path):
+    from fcn.cli.predict import run_prediction
+    from fcn.errors import UserError
+    from tests.conftest import compose_config
+
+    cfg = compose_config("predict", [f"checkpoint={tmp_path / 'missing.pt'}", f"input={tmp_path}", "eval.window=[0,8]"])
+    with pytest.raises(UserError, match="eval.window"):
+        run_prediction(cfg, ["eval.window=[0,8]"])
+
+
+def test_warm_up_longer_than_the_run_is_warned_with_both_numbers():
+    from fcn.cli.validate import warmup_warning
+
+    assert warmup_warning(50, 6) is not None and "50" in warmup_warning(50, 6) and "6" in warmup_warning(50, 6)
+    assert warmup_warning(50, 600) is None and warmup_warning(0, 1) is None
+
+
+def test_reduce_zero_label_is_never_suggested_when_it_would_leave_one_class():
+    from fcn.data.scan import _value_fix
+
+    assert "reduce_zero_label" not in _value_fix([1], {0, 1}, num_classes=1, ignore_index=255)
+    assert "num_classes=1" not in _value_fix([0], {0}, num_classes=0, ignore_index=255)
+    assert "reduce_zero_label" in _value_fix([3], {0, 1, 2, 3}, num_classes=3, ignore_index=255)

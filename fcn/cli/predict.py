@@ -26,7 +26,9 @@ from fcn.cli.common import (
     resolve_device,
     resolve_precision,
 )
+from fcn.cli.validate import validate_eval_config
 from fcn.data.folder import IMAGE_EXTENSIONS, read_image
+from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.engine import to_model_input
 from fcn.errors import UserError
 from fcn.report import save_prediction
@@ -58,10 +60,12 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
     """Predict every input; returns the images written and the ``(file, reason)`` of those skipped.
 
     Inference follows the checkpoint's own ``eval`` settings unless ``overrides`` set ``eval``."""
+    validate_eval_config(cfg)  # values checked before any checkpoint or image is read
     if cfg.checkpoint is None:
         raise UserError("no checkpoint given: pass checkpoint=PATH (predict never runs with random weights)")
     if cfg.input is None or cfg.output is None:
         raise UserError("pass input=DIR_OR_GLOB_OR_FILE and output=DIR")
+    set_max_image_pixels(cfg.data.get("max_image_pixels", PILLOW_DEFAULT) if "data" in cfg else PILLOW_DEFAULT)
     device = resolve_device(cfg.device)
     model, ckpt = model_from_checkpoint(cfg.checkpoint, device, cfg.channels_last)
     infer = inference_fn(eval_config(ckpt["config"], cfg, overrides or []), ckpt["num_classes"])

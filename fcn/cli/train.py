@@ -36,7 +36,9 @@ from fcn.cli.common import (
     set_deterministic,
     with_class_weights,
 )
+from fcn.cli.validate import validate_train_config, warmup_warning
 from fcn.data.loader import make_loader, pad_collate
+from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.data.sampler import ResumableSampler
 from fcn.engine import NonFiniteLossError, combine_ranks, evaluate, to_model_input, train_one_epoch
 from fcn.errors import UserError
@@ -73,6 +75,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     DistributedDataParallel on this rank's share of each batch (``trainer.batch_size`` images
     per process), validation is split between the ranks and summed, and only rank 0 writes files.
     """
+    validate_train_config(cfg)  # every value checked before any set-up (one line naming the key, exit 2)
+    set_max_image_pixels(cfg.data.get("max_image_pixels", PILLOW_DEFAULT))  # before any image is opened
     out_dir = Path(out_dir)
     main_rank = distributed.is_main()  # the one process that writes files and logs to TensorBoard
     if main_rank:
@@ -152,6 +156,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     net = maybe_compile(model, trainer.compile, trainer.batch_size, pair(data.crop_size), trainer.channels_last)
     optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
     scheduler = instantiate(cfg.sched)(optimizer, total_steps=trainer.epochs * steps_per_epoch)
+    if (too_long := warmup_warning(cfg.sched.get("warmup_steps"), trainer.epochs * steps_per_epoch)) and main_rank:
+        log.warning("%s", too_long)
     loss_fn = instantiate(with_class_weights(cfg.loss, data, reports.get(data.train_split)))
     infer = inference_fn(cfg.eval, data.num_classes)
     ckpt_dir = out_dir / "checkpoints"

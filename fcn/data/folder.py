@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fcn.data.labels import MaskDecoder, image_to_rgb
+from fcn.data.pixel_limit import too_many_pixels_message
 from fcn.data.transforms import reseed
 from fcn.errors import UserError
 
@@ -165,7 +166,9 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return image_to_rgb(image, path)
-    except (OSError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise UserError(too_many_pixels_message(path, exc)) from exc
+    except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc}") from exc
 
 
@@ -174,7 +177,9 @@ def read_mask(path: Path, decoder: MaskDecoder) -> np.ndarray:
     try:
         with Image.open(path) as mask:
             return decoder.decode(mask, path)
-    except (OSError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise UserError(too_many_pixels_message(path, exc)) from exc
+    except OSError as exc:
         raise UserError(f"cannot read mask {path}: {exc}") from exc
 
 

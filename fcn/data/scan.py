@@ -27,6 +27,7 @@ from PIL import Image
 
 from fcn.data.folder import list_split
 from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, exif_orientation
+from fcn.data.pixel_limit import too_many_pixels_message
 from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,9 @@ def scan_split(
     for key, (image, mask) in zip(keys, files.pairs):
         signature = _signature(image, mask)
         hit = cached.get(key)
-        if hit is not None and hit["sig"] == list(signature):
+        # files refused for their size are read again: the limit is a setting that may have changed
+        refused = hit is not None and any(k.startswith("too_many_pixels") for k, _ in hit["result"]["errors"])
+        if hit is not None and hit["sig"] == list(signature) and not refused:
             entries[key] = hit
         else:
             todo.append((key, signature, image, mask))
@@ -145,6 +148,8 @@ def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dic
             image.load()  # a full decode: truncated files only fail here
             if image.mode in WIDE_MODES:
                 entry["wide_max"] = int(np.asarray(image).max())
+    except Image.DecompressionBombError as exc:  # a setting, not corruption
+        entry["errors"].append(["too_many_pixels_image", too_many_pixels_message(image_path, exc)])
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, struct.error...: any failure is a bad file
         entry["errors"].append(["corrupt_image", f"{exc.__class__.__name__}: {exc}"])
     try:
@@ -154,6 +159,9 @@ def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dic
     except UserError as exc:
         kind = "rgb_mask_no_palette" if not decoder.palette else "unknown_colours"
         entry["errors"].append([kind if entry.get("mask_mode") in RGB_MASK_MODES else "bad_mask", str(exc)])
+        return entry
+    except Image.DecompressionBombError as exc:
+        entry["errors"].append(["too_many_pixels_mask", too_many_pixels_message(mask_path, exc)])
         return entry
     except Exception as exc:  # noqa: BLE001 - as for images
         entry["errors"].append(["corrupt_mask", f"{exc.__class__.__name__}: {exc}"])
@@ -202,7 +210,8 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
     rotated, mismatched, gray_rgb, lossy = [], [], [], []
     for entry in entries:
         for kind, detail in entry["errors"]:
-            by_kind[kind].append(entry["image"] if kind == "corrupt_image" else entry["mask"])
+            of_image = kind in ("corrupt_image", "too_many_pixels_image")
+            by_kind[kind].append(entry["image"] if of_image else entry["mask"])
             details.setdefault(kind, detail)
         if "image_size" in entry:
             sizes["{}x{}".format(*entry["image_size"])] += 1
@@ -270,6 +279,10 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             f"{details['corrupt_image']}); replace them, or remove them and their masks",
             bad,
         )
+    huge = by_kind["too_many_pixels_image"] + by_kind["too_many_pixels_mask"]
+    if huge:
+        first = details.get("too_many_pixels_image") or details["too_many_pixels_mask"]
+        add("too_many_pixels", "error", f"{len(huge)} files are larger than Pillow allows: {first}", huge)
     if by_kind["corrupt_mask"]:
         bad = by_kind["corrupt_mask"]
         add(
@@ -372,12 +385,12 @@ def _value_fix(values: list[int], raw: set[int], num_classes: int, ignore_index:
     hints = []
     if raw <= {0, 255} and num_classes == 2:
         hints.append("binary 0/255 masks: data.label_map={255:1}")
-    if values == [num_classes] and 0 in raw:
+    if values == [num_classes] and 0 in raw and num_classes >= 2:  # fewer would leave < 2 classes
         hints.append("if 0 means 'unlabelled' and classes start at 1: data.reduce_zero_label=true")
     if len(values) == 1:
         v = values[0]
         hints.append(f"if {v} marks void pixels: data.ignore_index={v} or data.label_map={{{v}:{ignore_index}}}")
-    hints.append(f"if they are real classes: data.num_classes={max(values) + 1}")
+    hints.append(f"if they are real classes: data.num_classes={max(max(values) + 1, 2)}")
     return "Fix: " + "; or ".join(hints)
 
 
