@@ -25,6 +25,7 @@ from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, 
 from fcn.data.shapes import ensure_shapes
 from fcn.errors import UserError
 from fcn.inference import predict_logits
+from fcn.state_dict import load_into
 
 log = logging.getLogger(__name__)
 
@@ -321,10 +322,7 @@ def model_from_checkpoint(path: str | Path, device: torch.device, channels_last:
     model_cfg = OmegaConf.create(ckpt["config"]["model"])
     model_cfg.merge_with(offline_model_settings(ckpt["config"]["model"]))
     model = build_model(model_cfg, device, channels_last)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise UserError(f"checkpoint {path} does not fit its own model config: {str(exc).splitlines()[0]}") from exc
+    load_into(model, ckpt["model"], f"checkpoint {path}", fix="its weights do not match its own model config")
     return model.eval(), ckpt
 
 

@@ -47,6 +47,7 @@ from fcn.optim import build_optimizer
 from fcn.report import to_json
 from fcn.rng import capture_rng_state, restore_rng_state, seed_everything
 from fcn.signals import GracefulStop
+from fcn.state_dict import match_keys, mismatch
 from fcn.summary import decoder_drift, decoder_kernels, model_summary
 from fcn.visualize import comparison_grid, confusion_image, default_palette
 
@@ -413,7 +414,7 @@ def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> Non
     state = load_checkpoint(path)
     saved = state["config"]["model"]
     check_architecture(saved, model_config, path, allow=("num_classes", "variant", "scaled_skips"))
-    weights, own = state["model"], model.state_dict()
+    weights, own = match_keys(state["model"], model, f"init_from={path}"), model.state_dict()
     reset = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
     new = sorted(k for k in own if k not in weights)
     unused = sorted(k for k in weights if k not in own)
@@ -426,7 +427,7 @@ def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> Non
         log.info("init_from %s: these layers differ in shape and start from their initialisation: %s",
                  path, ", ".join(reset))  # fmt: skip
     if saved["variant"] == model_config["variant"] and (new or unused):
-        raise UserError(f"checkpoint {path} does not fit this model: missing {new[:3]}, unexpected {unused[:3]}")
+        raise UserError(f"init_from={path} does not fit this model: {mismatch(own, weights)}")
     if saved["variant"] != model_config["variant"]:
         log.info(
             "init_from %s: FCN-%s weights into FCN-%s; new layers keep their initialisation: %s; unused: %s",
