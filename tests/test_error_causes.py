@@ -154,3 +154,42 @@ def test_loader_workers_take_the_limit_of_the_main_process(pillow_limit):
     pillow_limit(None)
     loader = make_loader([], batch_size=1, num_workers=0, ignore_index=255)
     assert loader.worker_init_fn.keywords["max_image_pixels"] is None
+
+
+def test_cause_is_the_innermost_reason_not_the_wrapper_headline():
+    from fcn.errors import cause
+
+    try:
+        try:
+            raise RuntimeError("Compiler: cl is not found.")
+        except RuntimeError as inner:
+            raise ValueError("backend='inductor' raised:\n\nsee above") from inner
+    except ValueError as outer:
+        assert cause(outer) == "RuntimeError: Compiler: cl is not found."
+
+
+def test_compile_failure_warning_keeps_the_reason(monkeypatch, caplog):
+    from fcn.cli.common import maybe_compile
+
+    def broken(model):
+        try:
+            raise RuntimeError("Compiler: cl is not found.")
+        except RuntimeError as exc:
+            raise ValueError("backend='inductor' raised:") from exc
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING):
+        maybe_compile(torch.nn.Conv2d(3, 2, 1), True, 1, (8, 8), False)
+    assert "cl is not found" in caplog.text
+
+
+def test_out_of_memory_message_keeps_how_much_was_asked_for(shapes_root, tmp_path, monkeypatch):
+    from fcn.cli.train import train
+    from tests.conftest import compose_config, tiny_train_overrides
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("fcn.cli.train.train_one_epoch", oom)
+    with pytest.raises(UserError, match=r"lower trainer.batch_size.*Tried to allocate 2.00 GiB"):
+        train(compose_config("train", [*tiny_train_overrides(shapes_root), "logger=none"]), tmp_path / "run")

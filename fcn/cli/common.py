@@ -23,7 +23,7 @@ from fcn.data.folder import SegmentationFolder, find_pairs
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, scan_split
 from fcn.data.shapes import ensure_shapes
-from fcn.errors import UserError
+from fcn.errors import UserError, cause
 from fcn.inference import predict_logits
 from fcn.state_dict import load_into
 
@@ -296,7 +296,7 @@ def maybe_compile(
         compiled.train()
         compiled(example).float().mean().backward()
     except Exception as exc:  # noqa: BLE001 - any compiler failure means "run eagerly"
-        log.warning("torch.compile failed (%s: %s); training without it", exc.__class__.__name__, str(exc)[:200])
+        log.warning("torch.compile failed (%s); training without it", cause(exc))  # the reason, not the headline
         return model
     finally:
         model.zero_grad(set_to_none=True)

@@ -41,7 +41,7 @@ from fcn.data.loader import make_loader, pad_collate
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.data.sampler import ResumableSampler
 from fcn.engine import NonFiniteLossError, combine_ranks, evaluate, to_model_input, train_one_epoch
-from fcn.errors import UserError
+from fcn.errors import UserError, cause
 from fcn.metrics import format_table, scores
 from fcn.optim import build_optimizer
 from fcn.report import to_json
@@ -321,11 +321,11 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
             f"last good checkpoint: {last if last.exists() else 'none yet'}. Lower optim.lr, check the data, "
             "or set trainer.skip_nonfinite=K to skip up to K bad steps in a row"
         ) from exc
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise UserError(_out_of_memory_message(cfg, device, amp_dtype)) from exc
+    except (torch.OutOfMemoryError, MemoryError) as exc:  # torch's first line says how much was asked for
+        raise UserError(f"{_out_of_memory_message(cfg, device, amp_dtype)} ({cause(exc)})") from exc
     except RuntimeError as exc:
         if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
-            raise UserError(_out_of_memory_message(cfg, device, amp_dtype)) from exc
+            raise UserError(f"{_out_of_memory_message(cfg, device, amp_dtype)} ({cause(exc)})") from exc
         raise
     finally:
         if writer is not None:
