@@ -183,3 +183,25 @@ def test_reduce_zero_label_is_never_suggested_when_it_would_leave_one_class():
     assert "reduce_zero_label" not in _value_fix([1], {0, 1}, num_classes=1, ignore_index=255)
     assert "num_classes=1" not in _value_fix([0], {0}, num_classes=0, ignore_index=255)
     assert "reduce_zero_label" in _value_fix([3], {0, 1, 2, 3}, num_classes=3, ignore_index=255)
+
+
+def test_crop_larger_than_every_image_is_warned_with_padding_and_cost():
+    from fcn.cli.validate import crop_padding_warning
+
+    message = crop_padding_warning((512, 512), {"128x128": 10})
+    assert message is not None and "94%" in message and "16.0x" in message and "128x128" in message
+    assert crop_padding_warning((128, 128), {"128x128": 10, "64x64": 3}) is None  # some image fills it
+    assert crop_padding_warning((512, 512), {}) is None
+
+
+def test_training_warns_when_the_crop_exceeds_every_image(shapes_root, tmp_path, caplog):
+    import logging
+
+    from fcn.cli.train import train
+    from tests.conftest import compose_config, tiny_train_overrides
+
+    short = ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "logger=none"]
+    cfg = compose_config("train", [*tiny_train_overrides(shapes_root), "data.crop_size=96", *short])
+    with caplog.at_level(logging.WARNING):
+        train(cfg, tmp_path / "run")
+    assert "data.crop_size=[96, 96] is larger than every training image (largest 48x48): 75%" in caplog.text

@@ -36,7 +36,7 @@ from fcn.cli.common import (
     set_deterministic,
     with_class_weights,
 )
-from fcn.cli.validate import validate_train_config, warmup_warning
+from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
 from fcn.data.loader import make_loader, pad_collate
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.data.sampler import ResumableSampler
@@ -109,6 +109,9 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         # Every file checked before the first step (cached): bad files end the run here, named.
         reports = {r.split: r for r in scan_data(data, [data.train_split, data.val_split])}
     val_report = reports.get(data.val_split)
+    train_sizes = reports[data.train_split].image_sizes if data.train_split in reports else {}
+    if (too_big := crop_padding_warning(pair(data.crop_size), train_sizes)) and main_rank:
+        log.warning("%s", too_big)
     # Images of different sizes are scored one at a time, so no padding ever reaches the model.
     val_batch_size = trainer.batch_size if val_report is None or val_report.uniform_size else 1
     # Each rank draws its own share of every epoch's order; validation is split without repeats.

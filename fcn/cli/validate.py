@@ -136,6 +136,27 @@ def warmup_warning(warmup_steps: int | None, total_steps: int) -> str | None:
     return None
 
 
+def crop_padding_warning(crop: tuple[int, int], image_sizes: dict[str, int]) -> str | None:
+    """A warning when the training crop ``(height, width)`` is larger than every image (``image_sizes``:
+    the scan's ``"WxH" -> count``): the crop is mostly padding, which costs compute and teaches nothing.
+    Measured at scale 1 (before random scaling). None when some image fills the crop or none is known."""
+    if not image_sizes:
+        return None
+    h, w = crop
+    sizes = [(tuple(int(v) for v in key.split("x")), n) for key, n in image_sizes.items()]
+    if any(iw >= w and ih >= h for (iw, ih), _ in sizes):
+        return None
+    images = sum(n for _, n in sizes)
+    covered = sum(min(ih, h) * min(iw, w) * n for (iw, ih), n in sizes) / images
+    padding = 1 - covered / (h * w)
+    (big_w, big_h), _ = max(sizes, key=lambda item: item[0][0] * item[0][1])
+    return (
+        f"data.crop_size={[h, w]} is larger than every training image (largest {big_w}x{big_h}): "
+        f"{padding:.0%} of each crop is padding on average, so a step costs {h * w / covered:.1f}x the "
+        f"compute of the image itself; lower data.crop_size (e.g. to {min(big_h, h)} x {min(big_w, w)})"
+    )
+
+
 def check_loss(loss: dict, key: str, num_classes: int) -> None:
     """Every loss node (a ``WeightedSum`` and the losses inside it): label smoothing in [0, 1], top-k
     fraction in (0, 1], smooth >= 0, class weights finite, >= 0, one per class and not all 0, sum
