@@ -205,3 +205,31 @@ def test_training_warns_when_the_crop_exceeds_every_image(shapes_root, tmp_path,
     with caplog.at_level(logging.WARNING):
         train(cfg, tmp_path / "run")
     assert "data.crop_size=[96, 96] is larger than every training image (largest 48x48): 75%" in caplog.text
+
+
+def test_scan_warns_about_masks_that_are_entirely_ignored(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fcn.data.labels import MaskDecoder
+    from fcn.data.scan import scan_split
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for name, value in (("void", IGNORE), ("labelled", 1)):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / f"{name}.png")
+        Image.fromarray(np.full((8, 8), value, np.uint8)).save(tmp_path / "masks" / f"{name}.png")
+    layout = {"image_dir": "images", "mask_dir": "masks", "split_file": None, "mask_suffix": ".png"}
+    report = scan_split(tmp_path, "train", layout, MaskDecoder(2, IGNORE), cache=False)
+    [problem] = [p for p in report.warnings if p.kind == "no_labelled_pixel"]
+    assert problem.count == 1 and problem.files[0].endswith("void.png")
+
+
+def test_data_doctor_refuses_a_single_class():
+    from fcn.cli.common import check_data_config
+    from fcn.errors import UserError
+    from tests.conftest import compose_config
+
+    cfg = compose_config("check_data", ["data.num_classes=1", "data.class_names=[fg]"])
+    with pytest.raises(UserError, match="data.num_classes=1: segmentation needs at least 2 classes"):
+        check_data_config(cfg.data)

@@ -138,8 +138,9 @@ def build_dataset(data: DictConfig, split: str, transform: Callable | None) -> S
 
 def check_data_config(data: DictConfig) -> None:
     """Settings that must agree with each other before any file is read."""
-    if data.num_classes < 1:
-        raise UserError(f"data.num_classes={data.num_classes}: must be at least 1")
+    if data.num_classes < 2:  # as fcn.cli.validate.check_classes says it for training
+        raise UserError(f"data.num_classes={data.num_classes}: segmentation needs at least 2 classes (binary "
+                        "segmentation is background + foreground: data.num_classes=2)")  # fmt: skip
     if len(data.class_names) != data.num_classes:
         raise UserError(
             f"data.class_names has {len(data.class_names)} names but data.num_classes={data.num_classes}: "

@@ -207,7 +207,7 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
     ignored = 0
     outside: dict[int, list[str]] = defaultdict(list)
     converted: dict[str, list[str]] = defaultdict(list)
-    rotated, mismatched, gray_rgb, lossy = [], [], [], []
+    rotated, mismatched, gray_rgb, lossy, unlabelled = [], [], [], [], []
     for entry in entries:
         for kind, detail in entry["errors"]:
             of_image = kind in ("corrupt_image", "too_many_pixels_image")
@@ -235,6 +235,8 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
         ignored += entry["ignored"]
         counts = {int(c): n for c, n in entry["counts"].items()}
         labelled = sum(counts.values())
+        if not labelled and not entry["outside"]:
+            unlabelled.append(entry["mask"])
         for c, n in counts.items():
             class_pixels[c] += n
             class_image_pixels[c] += labelled
@@ -346,6 +348,14 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "pixels are used as stored, like their masks. If the masks were drawn on the rotated view, save the "
             "images rotated (PIL.ImageOps.exif_transpose)",
             rotated,
+        )
+    if unlabelled:
+        add(
+            "no_labelled_pixel",
+            "warning",
+            f"{len(unlabelled)} masks are entirely data.ignore_index={ignore_index}: they teach nothing and a batch "
+            "of only such crops trains on loss 0; check their export, or leave them out of the split list",
+            unlabelled,
         )
     if gray_rgb:
         add(
