@@ -107,7 +107,6 @@ BAD_TRAIN_SETTINGS = {
     "grad_clip_negative": (["trainer.grad_clip_norm=-1"], "trainer.grad_clip_norm"),
     "decoder_lr_mult_zero": (["trainer.decoder_lr_mult=0"], "trainer.decoder_lr_mult"),
     "lr_negative": (["optim.lr=-1"], "optim.lr=-1"),
-    "lr_zero": (["optim.lr=0"], "optim.lr=0"),
     "lr_nan": (["optim.lr=nan"], "optim.lr=nan"),
     "lr_inf": (["optim.lr=inf"], "optim.lr=inf"),
     "weight_decay_negative": (["optim.weight_decay=-0.1"], "optim.weight_decay"),
@@ -233,3 +232,13 @@ def test_data_doctor_refuses_a_single_class():
     cfg = compose_config("check_data", ["data.num_classes=1", "data.class_names=[fg]"])
     with pytest.raises(UserError, match="data.num_classes=1: segmentation needs at least 2 classes"):
         check_data_config(cfg.data)
+
+
+def test_learning_rate_zero_is_allowed_with_a_warning(caplog):
+    import logging
+
+    from fcn.cli.validate import check_optimizer
+
+    with caplog.at_level(logging.WARNING):
+        check_optimizer({"lr": 0.0}, "optim")
+    assert "optim.lr=0: the weights will not change" in caplog.text

@@ -8,6 +8,7 @@ themselves take plain values, so they can be read (and tested) without a config.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fcn.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Every backbone reaches stride 32 at its deepest features (see fcn.models.backbones).
 OUTPUT_STRIDE = 32
@@ -81,7 +84,7 @@ def check_crop(crop_size: Any, key: str) -> tuple[int, int]:
     """``crop_size`` (an int or ``[height, width]``) as ``(height, width)`` of positive integers."""
     sides = [crop_size, crop_size] if isinstance(crop_size, int) else list(crop_size or [])
     if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
-        raise UserError(f"{key}={_show(crop_size)}: give a positive side in pixels or [height, width]")
+        raise UserError(f"{key}={_show(crop_size)}: give two positive integers [height, width] (or one for both)")
     return sides[0], sides[1]
 
 
@@ -98,9 +101,13 @@ def check_batch_norm_crop(batch_size: int, crop: tuple[int, int], backbone: str)
 
 
 def check_optimizer(optim: dict, key: str) -> None:
-    """lr positive and finite, weight decay >= 0, momentum / dampening in [0, 1), betas in [0, 1), eps > 0."""
+    """lr finite and >= 0 (0 warned about), weight decay >= 0, momentum / dampening in [0, 1),
+    betas in [0, 1), eps > 0."""
     if "lr" in optim:
-        _positive(optim["lr"], f"{key}.lr", "e.g. 0.01 for SGD or 0.001 for AdamW")
+        # 0 is allowed (a frozen run measures the starting weights; the tests use it), with a warning
+        _at_least(optim["lr"], 0, f"{key}.lr", "a finite learning rate, e.g. 0.01 for SGD or 0.001 for AdamW")
+        if optim["lr"] == 0:
+            log.warning("%s.lr=0: the weights will not change", key)
     if optim.get("weight_decay") is not None:
         _at_least(optim["weight_decay"], 0, f"{key}.weight_decay", "0 turns it off")
     for name in ("momentum", "dampening"):
