@@ -99,3 +99,22 @@ def test_predict_warns_for_each_photo_with_an_exif_orientation_and_can_apply_it(
     run_prediction(compose_config("predict", [*upright, "apply_exif_orientation=true"]))
     assert Image.open(tmp_path / "upright" / "turned.png").size == (24, 40)  # turned upright first
     assert Image.open(tmp_path / "upright" / "plain.png").size == (40, 24)
+
+
+def test_evaluate_saves_predictions_mirroring_the_dataset_subfolders(trained_run, tmp_path):
+    from fcn.cli.evaluate import run_evaluation
+
+    root = tmp_path / "data"
+    (root / "splits").mkdir(parents=True)
+    for cam in ("cam1", "cam2", "cam3"):
+        for folder in ("images", "masks"):
+            (root / folder / cam).mkdir(parents=True)
+        Image.new("RGB", (32, 24), (10, 20, 30)).save(root / "images" / cam / "0001.png")
+        Image.fromarray(np.zeros((24, 32), np.uint8)).save(root / "masks" / cam / "0001.png")
+    (root / "splits" / "val.txt").write_text("cam1/0001\ncam2/0001\ncam3/0001\n")
+    overrides = ["data=folder", f"data.root={root}", "data.recursive=true", "data.num_classes=6",
+                 "data.class_names=[a,b,c,d,e,f]", "data.split=val", "eval.save_predictions=true"]  # fmt: skip
+    cfg = compose_config("evaluate", [f"checkpoint={trained_run / 'checkpoints' / 'best.pt'}", *overrides])
+    assert run_evaluation(cfg, tmp_path / "eval", overrides=overrides)["images"] == 3
+    for cam in ("cam1", "cam2", "cam3"):
+        assert (tmp_path / "eval" / "predictions" / cam / "0001.png").is_file()
