@@ -242,3 +242,20 @@ def test_learning_rate_zero_is_allowed_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         check_optimizer({"lr": 0.0}, "optim")
     assert "optim.lr=0: the weights will not change" in caplog.text
+
+
+@pytest.mark.slow
+def test_negative_learning_rate_ends_in_one_line_and_exit_code_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "train.py"), "optim.lr=-1",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=240,
+                          env=env)  # fmt: skip
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "optim.lr=-1" in errors[0] and "Traceback" not in proc.stderr
