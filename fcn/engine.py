@@ -181,7 +181,7 @@ class EvalResult:
     """What an evaluation pass reports back."""
 
     confusion: torch.Tensor  # num_classes x num_classes counts, rows = ground truth
-    loss: float  # mean loss per batch (nan when no loss function was given)
+    loss: float  # mean loss per batch with a labelled pixel (nan without a loss function or such a batch)
     images: int  # images scored
     loss_batches: int = 0  # batches the loss is the mean of (to combine the shares of several ranks)
 
@@ -208,7 +208,9 @@ def evaluate(
     """Score ``model`` on ``loader`` at each image's own resolution.
 
     Batches padded by :func:`fcn.data.loader.pad_collate` carry ``ignore_index`` in the padding,
-    so only real pixels count. ``infer(model, images)`` replaces the plain forward pass (sliding
+    so only real pixels count. The loss is the mean over batches that hold at least one labelled
+    pixel (a batch entirely ``ignore_index`` is left out of it, and is NaN only when no batch has
+    one). ``infer(model, images)`` replaces the plain forward pass (sliding
     windows, test-time augmentation: see :mod:`fcn.inference`); ``on_batch(images, masks,
     predictions)`` sees every batch (uint8 images as loaded, on the CPU), for saving or ranking
     predictions. ``progress=False`` hides the bar (ranks other than 0).
@@ -227,7 +229,9 @@ def evaluate(
         masks = masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images) if infer is None else infer(model, images)
-        if loss_fn is not None:
+        # the loss averages over batches that hold a labelled pixel: one entirely void (which every
+        # loss scores 0) says nothing about the model and would pull the mean towards 0
+        if loss_fn is not None and bool((masks != ignore_index).any()):
             total += loss_fn(logits.float(), masks).item()
             count += 1
         preds = logits.argmax(1)

@@ -1,6 +1,9 @@
 """Segmentation losses beyond plain cross-entropy: Dice, top-k (OHEM) cross-entropy, weighted sums.
 
 Every loss takes logits ``N x C x H x W`` and targets ``N x H x W`` and skips ``ignore_index``.
+A batch without a single labelled pixel (every target ``ignore_index``, e.g. a crop that fell
+entirely on void) gives every loss here exactly 0 with all-zero gradients, never the NaN of a
+mean over nothing: it must not be mistaken for divergence (see :func:`no_labelled_pixel`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,25 @@ class CrossEntropy(nn.CrossEntropyLoss):
                  label_smoothing: float = 0.0) -> None:  # fmt: skip
         tensor = torch.tensor(list(class_weights), dtype=torch.float32) if class_weights is not None else None
         super().__init__(weight=tensor, ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # torch's mean over zero labelled pixels (or zero total class weight) is 0 / 0 = NaN
+        if no_labelled_pixel(target, self.ignore_index):
+            return _zero_loss(logits)
+        return super().forward(logits, target)
+
+
+def no_labelled_pixel(target: torch.Tensor, ignore_index: int) -> bool:
+    """True when every pixel of ``target`` (any shape) is ``ignore_index``: a batch with nothing to learn.
+
+    One host-device synchronisation (the training loop synchronises on the loss value anyway).
+    """
+    return not bool((target != ignore_index).any())
+
+
+def _zero_loss(logits: torch.Tensor) -> torch.Tensor:
+    """A loss of exactly 0 that is still part of the graph, so ``backward`` works and gives zero gradients."""
+    return logits.float().sum() * 0.0
 
 
 class DiceLoss(nn.Module):
@@ -86,7 +108,7 @@ class TopKCrossEntropy(nn.Module):
         ).flatten()
         valid = losses[(target != self.ignore_index).flatten()]
         if valid.numel() == 0:
-            return logits.sum() * 0.0  # no valid pixel: zero loss that still has a graph
+            return _zero_loss(logits)  # no valid pixel: zero loss that still has a graph
         k = min(valid.numel(), max(self.min_pixels, int(self.top_k * valid.numel())))
         return valid.topk(k).values.mean()
 

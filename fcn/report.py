@@ -7,6 +7,7 @@ import csv
 import heapq
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fcn.errors import UserError
 from fcn.metrics import confusion_matrix, scores
 from fcn.visualize import confusion_image, index_png, overlay
 
@@ -84,28 +86,55 @@ class WorstImages:
         return [(-neg, *tensors) for neg, _, tensors in sorted(self._heap, reverse=True)]
 
 
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """The name each input's outputs get: its path below the folder all ``paths`` share, without the
+    extension (``cam1/0001`` for ``images/cam1/0001.png`` next to ``images/cam2/0001.png``; the plain
+    stem when all sit in one folder), so predictions mirror the inputs' subfolders and never overwrite
+    each other.
+
+    Raises:
+        UserError: two inputs differ only in their extension (``a.png`` and ``a.jpg`` in one folder).
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        return []
+    base = Path(os.path.commonpath([str(p.parent.absolute()) for p in paths]))
+    names = [p.absolute().relative_to(base).with_suffix("").as_posix() for p in paths]
+    seen: dict[str, Path] = {}
+    for name, path in zip(names, paths):
+        if name in seen:
+            raise UserError(f"{seen[name]} and {path} would both be written as {name}.png; "
+                            "rename one or move it to another folder")  # fmt: skip
+        seen[name] = path
+    return names
+
+
 class PredictionWriter:
-    """Writes ``<stem>.png`` (index mask with the palette) and ``<stem>_overlay.jpg`` per image,
-    cropped to each image's own size, for a loader that yields ``paths`` in order."""
+    """Writes ``<name>.png`` (index mask with the palette) and ``<name>_overlay.jpg`` per image,
+    cropped to each image's own size, for a loader that yields ``paths`` in order; ``<name>`` is
+    the image's path below the folder all ``paths`` share (see :func:`output_names`)."""
 
     def __init__(self, out_dir: Path, paths: Sequence[Path], palette: Sequence[Sequence[int]]) -> None:
         self.out_dir, self.paths, self.palette = out_dir, list(paths), palette
+        self.names = output_names(self.paths)
         self._next = 0
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> None:
         del masks
         for image, pred in zip(images, preds):
-            path = self.paths[self._next]
+            path, name = self.paths[self._next], self.names[self._next]
             self._next += 1
             with Image.open(path) as original:
                 width, height = original.size
             pred = pred[:height, :width]
-            save_prediction(self.out_dir, path.stem, image[:, :height, :width], pred, self.palette)
+            save_prediction(self.out_dir, name, image[:, :height, :width], pred, self.palette)
 
 
 def save_prediction(out_dir: Path, stem: str, image: torch.Tensor, pred: torch.Tensor, palette) -> None:
-    """One image's ``<stem>.png`` (mode "P") and ``<stem>_overlay.jpg``."""
+    """One image's ``<stem>.png`` (mode "P") and ``<stem>_overlay.jpg``; ``stem`` may hold subfolders
+    (``cam1/0001``), which are made."""
+    (out_dir / stem).parent.mkdir(parents=True, exist_ok=True)
     index_png(pred.numpy(), palette).save(out_dir / f"{stem}.png")
     painted = overlay(image, pred, palette).permute(1, 2, 0).numpy()
     Image.fromarray(painted).save(out_dir / f"{stem}_overlay.jpg", quality=90)

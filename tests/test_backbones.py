@@ -85,7 +85,7 @@ def test_backbone_loads_a_local_torchvision_state_dict(backbone, tmp_path):
 def test_a_state_dict_of_another_backbone_is_a_clear_error(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    with pytest.raises(UserError, match=f"backbone weights {path} do not fit"):
+    with pytest.raises(UserError, match=f"backbone weights {path} .*cannot be loaded into this ResNet: .*shape"):
         FCN(num_classes=3, backbone="resnet50", backbone_weights=str(path))
 
 

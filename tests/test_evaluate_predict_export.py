@@ -165,10 +165,12 @@ def test_no_worst_images_and_no_tensorboard_still_evaluates(trained_run, tmp_pat
 
 
 def test_predict_refuses_inputs_that_would_overwrite_each_other(trained_run, tmp_path):
-    for sub in ("a", "b"):
-        (tmp_path / sub).mkdir()
-        Image.new("RGB", (8, 8)).save(tmp_path / sub / "x.png")
-    cfg = compose_config("predict", [f"checkpoint={_best(trained_run)}", f"input={tmp_path}/*/x.png",
+    # same folder, same stem, two extensions: one x.png each (same stems in two folders are mirrored,
+    # see tests/test_label_geometry.py)
+    (tmp_path / "a").mkdir()
+    for ext in ("png", "jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "a" / f"x.{ext}")
+    cfg = compose_config("predict", [f"checkpoint={_best(trained_run)}", f"input={tmp_path}/a/x.*",
                                      f"output={tmp_path / 'out'}"])  # fmt: skip
-    with pytest.raises(UserError, match="share the name 'x'"):
+    with pytest.raises(UserError, match="would both be written as x.png"):
         run_prediction(cfg)

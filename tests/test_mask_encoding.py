@@ -151,14 +151,6 @@ def test_0_255_masks_with_255_ignored_say_so_with_the_label_map(tmp_path):
     assert "binary_masks_ignored" in _kinds(report) and "data.label_map={255:1}" in _text(report)
 
 
-def test_masks_with_no_labelled_pixel_are_warned_about(tmp_path):
-    write_folder(tmp_path, values=(0, 1))
-    save(mask_array(24, 32, [255]), tmp_path / "masks" / "b.png")
-    report = _scan(tmp_path)
-    problem = next(p for p in report.warnings if p.kind == "unlabelled_masks")
-    assert problem.count == 1 and problem.files[0].endswith("b.png") and "no labelled pixel" in problem.message
-
-
 def test_voc_instance_masks_beside_a_missing_class_folder_are_named(tmp_path):
     root = write_voc(tmp_path / "voc")
     (root / "SegmentationClass").rename(root / "SegmentationObject")

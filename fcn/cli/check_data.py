@@ -24,6 +24,7 @@ from fcn.cli.common import (
     mask_decoder,
     prepare_data_root,
 )
+from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.data.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.splits import shown
 from fcn.errors import UserError
@@ -36,6 +37,7 @@ def run_check(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, bool]:
     """Scan the splits ``cfg`` names; write the JSON report and return it with whether the data is usable."""
     data = cfg.data
     check_data_config(data)
+    set_max_image_pixels(data.get("max_image_pixels", PILLOW_DEFAULT))  # before any image is opened
     prepare_data_root(data)  # as training would: generate the built-in set, or download when asked
     splits = list(cfg.splits) if cfg.splits else _default_splits(data)
     decoder = mask_decoder(data)

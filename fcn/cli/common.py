@@ -23,8 +23,9 @@ from fcn.data.folder import SegmentationFolder, find_pairs
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.shapes import ensure_shapes
-from fcn.errors import UserError, disk_full_error
+from fcn.errors import UserError, cause, disk_full_error
 from fcn.inference import predict_logits
+from fcn.state_dict import load_into
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,9 @@ def build_dataset(data: DictConfig, split: str, transform: Callable | None) -> S
 
 def check_data_config(data: DictConfig) -> None:
     """Settings that must agree with each other before any file is read."""
-    if data.num_classes < 1:
-        raise UserError(f"data.num_classes={data.num_classes}: must be at least 1")
+    if data.num_classes < 2:  # as fcn.cli.validate.check_classes says it for training
+        raise UserError(f"data.num_classes={data.num_classes}: segmentation needs at least 2 classes (binary "
+                        "segmentation is background + foreground: data.num_classes=2)")  # fmt: skip
     if len(data.class_names) != data.num_classes:
         raise UserError(
             f"data.class_names has {len(data.class_names)} names but data.num_classes={data.num_classes}: "
@@ -299,7 +301,7 @@ def maybe_compile(
         compiled.train()
         compiled(example).float().mean().backward()
     except Exception as exc:  # noqa: BLE001 - any compiler failure means "run eagerly"
-        log.warning("torch.compile failed (%s: %s); training without it", exc.__class__.__name__, str(exc)[:200])
+        log.warning("torch.compile failed (%s); training without it", cause(exc))  # the reason, not the headline
         return model
     finally:
         model.zero_grad(set_to_none=True)
@@ -325,10 +327,7 @@ def model_from_checkpoint(path: str | Path, device: torch.device, channels_last:
     model_cfg = OmegaConf.create(ckpt["config"]["model"])
     model_cfg.merge_with(offline_model_settings(ckpt["config"]["model"]))
     model = build_model(model_cfg, device, channels_last)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise UserError(f"checkpoint {path} does not fit its own model config: {str(exc).splitlines()[0]}") from exc
+    load_into(model, ckpt["model"], f"checkpoint {path}", fix="its weights do not match its own model config")
     return model.eval(), ckpt
 
 

@@ -30,7 +30,9 @@ from fcn.cli.common import (
     resolve_precision,
     scan_data,
 )
+from fcn.cli.validate import validate_eval_config
 from fcn.data.loader import make_loader
+from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.engine import evaluate
 from fcn.errors import UserError
 from fcn.metrics import format_table, scores
@@ -51,12 +53,14 @@ def data_config(checkpoint_config: dict, cfg: DictConfig, overrides: list[str]) 
 
 def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -> dict:
     """Score ``cfg.checkpoint`` on the chosen split; write the reports to ``out_dir`` and return the metrics."""
+    validate_eval_config(cfg)  # values checked before any checkpoint or image is read
     if cfg.checkpoint is None:
         raise UserError("no checkpoint given: pass checkpoint=PATH (e.g. outputs/train/<run>/checkpoints/best.pt)")
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     model, ckpt = model_from_checkpoint(cfg.checkpoint, device, cfg.channels_last)
     data = data_config(ckpt["config"], cfg, overrides)
+    set_max_image_pixels(data.get("max_image_pixels", PILLOW_DEFAULT))  # before any image is opened
     if data.num_classes != ckpt["num_classes"]:
         raise UserError(
             f"checkpoint {cfg.checkpoint} predicts {ckpt['num_classes']} classes but data {data.name} "

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from PIL import Image, ImageOps
 
 from fcn.cli.common import (
     CONFIG_DIR,
@@ -26,10 +27,13 @@ from fcn.cli.common import (
     resolve_device,
     resolve_precision,
 )
+from fcn.cli.validate import validate_eval_config
 from fcn.data.folder import IMAGE_EXTENSIONS, read_image
+from fcn.data.labels import exif_orientation, image_to_rgb
+from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.engine import to_model_input
 from fcn.errors import UserError
-from fcn.report import save_prediction
+from fcn.report import output_names, save_prediction
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +49,36 @@ def find_inputs(spec: str) -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
     if not files:
         raise UserError(f"input={spec}: no image files found (a folder, a glob such as 'photos/*.jpg', or a file)")
-    stems: dict[str, Path] = {}
-    for file in files:
-        if file.stem in stems:  # outputs are named by stem: one would overwrite the other
-            raise UserError(f"input={spec}: {stems[file.stem]} and {file} share the name {file.stem!r}; "
-                            "predict them into separate output folders")  # fmt: skip
-        stems[file.stem] = file
     return files
+
+
+def read_oriented(path: Path, apply_exif: bool) -> np.ndarray:
+    """``path`` as an ``H x W x 3`` uint8 array, as stored, or turned upright by its EXIF orientation
+    tag when ``apply_exif``. A tag left unapplied is warned about, once per file: the mask then
+    matches the stored pixels, not the picture a photo viewer shows."""
+    array = read_image(path)  # raises UserError for unreadable files
+    with Image.open(path) as image:
+        orientation = exif_orientation(image)
+        if orientation == 1:
+            return array
+        if apply_exif:
+            return image_to_rgb(ImageOps.exif_transpose(image), path)
+    log.warning("%s carries EXIF orientation %d (a viewer shows it turned); predicted as stored, so the mask "
+                "is aligned with the stored pixels: set apply_exif_orientation=true to predict the upright "
+                "picture", path, orientation)  # fmt: skip
+    return array
 
 
 def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Predict every input; returns the images written and the ``(file, reason)`` of those skipped.
 
     Inference follows the checkpoint's own ``eval`` settings unless ``overrides`` set ``eval``."""
+    validate_eval_config(cfg)  # values checked before any checkpoint or image is read
     if cfg.checkpoint is None:
         raise UserError("no checkpoint given: pass checkpoint=PATH (predict never runs with random weights)")
     if cfg.input is None or cfg.output is None:
         raise UserError("pass input=DIR_OR_GLOB_OR_FILE and output=DIR")
+    set_max_image_pixels(cfg.data.get("max_image_pixels", PILLOW_DEFAULT) if "data" in cfg else PILLOW_DEFAULT)
     device = resolve_device(cfg.device)
     model, ckpt = model_from_checkpoint(cfg.checkpoint, device, cfg.channels_last)
     infer = inference_fn(eval_config(ckpt["config"], cfg, overrides or []), ckpt["num_classes"])
@@ -72,6 +89,8 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
     written: list[Path] = []
     failed: list[tuple[Path, str]] = []
     batch: list[tuple[Path, np.ndarray]] = []
+    # outputs mirror the inputs' subfolders, so files of one name in two folders never overwrite each other
+    names = dict(zip(files, output_names(files)))
 
     @torch.no_grad()
     def flush() -> None:
@@ -82,15 +101,15 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
         preds = logits.argmax(1).cpu()
         probs = logits.softmax(1).half().cpu().numpy() if cfg.save_probs else None
         for k, (path, _) in enumerate(batch):
-            save_prediction(out_dir, path.stem, images[k], preds[k], ckpt["palette"])
+            save_prediction(out_dir, names[path], images[k], preds[k], ckpt["palette"])
             if probs is not None:
-                np.save(out_dir / f"{path.stem}.npy", probs[k])
+                np.save(out_dir / f"{names[path]}.npy", probs[k])
             written.append(path)
         batch.clear()
 
     for path in files:
         try:
-            array = read_image(path)
+            array = read_oriented(path, bool(cfg.get("apply_exif_orientation", False)))
         except UserError as exc:
             log.error("skipped %s", exc)
             failed.append((path, str(exc)))

@@ -36,15 +36,18 @@ from fcn.cli.common import (
     set_deterministic,
     with_class_weights,
 )
+from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
 from fcn.data.loader import make_loader, pad_collate
+from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.data.sampler import ResumableSampler
 from fcn.engine import NonFiniteLossError, combine_ranks, evaluate, to_model_input, train_one_epoch
-from fcn.errors import UserError
+from fcn.errors import UserError, cause
 from fcn.metrics import format_table, scores
 from fcn.optim import build_optimizer
 from fcn.report import to_json
 from fcn.rng import capture_rng_state, restore_rng_state, seed_everything
 from fcn.signals import GracefulStop
+from fcn.state_dict import match_keys, mismatch
 from fcn.summary import decoder_drift, decoder_kernels, model_summary
 from fcn.visualize import comparison_grid, confusion_image, default_palette
 
@@ -73,6 +76,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     DistributedDataParallel on this rank's share of each batch (``trainer.batch_size`` images
     per process), validation is split between the ranks and summed, and only rank 0 writes files.
     """
+    validate_train_config(cfg)  # every value checked before any set-up (one line naming the key, exit 2)
+    set_max_image_pixels(cfg.data.get("max_image_pixels", PILLOW_DEFAULT))  # before any image is opened
     out_dir = Path(out_dir)
     main_rank = distributed.is_main()  # the one process that writes files and logs to TensorBoard
     if main_rank:
@@ -104,6 +109,9 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         # Every file checked before the first step (cached): bad files end the run here, named.
         reports = {r.split: r for r in scan_data(data, [data.train_split, data.val_split])}
     val_report = reports.get(data.val_split)
+    train_sizes = reports[data.train_split].image_sizes if data.train_split in reports else {}
+    if (too_big := crop_padding_warning(pair(data.crop_size), train_sizes)) and main_rank:
+        log.warning("%s", too_big)
     # Images of different sizes are scored one at a time, so no padding ever reaches the model.
     val_batch_size = trainer.batch_size if val_report is None or val_report.uniform_size else 1
     # Each rank draws its own share of every epoch's order; validation is split without repeats.
@@ -152,6 +160,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     net = maybe_compile(model, trainer.compile, trainer.batch_size, pair(data.crop_size), trainer.channels_last)
     optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
     scheduler = instantiate(cfg.sched)(optimizer, total_steps=trainer.epochs * steps_per_epoch)
+    if (too_long := warmup_warning(cfg.sched.get("warmup_steps"), trainer.epochs * steps_per_epoch)) and main_rank:
+        log.warning("%s", too_long)
     loss_fn = instantiate(with_class_weights(cfg.loss, data, reports.get(data.train_split)))
     infer = inference_fn(cfg.eval, data.num_classes)
     ckpt_dir = out_dir / "checkpoints"
@@ -314,11 +324,11 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
             f"last good checkpoint: {last if last.exists() else 'none yet'}. Lower optim.lr, check the data, "
             "or set trainer.skip_nonfinite=K to skip up to K bad steps in a row"
         ) from exc
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise UserError(_out_of_memory_message(cfg, device, amp_dtype)) from exc
+    except (torch.OutOfMemoryError, MemoryError) as exc:  # torch's first line says how much was asked for
+        raise UserError(f"{_out_of_memory_message(cfg, device, amp_dtype)} ({cause(exc)})") from exc
     except RuntimeError as exc:
         if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
-            raise UserError(_out_of_memory_message(cfg, device, amp_dtype)) from exc
+            raise UserError(f"{_out_of_memory_message(cfg, device, amp_dtype)} ({cause(exc)})") from exc
         raise
     finally:
         if writer is not None:
@@ -407,7 +417,7 @@ def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> Non
     state = load_checkpoint(path)
     saved = state["config"]["model"]
     check_architecture(saved, model_config, path, allow=("num_classes", "variant", "scaled_skips"))
-    weights, own = state["model"], model.state_dict()
+    weights, own = match_keys(state["model"], model, f"init_from={path}"), model.state_dict()
     reset = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
     new = sorted(k for k in own if k not in weights)
     unused = sorted(k for k in weights if k not in own)
@@ -420,7 +430,7 @@ def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> Non
         log.info("init_from %s: these layers differ in shape and start from their initialisation: %s",
                  path, ", ".join(reset))  # fmt: skip
     if saved["variant"] == model_config["variant"] and (new or unused):
-        raise UserError(f"checkpoint {path} does not fit this model: missing {new[:3]}, unexpected {unused[:3]}")
+        raise UserError(f"init_from={path} does not fit this model: {mismatch(own, weights)}")
     if saved["variant"] != model_config["variant"]:
         log.info(
             "init_from %s: FCN-%s weights into FCN-%s; new layers keep their initialisation: %s; unused: %s",

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from fcn.data.labels import MaskDecoder, image_to_rgb
 from fcn.data.mask_formats import AlternativeMasks, find_alternative_masks, folder_hint
+from fcn.data.pixel_limit import too_many_pixels_message
 from fcn.data.splits import default_split_applies, read_split_list, resolve_names, shown, write_default_splits
 from fcn.data.transforms import reseed
 from fcn.errors import UserError
@@ -188,7 +189,9 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return image_to_rgb(image, path)
-    except (OSError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise UserError(too_many_pixels_message(path, exc)) from exc
+    except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc}") from exc
 
 
@@ -197,7 +200,9 @@ def read_mask(path: Path, decoder: MaskDecoder) -> np.ndarray:
     try:
         with Image.open(path) as mask:
             return decoder.decode(mask, path)
-    except (OSError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise UserError(too_many_pixels_message(path, exc)) from exc
+    except OSError as exc:
         raise UserError(f"cannot read mask {path}: {exc}") from exc
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.rng import seed_worker
 
 
@@ -38,11 +41,12 @@ class _PadCollate:
         return pad_collate(batch, self.ignore_index)
 
 
-def _init_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int, max_image_pixels: int | None = PILLOW_DEFAULT) -> None:
     # Ctrl-C reaches the whole process group. Workers leave it to the main process, which
     # finishes its step and saves; a worker dying of it first would end the run with an error.
     # (SIGTERM is left alone: multiprocessing stops workers with it at exit.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_max_image_pixels(max_image_pixels)  # a spawned worker starts with Pillow's default, not the setting
     seed_worker(worker_id)
 
 
@@ -72,6 +76,6 @@ def make_loader(
         persistent_workers=persistent_workers and num_workers > 0,  # no worker start-up every epoch
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_init_worker,
+        worker_init_fn=functools.partial(_init_worker, max_image_pixels=Image.MAX_IMAGE_PIXELS),
         prefetch_factor=prefetch_factor if num_workers > 0 else None,  # batches each worker loads ahead
     )

@@ -29,6 +29,7 @@ from PIL import Image
 from fcn.data.folder import SplitFiles, list_split
 from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, exif_orientation
 from fcn.data.mask_formats import diagnose_values, palette_order, palette_order_message
+from fcn.data.pixel_limit import too_many_pixels_message
 from fcn.data.splits import overlap_message, split_overlap
 from fcn.data.splits import shown as shown_name
 from fcn.errors import UserError
@@ -124,7 +125,9 @@ def scan_split(
     for key, (image, mask) in zip(keys, pairs):
         signature = _signature(image, mask)
         hit = cached.get(key)
-        if hit is not None and hit["sig"] == list(signature):
+        # files refused for their size are read again: the limit is a setting that may have changed
+        refused = hit is not None and any(k.startswith("too_many_pixels") for k, _ in hit["result"]["errors"])
+        if hit is not None and hit["sig"] == list(signature) and not refused:
             entries[key] = hit
             hits.append((key, signature, image, mask))
         else:
@@ -168,6 +171,8 @@ def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dic
             image.load()  # a full decode: truncated files only fail here
             if image.mode in WIDE_MODES:
                 entry["wide_max"] = int(np.asarray(image).max())
+    except Image.DecompressionBombError as exc:  # a setting, not corruption
+        entry["errors"].append(["too_many_pixels_image", too_many_pixels_message(image_path, exc)])
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, struct.error...: any failure is a bad file
         entry["errors"].append(["corrupt_image", f"{exc.__class__.__name__}: {exc}"])
     try:
@@ -177,6 +182,9 @@ def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dic
     except UserError as exc:
         kind = "rgb_mask_no_palette" if not decoder.palette else "unknown_colours"
         entry["errors"].append([kind if entry.get("mask_mode") in RGB_MASK_MODES else "bad_mask", str(exc)])
+        return entry
+    except Image.DecompressionBombError as exc:
+        entry["errors"].append(["too_many_pixels_mask", too_many_pixels_message(mask_path, exc)])
         return entry
     except Exception as exc:  # noqa: BLE001 - as for images
         entry["errors"].append(["corrupt_mask", f"{exc.__class__.__name__}: {exc}"])
@@ -222,10 +230,11 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
     ignored = 0
     outside: dict[int, list[str]] = defaultdict(list)
     converted: dict[str, list[str]] = defaultdict(list)
-    rotated, mismatched, gray_rgb, lossy = [], [], [], []
+    rotated, mismatched, gray_rgb, lossy, unlabelled = [], [], [], [], []
     for entry in entries:
         for kind, detail in entry["errors"]:
-            by_kind[kind].append(entry["image"] if kind == "corrupt_image" else entry["mask"])
+            of_image = kind in ("corrupt_image", "too_many_pixels_image")
+            by_kind[kind].append(entry["image"] if of_image else entry["mask"])
             details.setdefault(kind, detail)
         if "image_size" in entry:
             sizes["{}x{}".format(*entry["image_size"])] += 1
@@ -249,6 +258,8 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
         ignored += entry["ignored"]
         counts = {int(c): n for c, n in entry["counts"].items()}
         labelled = sum(counts.values())
+        if not labelled and not entry["outside"]:
+            unlabelled.append(entry["mask"])
         for c, n in counts.items():
             class_pixels[c] += n
             class_image_pixels[c] += labelled
@@ -308,6 +319,10 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             f"{details['corrupt_image']}); replace them, or remove them and their masks",
             bad,
         )
+    huge = by_kind["too_many_pixels_image"] + by_kind["too_many_pixels_mask"]
+    if huge:
+        first = details.get("too_many_pixels_image") or details["too_many_pixels_mask"]
+        add("too_many_pixels", "error", f"{len(huge)} files are larger than Pillow allows: {first}", huge)
     if by_kind["corrupt_mask"]:
         bad = by_kind["corrupt_mask"]
         add(
@@ -363,6 +378,14 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "images rotated (PIL.ImageOps.exif_transpose)",
             rotated,
         )
+    if unlabelled:
+        add(
+            "no_labelled_pixel",
+            "warning",
+            f"{len(unlabelled)} masks are entirely data.ignore_index={ignore_index}: they teach nothing and a batch "
+            "of only such crops trains on loss 0; check their export, or leave them out of the split list",
+            unlabelled,
+        )
     if gray_rgb:
         add(
             "rgb_index_masks",
@@ -371,11 +394,6 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "as index masks (the first channel)",
             gray_rgb,
         )
-    unlabelled = [e["mask"] for e in entries if "counts" in e and not any(e["counts"].values()) and e["ignored"]]
-    if unlabelled:
-        add("unlabelled_masks", "warning", f"{len(unlabelled)} masks have no labelled pixel (every pixel is "
-            f"data.ignore_index={ignore_index} after label handling): they teach nothing, and a batch of only such "
-            "masks has no loss; check them, or remove them and their images", unlabelled)  # fmt: skip
     absent = [str(c) for c in range(num_classes) if class_pixels[c] == 0]
     if entries and absent:
         add("absent_classes", "warning", f"classes {', '.join(absent)} have no pixels in split {split!r}", [])

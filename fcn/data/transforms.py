@@ -1,7 +1,8 @@
 """Augmentation presets (albumentations) and normalisation on the device.
 
 Images travel from disk to the device as uint8 (four times less to copy than float32) and are
-normalised there by :func:`normalize`. Masks are only ever resized with nearest neighbour and
+normalised there by :func:`normalize`. Masks are only ever resized with centre-aligned nearest
+neighbour (``INTER_NEAREST_EXACT``: the pixel-centre convention of the image's bilinear resize) and
 padded with ``ignore_index``, so padding never counts as a class.
 """
 
@@ -42,7 +43,7 @@ def train_transforms(
             A.RandomScale(
                 scale_limit=(low - 1, high - 1),
                 interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=cv2.INTER_NEAREST,
+                mask_interpolation=cv2.INTER_NEAREST_EXACT,  # centre-aligned, as the bilinear image resize
                 p=1.0,
             )
         )

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fcn.errors import UserError
+from fcn.state_dict import load_into
 
 TAPS = ("pool2", "pool3", "pool4", "out")
 STRIDES = {"pool2": 4, "pool3": 8, "pool4": 16, "out": 32}
@@ -261,11 +262,9 @@ def _load_state_dict(module: nn.Module, path: str) -> None:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise UserError(f"could not read backbone weights {file}: {exc}") from exc
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise UserError(f"backbone weights {file} do not fit this backbone: {first}") from exc
+    # wrapped ({"state_dict": ...}) or prefixed (module., _orig_mod.) files load too; else counts and keys
+    fix = "give the state dict of this backbone (torchvision's own, or one saved from this encoder)"
+    load_into(module, state, f"backbone weights {file} (model.backbone_weights)", fix=fix)
 
 
 BACKBONES: dict[str, Callable[..., Encoder]] = {
