@@ -74,14 +74,19 @@ def _size(n: int) -> str:
     while value >= 1000 and len(units) > 1:
         value, units = value / 1000, units[1:]
     return f"{value:.1f} {units[0]}"
+
+
 def cause(exc: BaseException, limit: int = 300) -> str:
     """``"Class: first line"`` of the innermost exception ``exc`` was raised from, at most ``limit``
     characters: the part of a library error that says what is wrong, for a one-line message.
 
     Wrappers (torch.compile's ``BackendCompilerFailed``, DataLoader re-raises) put a headline such
     as "backend='inductor' raised:" first and the reason in the exception they chain from.
+    """
     seen = set()
     while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = f"{exc.__class__.__name__}: {lines[0]}" if lines else exc.__class__.__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
