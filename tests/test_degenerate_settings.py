@@ -177,11 +177,12 @@ def test_warm_up_longer_than_the_run_is_warned_with_both_numbers():
 
 
 def test_reduce_zero_label_is_never_suggested_when_it_would_leave_one_class():
-    from fcn.data.scan import _value_fix
+    from fcn.data.mask_formats import _value_fix
 
-    assert "reduce_zero_label" not in _value_fix([1], {0, 1}, num_classes=1, ignore_index=255)
-    assert "num_classes=1" not in _value_fix([0], {0}, num_classes=0, ignore_index=255)
-    assert "reduce_zero_label" in _value_fix([3], {0, 1, 2, 3}, num_classes=3, ignore_index=255)
+    assert "reduce_zero_label" not in _value_fix([1], {0, 1}, num_classes=1, ignore_index=255, mapped=False)
+    assert "reduce_zero_label" not in _value_fix([1], {1}, num_classes=1, ignore_index=255, mapped=False)
+    assert "num_classes=1" not in _value_fix([0], {0}, num_classes=0, ignore_index=255, mapped=False)
+    assert "reduce_zero_label" in _value_fix([3], {0, 1, 2, 3}, num_classes=3, ignore_index=255, mapped=False)
 
 
 def test_crop_larger_than_every_image_is_warned_with_padding_and_cost():

@@ -245,9 +245,10 @@ def _value_fix(values: list[int], raw: set[int], num_classes: int, ignore_index:
     """How to make the stored values fit, from what they look like (never a class count from a stray value)."""
     hints = []
     stored = sorted(raw - {ignore_index})
-    if not mapped and stored and stored[0] == 1 and stored[-1] == num_classes and 0 not in raw:
+    # reduce_zero_label keeps num_classes classes: suggested only where that leaves at least two
+    if num_classes >= 2 and not mapped and stored and stored[0] == 1 and stored[-1] == num_classes and 0 not in raw:
         hints.append("classes are stored as 1..N: data.reduce_zero_label=true")
-    elif values == [num_classes] and 0 in raw and not mapped:
+    elif num_classes >= 2 and values == [num_classes] and 0 in raw and not mapped:
         hints.append("if 0 means 'unlabelled' and classes start at 1: data.reduce_zero_label=true")
     for factor in (257, 256):
         nonzero = [v for v in stored if v]
@@ -270,7 +271,7 @@ def _value_fix(values: list[int], raw: set[int], num_classes: int, ignore_index:
         hints.append(f"if {v} marks void pixels: data.ignore_index={v} or data.label_map={{{v}:{ignore_index}}}")
     dense = stored and len(stored) >= 0.5 * (stored[-1] + 1) and stored[-1] < 1024
     if dense and not structural:
-        hints.append(f"if they are real classes: data.num_classes={stored[-1] + 1}")
+        hints.append(f"if they are real classes: data.num_classes={max(stored[-1] + 1, 2)}")
     if not hints:
         hints.append(
             f"the values are sparse ({len(stored)} values up to {stored[-1] if stored else '?'}), so they are no "
