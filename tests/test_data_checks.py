@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from fcn.cli.check_data import run_check
-from fcn.cli.common import scan_data, with_class_weights
+from fcn.cli.compose import scan_data, with_class_weights
 from fcn.data.folder import read_image
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import median_frequency_weights, scan_split

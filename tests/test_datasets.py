@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fcn.cli.common import build_dataset, prepare_data_root, scan_data
+from fcn.cli.compose import build_dataset, prepare_data_root, scan_data
 from fcn.data.folder import find_pairs
 from fcn.errors import UserError
 from tests.conftest import compose_config
@@ -172,7 +172,7 @@ def test_mixed_sizes_train_and_are_scored_one_image_at_a_time_at_their_own_size(
     monkeypatch.setattr(train_module, "evaluate", spy)
     cfg = compose_config("train", ["data=folder", f"data.root={root}", "data.num_classes=2", "data.class_names=[x,y]",
                                    "data.crop_size=16", "trainer=debug", "trainer.epochs=1", "trainer.batch_size=2",
-                                   "logger.tensorboard=false", "model.width=4"])  # fmt: skip
+                                   "logger=none", "model.width=4"])  # fmt: skip
     train_module.train(cfg, tmp_path / "run")
     assert seen == [(1, 3, 30, 20), (1, 3, 17, 41), (1, 3, 24, 32)]  # each val image alone, unpadded
     ecfg = compose_config("evaluate", [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "num_workers=0",

@@ -201,7 +201,7 @@ def _worker(rank: int, port: int, shapes_root: Path, out: Path) -> None:
 
 def _two_rank_job(rank: int, shapes_root: Path, out: Path) -> None:
     from fcn import distributed
-    from fcn.cli.common import build_dataset
+    from fcn.cli.compose import build_dataset
     from fcn.data.loader import make_loader
     from fcn.engine import combine_ranks, evaluate
     from fcn.models import FCN
@@ -265,7 +265,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_exac
 
 
 def test_distributed_evaluation_of_an_odd_split_equals_one_process_exactly(two_rank_job, shapes_root):
-    from fcn.cli.common import build_dataset
+    from fcn.cli.compose import build_dataset
     from fcn.data.loader import make_loader
     from fcn.engine import evaluate
     from fcn.models import FCN

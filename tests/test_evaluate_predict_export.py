@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcn.checkpoint import load_checkpoint
-from fcn.cli.common import model_from_checkpoint
+from fcn.checkpoint import load_checkpoint, load_model
 from fcn.cli.evaluate import run_evaluation
 from fcn.cli.export import run_export
 from fcn.cli.predict import run_prediction
@@ -131,7 +130,7 @@ def test_safetensors_export_rebuilds_the_model_without_the_checkpoint(trained_ru
     out = tmp_path / "model.safetensors"
     run_export(compose_config("export", [f"checkpoint={_best(trained_run)}", "format=safetensors", f"output={out}"]))
     rebuilt, meta = load_safetensors(out)
-    original, ckpt = model_from_checkpoint(_best(trained_run), torch.device("cpu"), channels_last=False)
+    original, ckpt = load_model(_best(trained_run), torch.device("cpu"), channels_last=False)
     assert meta["class_names"] == ckpt["class_names"] and meta["mean"] == ckpt["mean"]
     x = torch.randn(1, 3, 37, 41)
     with torch.no_grad():

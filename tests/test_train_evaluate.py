@@ -126,7 +126,8 @@ def test_cli_multirun_sweep_trains_each_variant(shapes_root, tmp_path):
 
 
 def test_constructor_errors_reach_the_user_as_one_line_despite_hydra_wrapping(capsys):
-    from fcn.cli.common import build_model, exit_on_user_error
+    from fcn.cli.compose import build_model
+    from fcn.cli.exit import exit_on_user_error
     from fcn.models.fcn import VARIANTS
 
     cfg = compose_config("train", ["model.variant=2s"])
@@ -143,7 +144,7 @@ def test_with_the_scan_off_a_bad_mask_met_in_a_worker_is_still_one_clear_line(sh
     import numpy as np
     from PIL import Image
 
-    from fcn.cli.common import exit_on_user_error
+    from fcn.cli.exit import exit_on_user_error
     from fcn.cli.train import train
 
     root = tmp_path / "shapes"

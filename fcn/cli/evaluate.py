@@ -18,19 +18,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from fcn.cli.common import (
-    CONFIG_DIR,
-    build_dataset,
-    eval_config,
-    exit_on_user_error,
-    inference_fn,
-    model_from_checkpoint,
-    prepare_data_root,
-    resolve_device,
-    resolve_precision,
-    scan_data,
-)
+from fcn.checkpoint import load_model
+from fcn.cli import CONFIG_DIR
+from fcn.cli.compose import build_dataset, eval_config, inference_fn, prepare_data_root, scan_data
+from fcn.cli.exit import exit_on_user_error
 from fcn.data.loader import make_loader
+from fcn.device import resolve_device, resolve_precision
 from fcn.engine import evaluate
 from fcn.errors import UserError
 from fcn.metrics import format_table, scores
@@ -55,7 +48,7 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
         raise UserError("no checkpoint given: pass checkpoint=PATH (e.g. outputs/train/<run>/checkpoints/best.pt)")
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
-    model, ckpt = model_from_checkpoint(cfg.checkpoint, device, cfg.channels_last)
+    model, ckpt = load_model(cfg.checkpoint, device, cfg.channels_last)
     data = data_config(ckpt["config"], cfg, overrides)
     if data.num_classes != ckpt["num_classes"]:
         raise UserError(

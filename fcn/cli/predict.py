@@ -17,16 +17,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fcn.cli.common import (
-    CONFIG_DIR,
-    eval_config,
-    exit_on_user_error,
-    inference_fn,
-    model_from_checkpoint,
-    resolve_device,
-    resolve_precision,
-)
+from fcn.checkpoint import load_model
+from fcn.cli import CONFIG_DIR
+from fcn.cli.compose import eval_config, inference_fn
+from fcn.cli.exit import exit_on_user_error
 from fcn.data.folder import IMAGE_EXTENSIONS, read_image
+from fcn.device import resolve_device, resolve_precision
 from fcn.engine import to_model_input
 from fcn.errors import UserError
 from fcn.report import save_prediction
@@ -63,7 +59,7 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
     if cfg.input is None or cfg.output is None:
         raise UserError("pass input=DIR_OR_GLOB_OR_FILE and output=DIR")
     device = resolve_device(cfg.device)
-    model, ckpt = model_from_checkpoint(cfg.checkpoint, device, cfg.channels_last)
+    model, ckpt = load_model(cfg.checkpoint, device, cfg.channels_last)
     infer = inference_fn(eval_config(ckpt["config"], cfg, overrides or []), ckpt["num_classes"])
     amp_dtype = resolve_precision(cfg.precision, device)
     files = find_inputs(str(cfg.input))
