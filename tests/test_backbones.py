@@ -203,6 +203,7 @@ def test_staged_experiments_chain_32s_16s_8s_through_init_from(shapes_root, tmp_
     assert "FCN-16s weights into FCN-8s; new layers keep their initialisation: score_pool3" in caplog.text
 
 
+@pytest.mark.slow
 def test_model_table_measures_each_row_with_the_same_overrides(shapes_root, tmp_path):
     from hydra import compose, initialize_config_dir
 

@@ -101,6 +101,7 @@ def test_predict_writes_masks_and_overlays_and_reports_bad_files(trained_run, tm
         assert probs.shape == (6, size[1], size[0]) and np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_predict_cli_exit_code_says_some_failed(trained_run, tmp_path):
     _images(tmp_path / "in")
     proc = subprocess.run(
