@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from fcn import distributed
 from fcn.checkpoint import save_checkpoint
@@ -179,10 +180,8 @@ def fit(
     model: torch.nn.Module,
     train_net: torch.nn.Module,
     eval_net: torch.nn.Module,
-    train_loader,
-    sampler: ResumableSampler,
-    val_loader,
-    val_set,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler,
     loss_fn: torch.nn.Module,
@@ -201,8 +200,9 @@ def fit(
 
     ``model`` is the plain network (saved, scored by the logger), ``train_net`` what trains (maybe
     compiled and wrapped in DistributedDataParallel), ``eval_net`` what validates (maybe
-    compiled). ``sampler`` draws ``train_loader``'s order; ``val_set`` gives the logger's sample
-    pictures. ``stop`` is polled after every step.
+    compiled). ``train_loader`` draws its order from a :class:`ResumableSampler` (a resumed
+    epoch continues where it stopped); ``val_loader``'s dataset gives the logger's sample pictures.
+    ``stop`` is polled after every step.
 
     Raises :class:`TrainingInterrupted` after saving ``last.pt`` when stopped by a signal, and
     lets :class:`fcn.engine.NonFiniteLossError` and out-of-memory errors through.
@@ -212,6 +212,8 @@ def fit(
     accumulate = shape.accumulate_grad_batches
     # A signal seen by any rank stops all of them after the same step.
     shared_stop = distributed.SharedStop(stop or GracefulStop())
+    sampler: ResumableSampler = train_loader.sampler
+    val_set = val_loader.dataset
     sample_indices = np.linspace(0, len(val_set) - 1, min(logger.num_images, len(val_set))).round().astype(int)
     if state.epoch_batches >= shape.batches_per_epoch:  # the checkpoint closed its epoch
         state = dataclasses.replace(state, epoch=state.epoch + 1, epoch_batches=0)
