@@ -26,6 +26,7 @@ from fcn.data.loader import make_loader
 from fcn.device import resolve_device, resolve_precision
 from fcn.engine import evaluate
 from fcn.errors import UserError
+from fcn.loggers import TensorBoardLogger
 from fcn.metrics import format_table, scores
 from fcn.report import PredictionWriter, WorstImages, write_metrics
 from fcn.visualize import comparison_grid
@@ -102,16 +103,15 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
 
 def _log_tensorboard(out_dir: Path, step: int, metrics: dict, confusion_picture: Image.Image, worst: WorstImages,
                      palette, ignore_index: int) -> None:  # fmt: skip
-    from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only needed here
-
-    with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:
+    logger = TensorBoardLogger()
+    logger.open(out_dir)
+    try:
         for key in ("miou", "pixel_acc", "mean_acc", "fwiou", "mean_dice"):
-            writer.add_scalar(f"eval/{key}", metrics[key], step)
+            logger.log_scalar(f"eval/{key}", metrics[key], step)
         for name, iou in metrics["per_class_iou"].items():
             if iou is not None:
-                writer.add_scalar(f"eval/IoU/{name}", iou, step)
-        picture = np.asarray(confusion_picture.convert("RGB"))
-        writer.add_image("eval/confusion_matrix", picture, step, dataformats="HWC")
+                logger.log_scalar(f"eval/IoU/{name}", iou, step)
+        logger.log_image("eval/confusion_matrix", np.asarray(confusion_picture.convert("RGB")), step)
         ranked = worst.worst()
         if ranked:
             # crop to a common size so images of different sizes fit one grid
@@ -120,9 +120,10 @@ def _log_tensorboard(out_dir: Path, step: int, metrics: dict, confusion_picture:
             images = torch.stack([i[:, :height, :width] for _, i, _, _ in ranked])
             masks = torch.stack([m[:height, :width] for _, _, m, _ in ranked])
             preds = torch.stack([p[:height, :width] for _, _, _, p in ranked])
-            grid = comparison_grid(images, masks, preds, palette, ignore_index)
-            writer.add_image("eval/worst_images", grid, step)
-            writer.add_text("eval/worst_images", ", ".join(f"{100 * m:.1f}" for m, *_ in ranked), step)
+            logger.log_image("eval/worst_images", comparison_grid(images, masks, preds, palette, ignore_index), step)
+            logger.log_text("eval/worst_images", ", ".join(f"{100 * m:.1f}" for m, *_ in ranked), step)
+    finally:
+        logger.close()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
