@@ -71,7 +71,9 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     for key in ("epochs", "batch_size", "val_every", "accumulate_grad_batches"):
         if trainer[key] < 1:
             raise UserError(f"trainer.{key}={trainer[key]}: must be at least 1")
-    logger = instantiate(cfg.logger) if main_rank else NullLogger()  # checks its settings first
+    # Every rank checks the logger's settings (so all stop alike); only rank 0 logs.
+    logger = instantiate(cfg.logger)
+    logger = logger if main_rank else NullLogger()
     seed_everything(cfg.seed)
     set_deterministic(trainer.deterministic)
     device = distributed.device_for_rank(resolve_device(trainer.device, trainer.threads))
