@@ -68,6 +68,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", out_dir.resolve())
+    # A setting left without a value (data.num_classes: ???) is named here, before any file is read.
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     for key in ("epochs", "batch_size", "val_every", "accumulate_grad_batches"):
         if trainer[key] < 1:
             raise UserError(f"trainer.{key}={trainer[key]}: must be at least 1")
