@@ -450,3 +450,44 @@ def check_architecture(
             f"checkpoint {source} was trained with another model ({'; '.join(diffs)}); "
             "set these to the checkpoint's values, or use init_from=PATH to start from its weights"
         )
+
+
+# Settings a checkpoint's model config may hold that say how it was trained, not what it is
+# (``sync_bn`` lived there before it moved to the trainer config): never passed to the constructor.
+TRAINING_ONLY_MODEL_KEYS = ("sync_bn",)
+
+
+def offline_model_settings(model_config: dict) -> dict:
+    """``FCN`` keyword arguments from a model config, with no download and no weights file:
+    for rebuilding a network whose weights come from elsewhere (a checkpoint, an export)."""
+    settings = {k: v for k, v in model_config.items() if not k.startswith("_") and k not in TRAINING_ONLY_MODEL_KEYS}
+    return settings | {"pretrained": False, "backbone_weights": None}
+
+
+def rebuild_model(model_config: dict) -> torch.nn.Module:
+    """The network a saved model config describes (``FCN(**settings)``, no Hydra), with fresh
+    weights and nothing downloaded; its weights are loaded by the caller."""
+    from fcn.models import FCN  # here: the models pull in torchvision, which loading a checkpoint does not need
+
+    return FCN(**offline_model_settings(model_config))
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", channels_last: bool = False, key: str = "checkpoint"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the network a checkpoint was trained as, with its weights, in eval mode; returns
+    ``(model, checkpoint)``. The one way every entry point (evaluate, predict, export) rebuilds a model.
+
+    The settings come from the checkpoint's own model config (``FCN(**settings)``, no Hydra);
+    weights come from the checkpoint, never from a download. NHWC memory order with
+    ``channels_last``. ``key`` is the setting that named the file, for messages. Raises
+    :class:`UserError` when the file is no intact checkpoint or the weights do not fit the settings.
+    """
+    from fcn.state_dict import load_into  # a leaf module; imported here to keep this import light
+
+    ckpt = load_checkpoint(path, key=key)
+    model = rebuild_model(ckpt["config"]["model"]).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    load_into(model, ckpt["model"], f"checkpoint {path}", fix="its weights do not match its own model config")
+    return model.eval(), ckpt

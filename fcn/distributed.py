@@ -190,7 +190,7 @@ def sync_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
     if not dist.is_initialized():
         return model
     if device.type != "cuda":
-        log.warning("model.sync_bn=true needs CUDA (NCCL); on %s batch norms stay per process", device)
+        log.warning("trainer.sync_bn=true needs CUDA (NCCL); on %s batch norms stay per process", device)
         return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fcn.checkpoint import rebuild_model
 from fcn.errors import UserError
 from fcn.models import FCN
 
@@ -106,6 +107,6 @@ def load_safetensors(path: str | Path) -> tuple[FCN, dict[str, Any]]:
         if not file.is_file():
             raise UserError(f"exported model file not found: {file.resolve()}")
     metadata = json.loads(sidecar.read_text())
-    model = FCN(**metadata["model"])
+    model = rebuild_model(metadata["model"])
     model.load_state_dict(load_file(str(path)))
     return model.eval(), metadata

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +50,11 @@ class GracefulStop:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving ``last.pt``; the exit code is 128 + signal."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted by signal {signum}; saved {checkpoint}, continue with resume=auto")
+        self.signum, self.checkpoint = signum, checkpoint

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fcn.cli.common import CONFIG_DIR
+from fcn.cli import CONFIG_DIR
 from fcn.data.shapes import ensure_shapes
 from fcn.signals import GracefulStop
 

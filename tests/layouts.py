@@ -91,3 +91,11 @@ def write_ade20k(root: Path, size=(20, 30)) -> Path:
             save(image_array(h, w, i), root / "images" / split / f"{name}.jpg")
             save(mask_array(h, w, [0, 1, 150], i), root / "annotations" / split / f"{name}.png")
     return root
+
+
+def write_pair(root: Path, stem: str, size=(20, 16), ext=".jpg", value=1) -> None:
+    """One flat grey image and a constant mask (``value``) in ``root/images`` and ``root/masks``."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), 120, np.uint8)).save(root / "images" / f"{stem}{ext}")
+    Image.fromarray(np.full((size[1], size[0]), value, np.uint8)).save(root / "masks" / f"{stem}.png")

@@ -153,7 +153,7 @@ def _fake_checkpoint(model: FCN, model_config: dict, path):
 
 
 def test_init_from_a_32s_checkpoint_loads_shared_layers_and_keeps_new_skips_at_their_init(tmp_path, caplog):
-    from fcn.cli.train import _init_weights
+    from fcn.resume import init_weights
 
     torch.manual_seed(0)
     coarse = FCN(num_classes=3, variant="32s", width=4)
@@ -164,7 +164,7 @@ def test_init_from_a_32s_checkpoint_loads_shared_layers_and_keeps_new_skips_at_t
     _fake_checkpoint(coarse, {**config, "variant": "32s"}, tmp_path / "fcn32s.pt")
     fine = FCN(num_classes=3, variant="16s", width=4)
     with caplog.at_level(logging.INFO):
-        _init_weights(fine, tmp_path / "fcn32s.pt", {**config, "variant": "16s"})
+        init_weights(fine, tmp_path / "fcn32s.pt", {**config, "variant": "16s"})
     source, loaded = coarse.state_dict(), fine.state_dict()
     shared = [k for k in source if k.startswith(("encoder.", "score_out."))]
     assert shared and all(torch.equal(loaded[k], source[k]) for k in shared)
@@ -176,12 +176,12 @@ def test_init_from_a_32s_checkpoint_loads_shared_layers_and_keeps_new_skips_at_t
 
 
 def test_init_from_still_refuses_another_backbone(tmp_path):
-    from fcn.cli.train import _init_weights
+    from fcn.resume import init_weights
 
     model = FCN(num_classes=3, variant="32s", width=4)
     _fake_checkpoint(model, {"backbone": "tiny", "width": 4, "num_classes": 3, "variant": "32s"}, tmp_path / "a.pt")
     with pytest.raises(UserError, match="model.backbone: checkpoint 'tiny', config 'resnet18'"):
-        _init_weights(model, tmp_path / "a.pt", {"backbone": "resnet18", "width": 64, "num_classes": 3,
+        init_weights(model, tmp_path / "a.pt", {"backbone": "resnet18", "width": 64, "num_classes": 3,
                                                  "variant": "16s"})  # fmt: skip
 
 
@@ -203,10 +203,11 @@ def test_staged_experiments_chain_32s_16s_8s_through_init_from(shapes_root, tmp_
     assert "FCN-16s weights into FCN-8s; new layers keep their initialisation: score_pool3" in caplog.text
 
 
+@pytest.mark.slow
 def test_model_table_measures_each_row_with_the_same_overrides(shapes_root, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from fcn.cli.common import CONFIG_DIR
+    from fcn.cli import CONFIG_DIR
     from fcn.cli.model_table import run_table
 
     overrides = [*tiny_train_overrides(shapes_root), "logger=none", "trainer.epochs=1", "model.width=4",

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from fcn.cli.benchmark import run_benchmark
 from tests.conftest import compose_config, tiny_train_overrides
 
@@ -12,6 +14,7 @@ FIELDS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_figure_and_writes_json(shapes_root, tmp_path):
     overrides = [*tiny_train_overrides(shapes_root), "bench.steps=2", "bench.repeats=1", "bench.warmup=1",
                  "bench.eval_batches=1", "bench.checkpoint_repeats=1", "bench.large_image=[64,96]",

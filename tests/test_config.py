@@ -9,7 +9,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fcn.cli.common import CONFIG_DIR, build_model, pair, with_class_weights
+from fcn.cli import CONFIG_DIR
+from fcn.cli.compose import build_model, pair, with_class_weights
 from tests.conftest import compose_config
 
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
@@ -42,6 +43,8 @@ def test_every_option_composes_and_builds(group, option):
     transform = instantiate(cfg.aug)
     out = transform(image=np.zeros((20, 30, 3), np.uint8), mask=np.zeros((20, 30), np.uint8))
     assert out["image"].shape[:2] == pair(cfg.data.crop_size)
+    logger = instantiate(cfg.logger)  # every logger offers the loop's small interface
+    assert all(callable(getattr(logger, m)) for m in ("open", "log_scalar", "log_image", "log_text", "close"))
 
 
 @pytest.mark.parametrize("option", [p.stem for p in sorted((Path(CONFIG_DIR) / "data").glob("*.yaml"))])
@@ -54,7 +57,7 @@ def test_evaluate_config_composes_with_every_dataset(option):
 @pytest.mark.parametrize("config", ["evaluate", "predict"])
 @pytest.mark.parametrize("option", [p.stem for p in sorted((Path(CONFIG_DIR) / "eval").glob("*.yaml"))])
 def test_every_eval_option_composes_into_a_valid_inference(config, option):
-    from fcn.cli.common import inference_fn
+    from fcn.cli.compose import inference_fn
 
     cfg = compose_config(config, [f"eval={option}", "checkpoint=x.pt"])
     infer = inference_fn(cfg.eval, num_classes=3)
@@ -79,3 +82,28 @@ def test_scheduler_warms_up_then_decays_to_zero():
     assert all(a < b for a, b in zip(lrs[:5], lrs[1:6]))
     assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+HELP_WITHOUT_TORCH = """
+import sys
+from fcn.cli.{name} import main
+sys.argv = ["{name}", "{flag}"]
+try:
+    main()
+except SystemExit:
+    pass
+print("imported:", sorted(m for m in ("torch", "torchvision") if m in sys.modules))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--help", "--cfg=job"])
+def test_train_help_and_cfg_answer_before_torch_is_imported(flag):
+    import subprocess
+    import sys
+
+    code = HELP_WITHOUT_TORCH.format(name="train", flag=flag)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "imported: []" in proc.stdout

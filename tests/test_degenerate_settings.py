@@ -226,7 +226,7 @@ def test_scan_warns_about_masks_that_are_entirely_ignored(tmp_path):
 
 
 def test_data_doctor_refuses_a_single_class():
-    from fcn.cli.common import check_data_config
+    from fcn.cli.compose import check_data_config
     from fcn.errors import UserError
     from tests.conftest import compose_config
 

@@ -142,6 +142,7 @@ def accumulated_run(shapes_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_k_accumulated_batches_of_b_train_like_one_batch_of_k_times_b(accumulated_run, shapes_root, tmp_path):
     train(_plain(shapes_root, "trainer.batch_size=4"), tmp_path)
     state = load_checkpoint(accumulated_run / "checkpoints" / "last.pt")
@@ -149,6 +150,7 @@ def test_k_accumulated_batches_of_b_train_like_one_batch_of_k_times_b(accumulate
     _assert_close(state["model"], _weights(tmp_path), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_inside_an_accumulation_window_finishes_the_step_and_resumes_exactly(
     accumulated_run, shapes_root, tmp_path
 ):
@@ -201,7 +203,7 @@ def _worker(rank: int, port: int, shapes_root: Path, out: Path) -> None:
 
 def _two_rank_job(rank: int, shapes_root: Path, out: Path) -> None:
     from fcn import distributed
-    from fcn.cli.common import build_dataset
+    from fcn.cli.compose import build_dataset
     from fcn.data.loader import make_loader
     from fcn.engine import combine_ranks, evaluate
     from fcn.models import FCN
@@ -251,6 +253,7 @@ def _report(job: Path, rank: int) -> dict:
     return json.loads((job / f"rank{rank}.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_with_batch_b_give_the_weights_of_one_with_batch_2b(two_rank_job, shapes_root, tmp_path):
     train(_plain(shapes_root, "trainer.batch_size=4"), tmp_path)
     state = load_checkpoint(two_rank_job / "ddp" / "checkpoints" / "last.pt")
@@ -258,14 +261,16 @@ def test_two_processes_with_batch_b_give_the_weights_of_one_with_batch_2b(two_ra
     _assert_close(state["model"], _weights(tmp_path), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(two_rank_job):
     assert _report(two_rank_job, 0)["interrupted"] == _report(two_rank_job, 1)["interrupted"] == signal.SIGTERM
     ours, theirs = _weights(two_rank_job / "stopped"), _weights(two_rank_job / "ddp")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_of_an_odd_split_equals_one_process_exactly(two_rank_job, shapes_root):
-    from fcn.cli.common import build_dataset
+    from fcn.cli.compose import build_dataset
     from fcn.data.loader import make_loader
     from fcn.engine import evaluate
     from fcn.models import FCN
@@ -284,12 +289,14 @@ def test_distributed_evaluation_of_an_odd_split_equals_one_process_exactly(two_r
         assert report["images"] == 5 and torch.equal(torch.tensor(report["confusion"]), single.confusion)
 
 
+@pytest.mark.slow
 def test_bad_data_stops_every_rank_with_rank_0s_one_line_message(two_rank_job):
     first, second = (_report(two_rank_job, r)["bad_data"] for r in range(2))
     assert "9 in 1 masks" in first and second == f"rank 0 stopped: {first}"
     assert not (two_rank_job / "bad_run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_sync_bn_is_skipped_with_a_warning_on_gloo(two_rank_job):
     report = _report(two_rank_job, 0)
     assert report["sync_bn_unchanged"] and report["sync_bn_layers"] == 0
@@ -345,6 +352,7 @@ def torchrun_run(shapes_root, tmp_path_factory) -> tuple[Path, subprocess.Comple
     return cwd, proc
 
 
+@pytest.mark.slow
 def test_torchrun_shares_one_run_directory_and_only_rank_0_writes_to_it(torchrun_run):
     cwd, proc = torchrun_run
     runs = list((cwd / "outputs" / "train").iterdir())
@@ -357,6 +365,7 @@ def test_torchrun_shares_one_run_directory_and_only_rank_0_writes_to_it(torchrun
     assert proc.stdout.count("best checkpoint") == 1  # the report is printed once, by rank 0
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_resumes_the_restarted_job_from_last_pt(torchrun_run, shapes_root, tmp_path):
     reference = next((torchrun_run[0] / "outputs" / "train").iterdir())
     run = tmp_path / "run"

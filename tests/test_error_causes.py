@@ -88,11 +88,11 @@ def _prefixed_copy(trained_run, tmp_path, prefix: str):
 
 
 def test_checkpoint_with_prefixed_keys_evaluates(trained_run, tmp_path, caplog):
-    from fcn.cli.common import model_from_checkpoint
+    from fcn.checkpoint import load_model
 
     path, ckpt = _prefixed_copy(trained_run, tmp_path, "module.")
     with caplog.at_level(logging.INFO, logger="fcn.state_dict"):
-        model, _ = model_from_checkpoint(path, torch.device("cpu"), channels_last=False)
+        model, _ = load_model(path, torch.device("cpu"), channels_last=False)
     assert any("'module.'" in r.getMessage() for r in caplog.records)
     for key, value in model.state_dict().items():
         assert torch.equal(value, ckpt["model"]["module." + key])
@@ -101,13 +101,13 @@ def test_checkpoint_with_prefixed_keys_evaluates(trained_run, tmp_path, caplog):
 def test_init_from_a_checkpoint_saved_from_a_compiled_model(trained_run, tmp_path):
     from omegaconf import OmegaConf
 
-    from fcn.cli.common import build_model
-    from fcn.cli.train import _init_weights
+    from fcn.cli.compose import build_model
+    from fcn.resume import init_weights
 
     path, ckpt = _prefixed_copy(trained_run, tmp_path, "_orig_mod.")
     model_config = ckpt["config"]["model"]
     model = build_model(OmegaConf.create(model_config), torch.device("cpu"), False)
-    _init_weights(model, path, model_config)
+    init_weights(model, path, model_config)
     for key, value in model.state_dict().items():
         assert torch.equal(value, ckpt["model"]["_orig_mod." + key])
 
@@ -169,7 +169,7 @@ def test_cause_is_the_innermost_reason_not_the_wrapper_headline():
 
 
 def test_compile_failure_warning_keeps_the_reason(monkeypatch, caplog):
-    from fcn.cli.common import maybe_compile
+    from fcn.device import maybe_compile
 
     def broken(model):
         try:
@@ -190,6 +190,6 @@ def test_out_of_memory_message_keeps_how_much_was_asked_for(shapes_root, tmp_pat
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("fcn.cli.train.train_one_epoch", oom)
+    monkeypatch.setattr("fcn.fit.train_one_epoch", oom)
     with pytest.raises(UserError, match=r"lower trainer.batch_size.*Tried to allocate 2.00 GiB"):
         train(compose_config("train", [*tiny_train_overrides(shapes_root), "logger=none"]), tmp_path / "run")

@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcn.checkpoint import load_checkpoint
-from fcn.cli.common import model_from_checkpoint
+from fcn.checkpoint import load_checkpoint, load_model
 from fcn.cli.evaluate import run_evaluation
 from fcn.cli.export import run_export
 from fcn.cli.predict import run_prediction
@@ -103,6 +102,7 @@ def test_predict_writes_masks_and_overlays_and_reports_bad_files(trained_run, tm
         assert probs.shape == (6, size[1], size[0]) and np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_predict_cli_exit_code_says_some_failed(trained_run, tmp_path):
     _images(tmp_path / "in")
     proc = subprocess.run(
@@ -136,7 +136,7 @@ def test_safetensors_export_rebuilds_the_model_without_the_checkpoint(trained_ru
     out = tmp_path / "model.safetensors"
     run_export(compose_config("export", [f"checkpoint={_best(trained_run)}", "format=safetensors", f"output={out}"]))
     rebuilt, meta = load_safetensors(out)
-    original, ckpt = model_from_checkpoint(_best(trained_run), torch.device("cpu"), channels_last=False)
+    original, ckpt = load_model(_best(trained_run), torch.device("cpu"), channels_last=False)
     assert meta["class_names"] == ckpt["class_names"] and meta["mean"] == ckpt["mean"]
     x = torch.randn(1, 3, 37, 41)
     with torch.no_grad():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fcn.cli.common import maybe_compile, resolve_precision
 from fcn.cli.train import train
+from fcn.device import maybe_compile, resolve_precision
 from fcn.errors import UserError
 from fcn.models import FCN
 from tests.conftest import compose_config, tiny_train_overrides

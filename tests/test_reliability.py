@@ -24,7 +24,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import fcn.checkpoint
 from fcn.checkpoint import load_checkpoint, previous_path, save_checkpoint
-from fcn.cli.common import exit_on_user_error, scan_data
+from fcn.cli.compose import scan_data
+from fcn.cli.exit import exit_on_user_error
 from fcn.cli.train import TrainingInterrupted, train
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import scan_split
@@ -78,11 +79,13 @@ def uninterrupted(shapes_root, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_losses_whatever_the_worker_count(uninterrupted):
     a, b = _losses(uninterrupted[0]), _losses(uninterrupted[2])
     assert len(a) == 6 and a == b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("stop_at", [3, 4], ids=["epoch-boundary", "mid-epoch"])
 def test_resume_is_bit_exact(shapes_root, tmp_path, uninterrupted, workers, stop_at):
@@ -104,6 +107,7 @@ def test_resume_auto_without_checkpoint_starts_fresh_with_a_warning(shapes_root,
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(shapes_root, tmp_path, caplog):
     train(_cfg(shapes_root, "logger=none"), tmp_path)  # two epochs: last.pt and last.prev.pt
     last = tmp_path / "checkpoints" / "last.pt"
@@ -122,6 +126,7 @@ def test_resume_with_another_architecture_explains_the_difference(shapes_root, t
         train(_cfg(shapes_root, "model=fcn16s", "resume=auto", "logger=none"), tmp_path)
 
 
+@pytest.mark.slow
 def test_init_from_with_other_classes_resets_only_the_class_layers(shapes_root, tmp_path, caplog):
     source = tmp_path / "source"
     train(_cfg(shapes_root, "trainer.epochs=1", "logger=none"), source)
@@ -136,6 +141,7 @@ def test_init_from_with_other_classes_resets_only_the_class_layers(shapes_root, 
     assert before["encoder.stem_to_pool3.0.0.weight"].shape == after["encoder.stem_to_pool3.0.0.weight"].shape
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(shapes_root, tmp_path):
     cfg = _cfg(shapes_root, "loss._target_=tests.test_reliability.NaNAtSteps", "+loss.bad=[5]", "logger=none")
     with pytest.raises(UserError, match=r"nan at step 5 .*last good checkpoint: .*last\.pt.*skip_nonfinite"):
@@ -144,6 +150,7 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(shapes_root
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_skips_bad_steps_and_finishes(shapes_root, tmp_path, caplog):
     cfg = _cfg(shapes_root, "loss._target_=tests.test_reliability.NaNAtSteps", "+loss.bad=[2,3]",
                "trainer.skip_nonfinite=2", "logger=none")  # fmt: skip
@@ -162,7 +169,7 @@ def test_out_of_memory_says_what_to_lower(shapes_root, tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("fcn.cli.train.train_one_epoch", oom)
+    monkeypatch.setattr("fcn.fit.train_one_epoch", oom)
     with pytest.raises(
         UserError, match=r"batch_size=4, data.crop_size=40, precision float32.*lower trainer.batch_size"
     ):
@@ -199,6 +206,7 @@ checkpoint.save_checkpoint({"model": {"w": torch.ones(2)}, "config": {}}, path, 
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path):
     path = tmp_path / "last.pt"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
@@ -209,6 +217,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_no_partial_fil
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_finishes_the_step_saves_and_exits_with_the_conventional_code(shapes_root, tmp_path, signum, code):
     run = tmp_path / "run"
@@ -252,6 +261,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path, monkey
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_periodic_mid_epoch_checkpoint_resumes_exactly_after_a_crash(shapes_root, tmp_path, uninterrupted):
     # A NaN at step 5 ends the run (as a crash would); last.pt is the one saved after step 4.
     crashing = _cfg(shapes_root, "trainer.checkpoint_every_n_steps=1", "trainer.num_workers=0",
@@ -265,6 +275,7 @@ def test_periodic_mid_epoch_checkpoint_resumes_exactly_after_a_crash(shapes_root
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+@pytest.mark.slow
 def test_resume_with_another_schedule_or_batch_size_is_refused(shapes_root, tmp_path):
     train(_cfg(shapes_root, "logger=none"), tmp_path)
     with pytest.raises(UserError, match=r"schedule length \(trainer.epochs\): checkpoint 6, now 9.*init_from"):
@@ -273,6 +284,7 @@ def test_resume_with_another_schedule_or_batch_size_is_refused(shapes_root, tmp_
         train(_cfg(shapes_root, "logger=none", "resume=auto", "trainer.batch_size=3"), tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_from_another_run_reports_where_the_best_checkpoint_is(shapes_root, tmp_path):
     first = tmp_path / "first"
     train(_cfg(shapes_root, "logger=none"), first)
@@ -280,6 +292,7 @@ def test_resume_from_another_run_reports_where_the_best_checkpoint_is(shapes_roo
     assert Path(report["checkpoint"]).is_file()
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_whole_process_group_with_workers_still_saves(shapes_root, tmp_path):
     run = tmp_path / "run"
     args = [a for a in tiny_train_overrides(shapes_root) if not a.startswith("trainer=")]

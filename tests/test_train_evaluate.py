@@ -81,6 +81,7 @@ def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_missing_checkpoint_is_one_clear_line_and_exit_2(tmp_path):
     proc = _run("evaluate.py", "checkpoint=/does/not/exist.pt", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 2
@@ -91,6 +92,7 @@ def test_cli_missing_checkpoint_is_one_clear_line_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_data_root_names_the_path(tmp_path):
     proc = _run("train.py", "data=folder", "data.num_classes=2", "data.class_names=[a,b]",
                 f"data.root={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
@@ -99,12 +101,14 @@ def test_cli_missing_data_root_names_the_path(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_unknown_option_names_the_key(tmp_path):
     proc = _run("train.py", "trainer.epochz=3", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode != 0
     assert "epochz" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_required_setting_says_which(tmp_path):
     proc = _run("train.py", "data=folder", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 2
@@ -126,7 +130,8 @@ def test_cli_multirun_sweep_trains_each_variant(shapes_root, tmp_path):
 
 
 def test_constructor_errors_reach_the_user_as_one_line_despite_hydra_wrapping(capsys):
-    from fcn.cli.common import build_model, exit_on_user_error
+    from fcn.cli.compose import build_model
+    from fcn.cli.exit import exit_on_user_error
     from fcn.models.fcn import VARIANTS
 
     cfg = compose_config("train", ["model.variant=2s"])
@@ -137,13 +142,14 @@ def test_constructor_errors_reach_the_user_as_one_line_despite_hydra_wrapping(ca
     assert err == [f"error: unknown FCN variant '2s' (model.variant): choose one of {VARIANTS}"]
 
 
+@pytest.mark.slow
 def test_with_the_scan_off_a_bad_mask_met_in_a_worker_is_still_one_clear_line(shapes_root, tmp_path, capsys):
     import shutil
 
     import numpy as np
     from PIL import Image
 
-    from fcn.cli.common import exit_on_user_error
+    from fcn.cli.exit import exit_on_user_error
     from fcn.cli.train import train
 
     root = tmp_path / "shapes"

@@ -69,6 +69,7 @@ def test_decoder_drift_is_zero_at_start_and_grows_when_learned():
     assert isinstance(model.up_final, BilinearUpsample)
 
 
+@pytest.mark.slow
 def test_early_stopping_and_tensorboard_entries(shapes_root, tmp_path):
     overrides = [*tiny_train_overrides(shapes_root), "trainer.epochs=6", "optim.lr=0", "sched=constant",
                  "trainer.early_stopping_patience=2"]  # fmt: skip

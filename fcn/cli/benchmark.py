@@ -27,26 +27,23 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fcn import benchmark
-from fcn.cli.common import (
-    CONFIG_DIR,
+from fcn.checkpoint import offline_model_settings
+from fcn.cli import CONFIG_DIR
+from fcn.cli.compose import (
     build_dataset,
     build_model,
     data_layout,
-    exit_on_user_error,
     inference_fn,
     loader_options,
     mask_decoder,
-    maybe_compile,
-    offline_model_settings,
     pair,
     prepare_data_root,
-    resolve_device,
-    resolve_precision,
-    set_deterministic,
 )
+from fcn.cli.exit import exit_on_user_error
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
 from fcn.data.transforms import normalize
+from fcn.device import maybe_compile, resolve_device, resolve_precision, set_deterministic
 from fcn.optim import build_optimizer
 from fcn.rng import seed_everything
 

@@ -16,14 +16,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fcn.cli.common import (
-    CONFIG_DIR,
-    check_data_config,
-    data_layout,
-    exit_on_user_error,
-    mask_decoder,
-    prepare_data_root,
-)
+from fcn.cli import CONFIG_DIR
+from fcn.cli.compose import check_data_config, data_layout, mask_decoder, prepare_data_root
+from fcn.cli.exit import exit_on_user_error
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.data.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.splits import shown

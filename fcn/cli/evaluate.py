@@ -18,23 +18,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from fcn.cli.common import (
-    CONFIG_DIR,
-    build_dataset,
-    eval_config,
-    exit_on_user_error,
-    inference_fn,
-    model_from_checkpoint,
-    prepare_data_root,
-    resolve_device,
-    resolve_precision,
-    scan_data,
-)
+from fcn.checkpoint import load_model
+from fcn.cli import CONFIG_DIR
+from fcn.cli.compose import build_dataset, eval_config, inference_fn, prepare_data_root, scan_data
+from fcn.cli.exit import exit_on_user_error
 from fcn.cli.validate import validate_eval_config
 from fcn.data.loader import make_loader
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
+from fcn.device import resolve_device, resolve_precision
 from fcn.engine import evaluate
 from fcn.errors import UserError
+from fcn.loggers import TensorBoardLogger
 from fcn.metrics import format_table, scores
 from fcn.report import PredictionWriter, WorstImages, write_metrics
 from fcn.visualize import comparison_grid
@@ -58,7 +52,7 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
         raise UserError("no checkpoint given: pass checkpoint=PATH (e.g. outputs/train/<run>/checkpoints/best.pt)")
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
-    model, ckpt = model_from_checkpoint(cfg.checkpoint, device, cfg.channels_last)
+    model, ckpt = load_model(cfg.checkpoint, device, cfg.channels_last)
     data = data_config(ckpt["config"], cfg, overrides)
     set_max_image_pixels(data.get("max_image_pixels", PILLOW_DEFAULT))  # before any image is opened
     if data.num_classes != ckpt["num_classes"]:
@@ -113,16 +107,15 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
 
 def _log_tensorboard(out_dir: Path, step: int, metrics: dict, confusion_picture: Image.Image, worst: WorstImages,
                      palette, ignore_index: int) -> None:  # fmt: skip
-    from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only needed here
-
-    with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:
+    logger = TensorBoardLogger()
+    logger.open(out_dir)
+    try:
         for key in ("miou", "pixel_acc", "mean_acc", "fwiou", "mean_dice"):
-            writer.add_scalar(f"eval/{key}", metrics[key], step)
+            logger.log_scalar(f"eval/{key}", metrics[key], step)
         for name, iou in metrics["per_class_iou"].items():
             if iou is not None:
-                writer.add_scalar(f"eval/IoU/{name}", iou, step)
-        picture = np.asarray(confusion_picture.convert("RGB"))
-        writer.add_image("eval/confusion_matrix", picture, step, dataformats="HWC")
+                logger.log_scalar(f"eval/IoU/{name}", iou, step)
+        logger.log_image("eval/confusion_matrix", np.asarray(confusion_picture.convert("RGB")), step)
         ranked = worst.worst()
         if ranked:
             # crop to a common size so images of different sizes fit one grid
@@ -131,9 +124,10 @@ def _log_tensorboard(out_dir: Path, step: int, metrics: dict, confusion_picture:
             images = torch.stack([i[:, :height, :width] for _, i, _, _ in ranked])
             masks = torch.stack([m[:height, :width] for _, _, m, _ in ranked])
             preds = torch.stack([p[:height, :width] for _, _, _, p in ranked])
-            grid = comparison_grid(images, masks, preds, palette, ignore_index)
-            writer.add_image("eval/worst_images", grid, step)
-            writer.add_text("eval/worst_images", ", ".join(f"{100 * m:.1f}" for m, *_ in ranked), step)
+            logger.log_image("eval/worst_images", comparison_grid(images, masks, preds, palette, ignore_index), step)
+            logger.log_text("eval/worst_images", ", ".join(f"{100 * m:.1f}" for m, *_ in ranked), step)
+    finally:
+        logger.close()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

@@ -15,7 +15,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fcn.cli.common import CONFIG_DIR, exit_on_user_error, model_from_checkpoint, offline_model_settings
+from fcn.checkpoint import load_model, offline_model_settings
+from fcn.cli import CONFIG_DIR
+from fcn.cli.exit import exit_on_user_error
 from fcn.errors import UserError
 from fcn.export import check_onnx, export_onnx, save_safetensors
 
@@ -31,7 +33,7 @@ def run_export(cfg: DictConfig) -> Path:
     output = Path(cfg.output)
     if cfg.format == "safetensors" and output.suffix == ".json":
         raise UserError(f"output={output}: the .json name is taken by the sidecar; use model.safetensors")
-    model, ckpt = model_from_checkpoint(cfg.checkpoint, torch.device("cpu"), channels_last=False)
+    model, ckpt = load_model(cfg.checkpoint, torch.device("cpu"), channels_last=False)
     if cfg.format == "onnx":
         export_onnx(model, output, cfg.opset)
         diff = check_onnx(model, output, [list(s) for s in cfg.check_sizes])

@@ -33,19 +33,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fcn import benchmark
-from fcn.cli.common import (
-    CONFIG_DIR,
-    build_dataset,
-    build_model,
-    exit_on_user_error,
-    loader_options,
-    prepare_data_root,
-    resolve_device,
-    resolve_precision,
-)
+from fcn.cli import CONFIG_DIR
+from fcn.cli.compose import build_dataset, build_model, loader_options, prepare_data_root
+from fcn.cli.exit import exit_on_user_error
 from fcn.cli.train import train
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
+from fcn.device import resolve_device, resolve_precision
 from fcn.errors import UserError
 from fcn.optim import build_optimizer
 from fcn.summary import model_summary

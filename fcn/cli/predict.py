@@ -18,19 +18,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
-from fcn.cli.common import (
-    CONFIG_DIR,
-    eval_config,
-    exit_on_user_error,
-    inference_fn,
-    model_from_checkpoint,
-    resolve_device,
-    resolve_precision,
-)
+from fcn.checkpoint import load_model
+from fcn.cli import CONFIG_DIR
+from fcn.cli.compose import eval_config, inference_fn
+from fcn.cli.exit import exit_on_user_error
 from fcn.cli.validate import validate_eval_config
 from fcn.data.folder import IMAGE_EXTENSIONS, read_image
 from fcn.data.labels import exif_orientation, image_to_rgb
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
+from fcn.device import resolve_device, resolve_precision
 from fcn.engine import to_model_input
 from fcn.errors import UserError
 from fcn.report import output_names, save_prediction
@@ -80,7 +76,7 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
         raise UserError("pass input=DIR_OR_GLOB_OR_FILE and output=DIR")
     set_max_image_pixels(cfg.data.get("max_image_pixels", PILLOW_DEFAULT) if "data" in cfg else PILLOW_DEFAULT)
     device = resolve_device(cfg.device)
-    model, ckpt = model_from_checkpoint(cfg.checkpoint, device, cfg.channels_last)
+    model, ckpt = load_model(cfg.checkpoint, device, cfg.channels_last)
     infer = inference_fn(eval_config(ckpt["config"], cfg, overrides or []), ckpt["num_classes"])
     amp_dtype = resolve_precision(cfg.precision, device)
     files = find_inputs(str(cfg.input))

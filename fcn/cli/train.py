@@ -1,111 +1,103 @@
 """``fcn-train`` / ``python scripts/train.py``: train an FCN, then report its best checkpoint.
 
-Reads top to bottom: data, model, optimiser, resume, the epoch loop (train, validate,
-checkpoint), then ``metrics.json`` and a table of the best checkpoint's validation scores.
+Composes the parts from the config (data, model, optimiser, the state of an earlier run), hands
+them to :func:`fcn.fit.fit`, then writes ``metrics.json`` and prints the best checkpoint's
+validation scores. The rest is Hydra and ``torchrun`` plumbing.
+
+torch is imported inside :func:`train`, not at the top: ``--help`` and ``--cfg job`` answer
+before it loads (seconds on a busy machine).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import hydra
-import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fcn import distributed
-from fcn.checkpoint import check_architecture, load_checkpoint, load_resumable, save_checkpoint
-from fcn.cli.common import (
-    CONFIG_DIR,
-    build_dataset,
-    build_model,
-    exit_on_user_error,
-    inference_fn,
-    loader_options,
-    maybe_compile,
-    pair,
-    prepare_data_root,
-    resolve_device,
-    resolve_precision,
-    scan_data,
-    set_deterministic,
-    with_class_weights,
-)
-from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
-from fcn.data.loader import make_loader, pad_collate
-from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
-from fcn.data.sampler import ResumableSampler
-from fcn.engine import NonFiniteLossError, combine_ranks, evaluate, to_model_input, train_one_epoch
-from fcn.errors import UserError, cause
-from fcn.metrics import format_table, scores
-from fcn.optim import build_optimizer
-from fcn.report import to_json
-from fcn.rng import capture_rng_state, restore_rng_state, seed_everything
-from fcn.signals import GracefulStop
-from fcn.state_dict import match_keys, mismatch
-from fcn.summary import decoder_drift, decoder_kernels, model_summary
-from fcn.visualize import comparison_grid, confusion_image, default_palette
+from fcn.cli import CONFIG_DIR
+from fcn.cli.exit import exit_on_user_error
+from fcn.errors import UserError
+from fcn.signals import GracefulStop, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou", "per_class_iou")
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped on a signal after saving ``last.pt``; the exit code is 128 + signal."""
-
-    def __init__(self, signum: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted by signal {signum}; saved {checkpoint}, continue with resume=auto")
-        self.signum, self.checkpoint = signum, checkpoint
-
 
 def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None) -> dict:
-    """Train as ``cfg`` says, writing checkpoints, TensorBoard events and ``metrics.json`` to ``out_dir``.
+    """Train as ``cfg`` says, writing checkpoints, logs and ``metrics.json`` to ``out_dir``.
 
     ``stop`` is polled after every step (the entry point passes one wired to SIGTERM/SIGINT).
     Returns the best checkpoint's validation metrics; raises :class:`TrainingInterrupted` when
-    stopped early.
-
-    Inside a process group (one process of a ``torchrun`` job, see :mod:`fcn.distributed`) every
-    rank calls this with the same ``cfg`` and ``out_dir``: the model trains in
-    DistributedDataParallel on this rank's share of each batch (``trainer.batch_size`` images
-    per process), validation is split between the ranks and summed, and only rank 0 writes files.
+    stopped early. Inside a ``torchrun`` job every rank calls this with the same ``cfg`` and
+    ``out_dir`` (``trainer.batch_size`` images per process); only rank 0 writes files.
     """
+    import torch
+    from hydra.utils import instantiate
+
+    from fcn import distributed
+    from fcn.checkpoint import check_architecture
+    from fcn.cli.compose import (
+        build_dataset,
+        build_model,
+        inference_fn,
+        loader_options,
+        pair,
+        prepare_data_root,
+        scan_data,
+        with_class_weights,
+    )
+    from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
+    from fcn.data.loader import make_loader
+    from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
+    from fcn.data.sampler import ResumableSampler
+    from fcn.device import maybe_compile, resolve_device, resolve_precision, set_deterministic
+    from fcn.engine import NonFiniteLossError
+    from fcn.errors import cause
+    from fcn.fit import Checkpointer, DataInfo, FitSettings, TrainState, fit, plan_epochs
+    from fcn.loggers import NullLogger
+    from fcn.optim import build_optimizer
+    from fcn.resume import agreed_resume_checkpoint, check_same_run_shape, init_weights, restore_training_state
+    from fcn.rng import seed_everything
+    from fcn.summary import model_summary
+    from fcn.visualize import default_palette
+
     validate_train_config(cfg)  # every value checked before any set-up (one line naming the key, exit 2)
     set_max_image_pixels(cfg.data.get("max_image_pixels", PILLOW_DEFAULT))  # before any image is opened
     out_dir = Path(out_dir)
-    main_rank = distributed.is_main()  # the one process that writes files and logs to TensorBoard
+    data, trainer = cfg.data, cfg.trainer
+    main_rank, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", out_dir.resolve())
-    seed_everything(cfg.seed)
-    set_deterministic(cfg.trainer.deterministic)
-    device = distributed.device_for_rank(resolve_device(cfg.trainer.device, cfg.trainer.threads))
-    rank, world = distributed.rank(), distributed.world_size()
-    data, trainer = cfg.data, cfg.trainer
+    # A setting left without a value (data.num_classes: ???) is named here, before any file is read.
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     for key in ("epochs", "batch_size", "val_every", "accumulate_grad_batches"):
         if trainer[key] < 1:
             raise UserError(f"trainer.{key}={trainer[key]}: must be at least 1")
-    if cfg.logger.log_every_n_steps < 1:
-        raise UserError(f"logger.log_every_n_steps={cfg.logger.log_every_n_steps}: must be at least 1")
-    class_names = list(data.class_names)
-    palette = [list(c) for c in data.palette] if data.palette else default_palette(data.num_classes)
+    # Every rank checks the logger's settings (so all stop alike); only rank 0 logs.
+    logger = instantiate(cfg.logger)
+    logger = logger if main_rank else NullLogger()
+    seed_everything(cfg.seed)
+    set_deterministic(trainer.deterministic)
+    device = distributed.device_for_rank(resolve_device(trainer.device, trainer.threads))
 
-    # Data: files on disk through albumentations; uint8 until normalised on the device.
-    # Rank 0 goes first: it generates the built-in dataset and fills the scan cache, the others reuse them.
+    # Data: files on disk through albumentations; uint8 until normalised on the device. Rank 0 goes
+    # first: it generates the built-in dataset and fills the scan cache, the others reuse them.
     with distributed.rank_zero_first():
         prepare_data_root(data)
         train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
         val_set = build_dataset(data, data.val_split, None)
         log.info(
-            "data %s: %d train / %d val images from %s", data.name, len(train_set), len(val_set),
+            "data %s: %d train / %d val images from %s",
+            data.name,
+            len(train_set),
+            len(val_set),
             Path(data.root).resolve(),
-        )  # fmt: skip
+        )
         # Every file checked before the first step (cached): bad files end the run here, named.
         reports = {r.split: r for r in scan_data(data, [data.train_split, data.val_split])}
     val_report = reports.get(data.val_split)
@@ -117,208 +109,127 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     # Each rank draws its own share of every epoch's order; validation is split without repeats.
     sampler = ResumableSampler(len(train_set), cfg.seed, rank=rank, world_size=world)
     drop_last = sampler.per_rank > trainer.batch_size  # BatchNorm dislikes a last batch of one
-    train_loader = make_loader(train_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
-                               sampler=sampler, drop_last=drop_last, seed=cfg.seed,
-                               **loader_options(trainer))  # fmt: skip
-    val_loader = make_loader(val_set, batch_size=val_batch_size, ignore_index=data.ignore_index,
-                             sampler=distributed.shard(len(val_set)), seed=cfg.seed,
-                             **loader_options(trainer))  # fmt: skip
-    batches_per_epoch = sampler.per_rank // trainer.batch_size if drop_last else 1
-    if trainer.limit_train_batches is not None:
-        batches_per_epoch = min(batches_per_epoch, trainer.limit_train_batches)
-    # One optimisation step per `accumulate` batches; the schedule counts steps. Batches that
-    # cannot fill a last step of the epoch are not drawn (as drop_last does for images).
-    accumulate = trainer.accumulate_grad_batches
-    steps_per_epoch = batches_per_epoch // accumulate
-    if steps_per_epoch < 1:
-        raise UserError(
-            f"trainer.accumulate_grad_batches={accumulate} but an epoch has only {batches_per_epoch} batches "
-            f"per process: lower it or trainer.batch_size"
-        )
-    batches_per_epoch = steps_per_epoch * accumulate
-    if world > 1 or accumulate > 1:
+    train_loader = make_loader(
+        train_set,
+        batch_size=trainer.batch_size,
+        ignore_index=data.ignore_index,
+        sampler=sampler,
+        drop_last=drop_last,
+        seed=cfg.seed,
+        **loader_options(trainer),
+    )
+    val_loader = make_loader(
+        val_set,
+        batch_size=val_batch_size,
+        ignore_index=data.ignore_index,
+        sampler=distributed.shard(len(val_set)),
+        seed=cfg.seed,
+        **loader_options(trainer),
+    )
+    shape = plan_epochs(
+        sampler.per_rank,
+        batch_size=trainer.batch_size,
+        drop_last=drop_last,
+        accumulate=trainer.accumulate_grad_batches,
+        epochs=trainer.epochs,
+        limit_train_batches=trainer.limit_train_batches,
+        world_size=world,
+    )
+    if world > 1 or shape.accumulate_grad_batches > 1:
         log.info(
             "%d process(es) x batch %d x %d accumulated = %d images per optimisation step, %d steps per epoch",
-            world, trainer.batch_size, accumulate, world * trainer.batch_size * accumulate, steps_per_epoch,
-        )  # fmt: skip
+            world,
+            shape.batch_size,
+            shape.accumulate_grad_batches,
+            world * shape.batch_size * shape.accumulate_grad_batches,
+            shape.steps_per_epoch,
+        )
 
-    # Model, optimiser, schedule; then the state of an earlier run, when resuming.
+    # Model, optimiser, schedule, loss.
     model = build_model(cfg.model, device, trainer.channels_last)
     model_config = OmegaConf.to_container(cfg.model, resolve=True)
     if cfg.init_from:
-        _init_weights(model, Path(cfg.init_from), model_config)
+        init_weights(model, Path(cfg.init_from), model_config)
     summary = model_summary(model, pair(data.crop_size), device)
     log.info(
         "model %s-fcn%s: %.2fM parameters (%.2fM trainable, %.2fM frozen), %.2f GFLOPs/image forward at %s, device %s",
-        cfg.model.backbone, cfg.model.variant, summary["parameters"] / 1e6, summary["trainable"] / 1e6,
-        summary["frozen"] / 1e6, summary["forward_gflops_per_image"], summary["crop"], device,
-    )  # fmt: skip
-    if cfg.model.get("sync_bn"):
+        cfg.model.backbone,
+        cfg.model.variant,
+        summary["parameters"] / 1e6,
+        summary["trainable"] / 1e6,
+        summary["frozen"] / 1e6,
+        summary["forward_gflops_per_image"],
+        summary["crop"],
+        device,
+    )
+    if trainer.sync_bn:
         model = distributed.sync_batch_norm(model, device)  # same parameters, so before or after init_from alike
     amp_dtype = resolve_precision(trainer.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     net = maybe_compile(model, trainer.compile, trainer.batch_size, pair(data.crop_size), trainer.channels_last)
     optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
-    scheduler = instantiate(cfg.sched)(optimizer, total_steps=trainer.epochs * steps_per_epoch)
-    if (too_long := warmup_warning(cfg.sched.get("warmup_steps"), trainer.epochs * steps_per_epoch)) and main_rank:
+    scheduler = instantiate(cfg.sched)(optimizer, total_steps=shape.total_steps)
+    if (too_long := warmup_warning(cfg.sched.get("warmup_steps"), shape.total_steps)) and main_rank:
         log.warning("%s", too_long)
     loss_fn = instantiate(with_class_weights(cfg.loss, data, reports.get(data.train_split)))
-    infer = inference_fn(cfg.eval, data.num_classes)
-    ckpt_dir = out_dir / "checkpoints"
-    # Where training stands: the epoch in progress, batches of it done (per process), global step,
-    # best so far. The shape of the run (processes, batch size, accumulation, batches per epoch,
-    # schedule length) must match on resume.
-    shape = {"batch_size": trainer.batch_size, "batches_per_epoch": batches_per_epoch,
-             "total_steps": trainer.epochs * steps_per_epoch, "world_size": world,
-             "accumulate_grad_batches": accumulate}  # fmt: skip
-    progress: dict[str, Any] = {"epoch": 1, "epoch_batches": 0, "step": 0, "best": None, "stale": 0, **shape}
+
+    # The state of an earlier run, when resuming: it must have had the same shape.
+    state = TrainState()
     if world > 1:  # the model is built (alike everywhere): from here on each rank draws its own dropout masks
         seed_everything(cfg.seed + rank)
-    resumed = _agreed_resume_checkpoint(cfg.resume, ckpt_dir)
+    resumed = agreed_resume_checkpoint(cfg.resume, out_dir / "checkpoints")
     if resumed is not None:
-        state, source = resumed
-        check_architecture(state["config"]["model"], model_config, source)
-        _check_same_run_shape(state["progress"], shape, source)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        rng_states = state.get("rng_by_rank") or [state["rng"]]
-        restore_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        progress = state["progress"]
-        log.info("resumed from %s at epoch %d, batch %d, step %d", source, progress["epoch"],
-                 progress["epoch_batches"], progress["step"])  # fmt: skip
-
+        saved, source = resumed
+        check_architecture(saved["config"]["model"], model_config, source)
+        check_same_run_shape(saved["progress"], dataclasses.asdict(shape), source)
+        state = TrainState.from_progress(restore_training_state(saved, model, optimizer, scheduler, scaler, rank))
+        log.info("resumed from %s at epoch %d, batch %d, step %d", source, state.epoch, state.epoch_batches, state.step)
     # After the resume: DistributedDataParallel starts every rank from rank 0's weights and buffers.
     train_net = distributed.wrap(net, device)
 
-    # TensorBoard: on resume, purge whatever the interrupted run logged after its checkpoint.
-    purge_step = progress["step"] + 1 if resumed else None
-    writer = _make_writer(cfg.logger, out_dir, purge_step=purge_step) if main_rank else None
-    if writer is not None and not resumed:
-        writer.add_text("model/summary", "  \n".join(f"{k}: {v}" for k, v in summary.items()), 0)
-    log_every = cfg.logger.log_every_n_steps
-
-    def on_step(step: int, loss: float, lr: float, grad_norm: float | None) -> None:
-        if writer is not None and step % log_every == 0:
-            writer.add_scalar("train/loss", loss, step)
-            writer.add_scalar("train/lr", lr, step)
-            if grad_norm is not None:
-                writer.add_scalar("train/grad_norm", grad_norm, step)
-        every = trainer.checkpoint_every_n_steps
-        if every and step % every == 0:
-            done = progress["epoch_batches"] + (step - epoch_start_step) * accumulate
-            if done < batches_per_epoch:  # epoch ends are saved after validation
-                save(ckpt_dir / "last.pt", {**progress, "epoch_batches": done, "step": step})
-
+    palette = [list(c) for c in data.palette] if data.palette else default_palette(data.num_classes)
     run_info = {
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "class_names": class_names,
+        "class_names": list(data.class_names),
         "palette": palette,
         "num_classes": data.num_classes,
         "ignore_index": data.ignore_index,
         "mean": list(data.mean),
         "std": list(data.std),
     }
-
-    def save(path: Path, progress_now: dict, metrics: dict | None = None) -> None:
-        # Called by every rank at the same points: each rank's random state goes in (each resumes
-        # its own dropout masks), the rest is rank 0's, and only rank 0 writes.
-        rng = distributed.gather_objects(capture_rng_state())
-        if not main_rank:
-            return
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng[0],
-            "rng_by_rank": rng if world > 1 else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "progress": progress_now,
-            "epoch": progress_now["epoch"],
-            "step": progress_now["step"],
-            "metrics": metrics,
-            **run_info,
-        }
-        save_checkpoint(state, path, keep_previous=path.name == "last.pt")
-
-    sample_indices = np.linspace(0, len(val_set) - 1, min(cfg.logger.num_images, len(val_set))).round().astype(int)
-    # A signal seen by any rank stops all of them after the same step.
-    shared_stop = distributed.SharedStop(stop or GracefulStop())
-    epoch = progress["epoch"]
-    if progress["epoch_batches"] >= batches_per_epoch:  # the checkpoint closed its epoch
-        epoch, progress = epoch + 1, {**progress, "epoch": epoch + 1, "epoch_batches": 0}
+    checkpointer = Checkpointer(out_dir / "checkpoints", model, optimizer, scheduler, scaler, shape, run_info)
+    # The loop's settings are the trainer settings of the same names; its data facts come from the data config.
+    names = [f.name for f in dataclasses.fields(FitSettings) if f.name in trainer]
+    settings = FitSettings(amp_dtype=amp_dtype, **{name: trainer[name] for name in names})
+    data_info = DataInfo(
+        data.num_classes, data.ignore_index, tuple(data.mean), tuple(data.std), run_info["class_names"], palette
+    )
+    # On resume the logger drops whatever the interrupted run logged after its checkpoint.
+    logger.open(out_dir, purge_step=state.step + 1 if resumed else None)
+    if not resumed:
+        logger.log_text("model/summary", "  \n".join(f"{k}: {v}" for k, v in summary.items()), 0)
     try:
-        while epoch <= trainer.epochs:
-            epoch_start_step = progress["step"]
-            sampler.set_epoch(epoch, start=progress["epoch_batches"] * trainer.batch_size)
-            result = train_one_epoch(
-                train_net, train_loader, optimizer, scheduler, loss_fn,
-                device=device, mean=data.mean, std=data.std, step=progress["step"], epoch=epoch,
-                max_steps=(batches_per_epoch - progress["epoch_batches"]) // accumulate, accumulate=accumulate,
-                channels_last=trainer.channels_last, skip_nonfinite=trainer.skip_nonfinite, amp_dtype=amp_dtype,
-                scaler=scaler, grad_clip_norm=trainer.grad_clip_norm, grad_norm_every=log_every if writer else 0,
-                should_stop=shared_stop.poll, on_step=on_step, progress=main_rank,
-            )  # fmt: skip
-            progress = {**progress, "step": result.step, "epoch_batches": progress["epoch_batches"] + result.batches}
-            if progress["epoch_batches"] < batches_per_epoch:  # stopped mid-epoch
-                save(ckpt_dir / "last.pt", progress)
-                distributed.barrier()  # no rank exits before rank 0 has saved
-                raise TrainingInterrupted(shared_stop.requested or 0, ckpt_dir / "last.pt")
-            metrics = None
-            if epoch % trainer.val_every == 0 or epoch == trainer.epochs:
-                distributed.broadcast_buffers(model)  # every rank scores the model rank 0 saves
-                evaluation = evaluate(
-                    net, val_loader,
-                    num_classes=data.num_classes, ignore_index=data.ignore_index, device=device,
-                    mean=data.mean, std=data.std, loss_fn=loss_fn, max_batches=trainer.limit_val_batches,
-                    channels_last=trainer.channels_last, amp_dtype=amp_dtype, infer=infer, desc="val",
-                    progress=main_rank,
-                )  # fmt: skip
-                evaluation = combine_ranks(evaluation)  # exact: integer confusion counts summed over ranks
-                metrics = scores(evaluation.confusion, class_names)
-                metrics["val_loss"] = evaluation.loss
-                log.info(
-                    "epoch %d/%d: train loss %.4f, val loss %.4f, val mIoU %.4f, pixel acc %.4f",
-                    epoch, trainer.epochs, result.loss, evaluation.loss, metrics["miou"], metrics["pixel_acc"],
-                )  # fmt: skip
-                if writer is not None:
-                    _log_validation(writer, progress["step"], metrics, evaluation.confusion, class_names, model)
-                    _log_samples(
-                        writer,
-                        progress["step"],
-                        net,
-                        val_set,
-                        sample_indices,
-                        data,
-                        device,
-                        palette,
-                        trainer.channels_last,
-                        amp_dtype,
-                    )
-                if progress["best"] is None or metrics["miou"] > progress["best"]["miou"]:
-                    best = {k: metrics[k] for k in METRIC_KEYS} | {
-                        "epoch": epoch, "step": progress["step"], "checkpoint": str(ckpt_dir / "best.pt")
-                    }  # fmt: skip
-                    progress = {**progress, "best": best, "stale": 0}
-                    save(ckpt_dir / "best.pt", progress, metrics)
-                else:
-                    progress = {**progress, "stale": progress.get("stale", 0) + 1}
-            else:
-                log.info("epoch %d/%d: train loss %.4f", epoch, trainer.epochs, result.loss)
-            save(ckpt_dir / "last.pt", progress, metrics)
-            if shared_stop.poll(progress["step"]) and epoch < trainer.epochs:  # also a signal during validation
-                distributed.barrier()
-                raise TrainingInterrupted(shared_stop.requested, ckpt_dir / "last.pt")
-            patience = trainer.early_stopping_patience
-            if patience and progress.get("stale", 0) >= patience:
-                log.info("early stopping: val mIoU has not improved for %d validations", patience)
-                break
-            epoch += 1
-            progress = {**progress, "epoch": epoch, "epoch_batches": 0}
+        state = fit(
+            model,
+            train_net,
+            net,
+            train_loader,
+            val_loader,
+            optimizer,
+            scheduler,
+            loss_fn,
+            checkpointer,
+            state=state,
+            settings=settings,
+            data=data_info,
+            device=device,
+            scaler=scaler,
+            infer=inference_fn(cfg.eval, data.num_classes),
+            logger=logger,
+            stop=stop,
+        )
     except NonFiniteLossError as exc:
-        last = ckpt_dir / "last.pt"
+        last = checkpointer.last
         raise UserError(
             f"{exc.summary()}; "
             f"last good checkpoint: {last if last.exists() else 'none yet'}. Lower optim.lr, check the data, "
@@ -331,17 +242,23 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
             raise UserError(f"{_out_of_memory_message(cfg, device, amp_dtype)} ({cause(exc)})") from exc
         raise
     finally:
-        if writer is not None:
-            writer.close()
-    if main_rank and cfg.logger.tensorboard and progress["best"] is not None:
-        _log_hparams(out_dir, cfg, progress["best"])
-    return _report(progress["best"], out_dir, data, write=main_rank)
+        logger.close()
+    if state.best is not None:
+        logger.log_hparams(_hparams(cfg), {"hparam/best_val_miou": state.best["miou"]})
+    return _report(state.best, out_dir, data, write=main_rank)
 
 
 def _report(best: dict, out_dir: Path, data: DictConfig, write: bool = True) -> dict:
-    # The best checkpoint's validation scores were computed with exactly its weights when it was
-    # chosen (evaluation is deterministic), so they are reported as they are, not recomputed.
-    # Its path is where it was written: a run resumed from another directory may not beat it.
+    """``metrics.json`` and a table of the best checkpoint's validation scores.
+
+    They were computed with exactly its weights when it was chosen (evaluation is deterministic),
+    so they are reported as they are, not recomputed. Its path is where it was written: a run
+    resumed from another directory may not beat it.
+    """
+    from fcn.fit import METRIC_KEYS
+    from fcn.metrics import format_table
+    from fcn.report import to_json
+
     report = {k: best[k] for k in METRIC_KEYS} | {
         "checkpoint": best["checkpoint"],
         "epoch": best["epoch"],
@@ -357,113 +274,9 @@ def _report(best: dict, out_dir: Path, data: DictConfig, write: bool = True) -> 
     return report
 
 
-def _find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, Path] | None:
-    """``resume=auto``: this run directory's newest good ``last.pt`` (or the one before it);
-    ``resume=PATH``: exactly that file."""
-    if not resume:
-        return None
-    if resume == "auto":
-        found = load_resumable(ckpt_dir / "last.pt")
-        if found is None:
-            log.warning("resume=auto: no checkpoint in %s yet; starting fresh", ckpt_dir.resolve())
-        return found
-    path = Path(resume)
-    return load_checkpoint(path), path
-
-
-def _agreed_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, Path] | None:
-    """:func:`_find_resume_checkpoint` as rank 0 sees it: every rank then loads the file rank 0
-    chose (a corrupt ``last.pt`` falls back to the same ``last.prev.pt`` everywhere), or stops
-    with rank 0's error. In a job the run directory must be visible to every rank."""
-    found, error = None, None
-    if distributed.is_main():
-        try:
-            found = _find_resume_checkpoint(resume, ckpt_dir)
-        except UserError as exc:
-            error = str(exc)
-    source, error = distributed.broadcast_object((found[1] if found else None, error))
-    if error is not None:
-        raise UserError(error)
-    if found is None and source is not None:
-        found = load_checkpoint(source), Path(source)
-    return found
-
-
-def _check_same_run_shape(saved: dict, shape: dict, source: Path) -> None:
-    """A resumed run continues the same schedule over the same batches; explain any difference."""
-    names = {"batch_size": "trainer.batch_size", "batches_per_epoch": "batches per epoch (data, trainer.batch_size, "
-             "trainer.limit_train_batches)", "total_steps": "schedule length (trainer.epochs)",
-             "world_size": "processes (torchrun --nproc_per_node x nodes)",
-             "accumulate_grad_batches": "trainer.accumulate_grad_batches"}  # fmt: skip
-    older = {"world_size": 1, "accumulate_grad_batches": 1}  # checkpoints from before these settings existed
-    saved = {**older, **saved}
-    diffs = [f"{names[k]}: checkpoint {saved.get(k)}, now {v}" for k, v in shape.items() if saved.get(k) != v]
-    if diffs:
-        raise UserError(
-            f"cannot resume {source} exactly: {'; '.join(diffs)}. Resume with the original settings, or start a "
-            "new run from its weights with init_from=PATH"
-        )
-
-
-def _init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> None:
-    """``init_from``: weights only, from a checkpoint of the same backbone and width.
-
-    Another class count or another variant is allowed: layers that the new model lacks are
-    dropped, and layers that are new or whose shape differs (score layers and upsampling for
-    another class count; the skip layers and the final upsampling of FCN-16s started from a
-    32s checkpoint, the paper's staged training) keep their initialisation: zero score layers,
-    bilinear upsampling, so new skips start as no-ops on top of what the checkpoint learned.
-    """
-    state = load_checkpoint(path)
-    saved = state["config"]["model"]
-    check_architecture(saved, model_config, path, allow=("num_classes", "variant", "scaled_skips"))
-    weights, own = match_keys(state["model"], model, f"init_from={path}"), model.state_dict()
-    reset = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
-    new = sorted(k for k in own if k not in weights)
-    unused = sorted(k for k in weights if k not in own)
-    if saved["num_classes"] != model_config["num_classes"]:
-        log.warning(
-            "init_from %s: it has %d classes, this model %d; these layers start from their initialisation: %s",
-            path, saved["num_classes"], model_config["num_classes"], ", ".join(reset),
-        )  # fmt: skip
-    elif reset:
-        log.info("init_from %s: these layers differ in shape and start from their initialisation: %s",
-                 path, ", ".join(reset))  # fmt: skip
-    if saved["variant"] == model_config["variant"] and (new or unused):
-        raise UserError(f"init_from={path} does not fit this model: {mismatch(own, weights)}")
-    if saved["variant"] != model_config["variant"]:
-        log.info(
-            "init_from %s: FCN-%s weights into FCN-%s; new layers keep their initialisation: %s; unused: %s",
-            path, saved["variant"], model_config["variant"], ", ".join(new) or "none", ", ".join(unused) or "none",
-        )  # fmt: skip
-    model.load_state_dict({k: v for k, v in weights.items() if k in own and k not in reset}, strict=False)
-    log.info("initialised weights from %s (optimizer and schedule start fresh)", path)
-
-
-def _out_of_memory_message(cfg: DictConfig, device: torch.device, amp_dtype: torch.dtype | None) -> str:
-    precision = str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "float32"
-    hint = "" if amp_dtype is not None or device.type != "cuda" else ", or trainer.precision=bf16"
-    return (
-        f"out of memory on {device} with trainer.batch_size={cfg.trainer.batch_size}, "
-        f"data.crop_size={cfg.data.crop_size}, precision {precision}, "
-        f"model {cfg.model.backbone}-fcn{cfg.model.variant}: "
-        f"lower trainer.batch_size first, then data.crop_size (or model.width for the tiny backbone){hint}"
-    )
-
-
-def _make_writer(logger_cfg: DictConfig, out_dir: Path, purge_step: int | None):
-    if not logger_cfg.tensorboard:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge_step)
-
-
-def _log_hparams(out_dir: Path, cfg: DictConfig, best: dict) -> None:
-    """The run's main settings beside its best val mIoU, for TensorBoard's HPARAMS tab."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    hparams = {
+def _hparams(cfg: DictConfig) -> dict:
+    """The run's main settings, shown beside its best val mIoU (TensorBoard's HPARAMS tab)."""
+    return {
         "model": f"{cfg.model.backbone}-fcn{cfg.model.variant}",
         "width": cfg.model.width,
         "learnable_upsampling": str(cfg.model.learnable_upsampling),  # true, false or intermediate
@@ -476,48 +289,25 @@ def _log_hparams(out_dir: Path, cfg: DictConfig, best: dict) -> None:
         "data": cfg.data.name,
         "seed": cfg.seed,
     }
-    with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:
-        writer.add_hparams(hparams, {"hparam/best_val_miou": best["miou"]}, run_name=".")
 
 
-def _log_validation(writer, step: int, metrics: dict, confusion: torch.Tensor, class_names, model) -> None:
-    writer.add_scalar("val/loss", metrics["val_loss"], step)
-    writer.add_scalar("val/mIoU", metrics["miou"], step)
-    writer.add_scalar("val/pixel_acc", metrics["pixel_acc"], step)
-    writer.add_scalar("val/mean_acc", metrics["mean_acc"], step)
-    writer.add_scalar("val/fwIoU", metrics["fwiou"], step)
-    for name, iou in metrics["per_class_iou"].items():
-        if iou is not None:
-            writer.add_scalar(f"val/IoU/{name}", iou, step)
-    picture = np.asarray(confusion_image(confusion, class_names).convert("RGB"))
-    writer.add_image("val/confusion_matrix", picture, step, dataformats="HWC")
-    # How far each learned upsampling has moved from bilinear interpolation, and what it became.
-    for name, drift in decoder_drift(model).items():
-        writer.add_scalar(f"decoder/drift/{name}", drift, step)
-    for name, kernel in decoder_kernels(model).items():
-        writer.add_image(f"decoder/kernel/{name}", kernel, step)
-    writer.add_scalar(
-        "train/weight_norm", float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm()), step
+def _out_of_memory_message(cfg: DictConfig, device, amp_dtype) -> str:
+    precision = str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "float32"
+    hint = "" if amp_dtype is not None or device.type != "cuda" else ", or trainer.precision=bf16"
+    return (
+        f"out of memory on {device} with trainer.batch_size={cfg.trainer.batch_size}, "
+        f"data.crop_size={cfg.data.crop_size}, precision {precision}, "
+        f"model {cfg.model.backbone}-fcn{cfg.model.variant}: "
+        f"lower trainer.batch_size first, then data.crop_size (or model.width for the tiny backbone){hint}"
     )
-
-
-@torch.no_grad()
-def _log_samples(writer, step, model, dataset, indices, data, device, palette, channels_last, amp_dtype) -> None:
-    """The same few validation images at every validation: input, ground truth, prediction."""
-    if len(indices) == 0:
-        return
-    images, masks = pad_collate([dataset[int(i)] for i in indices], data.ignore_index)
-    model.eval()
-    x = to_model_input(images, device, data.mean, data.std, channels_last)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        preds = model(x).argmax(1)
-    writer.add_image("val/samples", comparison_grid(images, masks, preds, palette, data.ignore_index), step)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error
 def hydra_main(cfg: DictConfig) -> float:
     """Hydra entry point of one process; returns the best val mIoU (for sweepers)."""
+    from fcn import distributed
+
     run_dir = HydraConfig.get().runtime.output_dir
     if distributed.is_main() and distributed.world_size() > 1:
         distributed.broadcast_object(run_dir)  # the other ranks wait for it in main(), before their Hydra starts
@@ -542,7 +332,12 @@ def main() -> None:
     that directory, writing neither ``.hydra/`` nor a log file, and printing only warnings.
     """
     argv = sys.argv[1:]
-    if not distributed.launched_by_torchrun() or any(a.split("=")[0] in _INFO_FLAGS for a in argv):
+    if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
+        hydra_main()  # before importing torch (fcn.distributed): --help answers in a second
+        return
+    from fcn import distributed
+
+    if not distributed.launched_by_torchrun():
         hydra_main()
         return
     if any(a in ("-m", "--multirun") for a in argv):

@@ -1,4 +1,5 @@
-"""Bad input meets one clear message before training; the dataset doctor; the scan cache; class weights."""
+"""Every file checked before training (the scan) with one clear message per problem; the scan cache;
+the dataset doctor (check_data); class weights from the scan."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from fcn.cli.check_data import run_check
-from fcn.cli.common import scan_data, with_class_weights
+from fcn.cli.compose import scan_data, with_class_weights
 from fcn.data.folder import read_image
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import median_frequency_weights, scan_split
@@ -211,6 +212,7 @@ def test_doctor_reports_usable_data_with_frequencies_and_weights(tmp_path):
     assert sum(train["class_frequency"]) == pytest.approx(1.0) and len(report["class_weights_median_frequency"]) == 3
 
 
+@pytest.mark.slow
 def test_doctor_exits_non_zero_on_bad_data_and_lists_every_problem(tmp_path):
     root = write_folder(tmp_path / "d", values=(0, 1, 2), split_lists={"train": ["a", "b"], "val": ["c"]})
     save(mask_array(24, 32, [0, 5]), root / "masks" / "a.png")

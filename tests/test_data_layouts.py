@@ -1,4 +1,5 @@
-"""Every supported dataset layout reads through its data config, with its label conventions."""
+"""Finding image/mask pairs: the folder layout (split lists, globs, {split} placeholders) and every
+supported dataset's layout read through its data config, downloads included."""
 
 from __future__ import annotations
 
@@ -7,11 +8,80 @@ import pytest
 import torch
 from PIL import Image
 
-from fcn.cli.common import build_dataset, prepare_data_root, scan_data
-from fcn.data.folder import find_pairs
+from fcn.cli.compose import build_dataset, prepare_data_root, scan_data
+from fcn.data.folder import SegmentationFolder, find_pairs
 from fcn.errors import UserError
 from tests.conftest import compose_config
-from tests.layouts import mask_array, save, write_ade20k, write_camvid, write_cityscapes, write_folder, write_voc
+from tests.layouts import mask_array, save, write_camvid, write_cityscapes, write_folder, write_pair, write_voc
+
+
+def test_images_match_masks_by_stem_for_any_image_extension(tmp_path):
+    write_pair(tmp_path, "a", ext=".jpg")
+    write_pair(tmp_path, "b", ext=".png")
+    write_pair(tmp_path, "c", ext=".bmp")
+    pairs = find_pairs(tmp_path, "train", split_file=None)
+    assert [(i.name, m.name) for i, m in pairs] == [("a.jpg", "a.png"), ("b.png", "b.png"), ("c.bmp", "c.png")]
+
+
+def test_split_list_selects_and_orders_images(tmp_path):
+    for stem in "abc":
+        write_pair(tmp_path, stem)
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "val.txt").write_text("c\na\n")
+    pairs = find_pairs(tmp_path, "val")
+    assert [i.stem for i, _ in pairs] == ["c", "a"]
+
+
+def test_split_placeholder_in_folder_names(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "trainannot").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "x.png")
+    Image.new("L", (8, 8)).save(tmp_path / "trainannot" / "x.png")
+    pairs = find_pairs(tmp_path, "train", image_dir="{split}", mask_dir="{split}annot", split_file=None)
+    assert pairs[0][1] == tmp_path / "trainannot" / "x.png"
+
+
+def test_missing_root_names_the_absolute_path_and_the_key(tmp_path):
+    with pytest.raises(UserError, match=f"{tmp_path / 'nowhere'}.*data.root"):
+        find_pairs(tmp_path / "nowhere", "train")
+
+
+def test_empty_split_is_an_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(UserError, match="split 'train' is empty"):
+        find_pairs(tmp_path, "train", split_file=None)
+
+
+def test_images_without_masks_are_listed(tmp_path):
+    write_pair(tmp_path, "a")
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "orphan.png")
+    with pytest.raises(UserError, match="1 images .* no mask.*orphan"):
+        find_pairs(tmp_path, "train", split_file=None)
+
+
+def test_mask_size_mismatch_names_both_files(tmp_path):
+    write_pair(tmp_path, "a", size=(20, 16))
+    Image.fromarray(np.zeros((20, 16), np.uint8)).save(tmp_path / "masks" / "a.png")  # transposed
+    dataset = SegmentationFolder(find_pairs(tmp_path, "train", split_file=None))
+    with pytest.raises(UserError, match=r"a\.png is 16x20 but image .*a\.jpg is 20x16"):
+        dataset[0]
+
+
+def test_items_are_uint8_images_and_int64_masks(tmp_path):
+    write_pair(tmp_path, "a", size=(20, 16), value=2)
+    image, mask = SegmentationFolder(find_pairs(tmp_path, "train", split_file=None))[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 16, 20)
+    assert mask.dtype == torch.int64 and mask.shape == (16, 20) and mask.unique().tolist() == [2]
+
+
+def test_a_glob_selects_the_split_without_a_list(tmp_path):
+    for stem in ("seq1_a", "seq1_b", "seq2_a"):
+        write_pair(tmp_path, stem)
+    pairs = find_pairs(tmp_path, "train", split_file=None, image_glob="seq1_*")
+    assert [i.stem for i, _ in pairs] == ["seq1_a", "seq1_b"]
+    with pytest.raises(UserError, match="no files matching 'seq9_\\*'"):
+        find_pairs(tmp_path, "train", split_file=None, image_glob="seq9_*")
 
 
 def _data(option: str, root, *extra: str):
@@ -22,26 +92,9 @@ def _mask_values(dataset) -> set[int]:
     return {int(v) for i in range(len(dataset)) for v in torch.unique(dataset[i][1])}
 
 
-def test_camvid_segnet_layout_keeps_void_11_ignored(tmp_path):
-    data = _data("camvid", write_camvid(tmp_path))
-    reports = scan_data(data, [data.train_split, data.val_split])
-    assert [r.pairs for r in reports] == [3, 3] and not any(r.problems for r in reports if r.errors)
-    dataset = build_dataset(data, "train", None)
-    assert _mask_values(dataset) == {0, 3, 8, 11} and data.ignore_index == 11
-
-
 def test_camvid_test_split_is_read_where_it_exists(tmp_path):
     data = _data("camvid", write_camvid(tmp_path, splits=("train", "val", "test")))
     assert len(build_dataset(data, data.test_split, None)) == 3
-
-
-def test_voc_palette_masks_are_read_as_indices_with_255_borders(tmp_path):
-    data = _data("voc", write_voc(tmp_path / "VOCdevkit" / "VOC2012"))
-    train = build_dataset(data, data.train_split, None)
-    assert [p[0].name for p in train.pairs] == ["2007_000032.jpg", "2007_000039.jpg"]  # ImageSets order
-    assert _mask_values(train) == {0, 1, 2, 255}  # indices, not the palette's colours
-    assert len(build_dataset(data, data.val_split, None)) == 1
-    assert not scan_data(data, ["train", "val"])[0].errors
 
 
 def test_voc_download_goes_through_torchvision_into_the_devkit_layout(tmp_path, monkeypatch):
@@ -86,56 +139,6 @@ def test_cityscapes_matches_images_and_train_id_masks_across_city_folders(tmp_pa
     assert not any(r.errors for r in scan_data(data, ["train", "val"]))
 
 
-def test_cityscapes_label_ids_are_mapped_to_train_ids(tmp_path):
-    data = _data("cityscapes_labelids", write_cityscapes(tmp_path, mask_kind="labelIds"))
-    # label ids 7 (road), 26 (car), 33 (bicycle), 0 (unlabelled) -> train ids 0, 13, 18, ignore
-    assert _mask_values(build_dataset(data, "val", None)) == {0, 13, 18, 255}
-
-
-def test_ade20k_reduce_zero_label_ignores_other_and_shifts_classes_down(tmp_path):
-    data = _data("ade20k", write_ade20k(tmp_path))
-    dataset = build_dataset(data, data.train_split, None)
-    assert _mask_values(dataset) == {255, 0, 149}  # file values 0, 1, 150
-    report = scan_data(data, [data.train_split])[0]
-    assert report.class_pixels[0] > 0 and report.class_pixels[149] > 0 and report.ignored_pixels > 0
-
-
-def test_binary_0_255_masks_train_with_a_label_map(tmp_path):
-    root = write_folder(tmp_path, values=(0, 255), split_lists={"train": ["a", "b"], "val": ["c"]})
-    extra = ["data.num_classes=2", "data.class_names=[bg,fg]"]
-    with pytest.raises(UserError, match=r"data.label_map=\{255:1\}"):
-        scan_data(_data("folder", root, *extra), ["train"])
-    data = _data("folder", root, *extra, "data.label_map={255:1}")
-    assert not scan_data(data, ["train"])[0].errors
-    assert _mask_values(build_dataset(data, "train", None)) == {0, 1}
-
-
-def test_rgb_colour_masks_map_through_the_palette_and_ignore_colours(tmp_path):
-    palette = [[0, 0, 0], [255, 0, 0], [0, 0, 255]]
-    rgb = np.zeros((8, 9, 3), np.uint8)
-    rgb[:, 3:6] = palette[1]
-    rgb[:, 6:] = palette[2]
-    rgb[0, 0] = [255, 255, 255]  # a void colour
-    write_folder(tmp_path, names=("a",), size=(8, 9))
-    save(rgb, tmp_path / "masks" / "a.png")
-    extra = ["data.num_classes=3", "data.class_names=[bg,red,blue]", "data.split_file=null", f"data.palette={palette}"]
-    with pytest.raises(UserError, match=r"colours not in data.palette: \[255, 255, 255\]"):
-        scan_data(_data("folder", tmp_path, *extra), ["train"])
-    data = _data("folder", tmp_path, *extra, "data.ignore_colors=[[255,255,255]]")
-    scan_data(data, ["train"])
-    mask = build_dataset(data, "train", None)[0][1]
-    assert mask[0, 0] == 255 and mask[1, 0] == 0 and mask[1, 4] == 1 and mask[1, 7] == 2
-
-
-def test_index_masks_saved_as_gray_rgb_are_read_as_indices(tmp_path, caplog):
-    write_folder(tmp_path, names=("a",), size=(6, 8))
-    save(np.repeat(np.full((6, 8, 1), 1, np.uint8), 3, axis=2), tmp_path / "masks" / "a.png")
-    data = _data("folder", tmp_path, "data.num_classes=2", "data.class_names=[bg,fg]", "data.split_file=null")
-    report = scan_data(data, ["train"])[0]
-    assert [p.kind for p in report.warnings] == ["rgb_index_masks", "absent_classes"]
-    assert _mask_values(build_dataset(data, "train", None)) == {1}
-
-
 def test_split_lists_and_recursive_layout_use_relative_names(tmp_path):
     for city in ("x", "y"):
         write_folder(tmp_path / "images_root" / city, names=("n1",))
@@ -151,8 +154,9 @@ def test_split_lists_and_recursive_layout_use_relative_names(tmp_path):
 
 
 def test_mixed_sizes_train_and_are_scored_one_image_at_a_time_at_their_own_size(tmp_path, monkeypatch):
-    import fcn.cli.train as train_module
+    import fcn.fit
     from fcn.cli.evaluate import run_evaluation
+    from fcn.cli.train import train
 
     sizes = {"a": (24, 32), "b": (30, 20), "c": (17, 41), "d": (24, 32)}
     root = tmp_path / "data"
@@ -163,17 +167,17 @@ def test_mixed_sizes_train_and_are_scored_one_image_at_a_time_at_their_own_size(
     (root / "splits" / "train.txt").write_text("a\nb\nc\nd\n")
     (root / "splits" / "val.txt").write_text("b\nc\nd\n")
     seen = []
-    real_evaluate = train_module.evaluate
+    real_evaluate = fcn.fit.evaluate
 
     def spy(model, loader, **kwargs):
         seen.extend(tuple(images.shape) for images, _ in loader)
         return real_evaluate(model, loader, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", spy)
+    monkeypatch.setattr(fcn.fit, "evaluate", spy)
     cfg = compose_config("train", ["data=folder", f"data.root={root}", "data.num_classes=2", "data.class_names=[x,y]",
                                    "data.crop_size=16", "trainer=debug", "trainer.epochs=1", "trainer.batch_size=2",
-                                   "logger.tensorboard=false", "model.width=4"])  # fmt: skip
-    train_module.train(cfg, tmp_path / "run")
+                                   "logger=none", "model.width=4"])  # fmt: skip
+    train(cfg, tmp_path / "run")
     assert seen == [(1, 3, 30, 20), (1, 3, 17, 41), (1, 3, 24, 32)]  # each val image alone, unpadded
     ecfg = compose_config("evaluate", [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "num_workers=0",
                                        "tensorboard=false", "eval.save_predictions=true"])  # fmt: skip

@@ -1,5 +1,6 @@
-"""What the entry points share: turning config values into datasets, models, the device and
-precision, and the one-line error exit."""
+"""Config -> constructor arguments: what the entry points share to turn Hydra config values into
+the plain arguments of datasets, the data scan, losses, models, loaders and inference settings.
+Nothing here trains or runs; only ``fcn/cli`` reads the config."""
 
 from __future__ import annotations
 
@@ -7,90 +8,24 @@ import copy
 import functools
 import inspect
 import logging
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import DictConfig, OmegaConf
 
-from fcn.checkpoint import load_checkpoint
 from fcn.data.download import download
 from fcn.data.folder import SegmentationFolder, find_pairs
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.shapes import ensure_shapes
-from fcn.errors import UserError, cause, disk_full_error
+from fcn.errors import UserError
 from fcn.inference import predict_logits
-from fcn.state_dict import load_into
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-
-
-def exit_on_user_error(task: Callable) -> Callable:
-    """Run ``task``; a :class:`UserError` or a missing mandatory setting ends it with one line.
-
-    The message goes to stderr and the log file; the exit code is 2. Anything else is a bug and
-    keeps its traceback.
-    """
-
-    @functools.wraps(task)
-    def wrapper(*args, **kwargs):
-        try:
-            return task(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - re-raised below unless it is the user's mistake
-            cause = _user_error_in_chain(exc) or disk_full_error(exc)  # a full disk: one line too
-            if cause is None:
-                raise
-            if isinstance(cause, MissingMandatoryValue):
-                key = cause.full_key
-                message = f"error: setting {key} has no value: pass {key}=VALUE on the command line"
-            else:
-                message = f"error: {_without_worker_traceback(str(cause))}"
-        log.error(message)
-        print(message, file=sys.stderr)
-        sys.exit(2)
-
-    return wrapper
-
-
-def _user_error_in_chain(exc: BaseException) -> BaseException | None:
-    # Hydra's instantiate wraps what a constructor raised; follow the chain to the user's mistake.
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (UserError, MissingMandatoryValue)):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _without_worker_traceback(message: str) -> str:
-    # A DataLoader worker re-raises as "Caught UserError in DataLoader worker ... Original
-    # Traceback ...", ending with the original "fcn.errors.UserError: <message>" line.
-    if "Original Traceback" not in message:
-        return message
-    last = message.strip().splitlines()[-1]
-    return last.split("UserError: ", 1)[-1]
-
-
-def resolve_device(name: str, threads: int | None = None) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; other names are passed to torch.
-
-    ``threads`` sets torch's CPU threads (None keeps torch's choice: one per physical core).
-    """
-    if threads:
-        torch.set_num_threads(threads)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but CUDA is not available here; use trainer.device=cpu or auto")
-    return torch.device(name)
 
 
 def prepare_data_root(data: DictConfig) -> None:
@@ -217,40 +152,13 @@ def with_class_weights(loss_cfg: DictConfig, data: DictConfig, train_report: Spl
     return loss_cfg
 
 
-# Model settings that say how to train the network, not what it is: never passed to its constructor.
-TRAINING_ONLY_MODEL_KEYS = ("sync_bn",)
-
-
 def build_model(model_cfg: DictConfig, device: torch.device, channels_last: bool) -> torch.nn.Module:
     """Instantiate the configured model on ``device``, in NHWC memory order when asked.
 
     NHWC (channels-last) makes convolutions faster on CPUs (oneDNN) and on tensor cores.
-    Training-only settings (``sync_bn``, applied by the trainer) are left out of the constructor call.
     """
-    model_cfg = copy.copy(model_cfg)  # shallow: interpolations still resolve against the whole config
-    with open_dict(model_cfg):
-        for key in TRAINING_ONLY_MODEL_KEYS:
-            model_cfg.pop(key, None)
     model = instantiate(model_cfg).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``trainer.precision``: None means plain float32.
-
-    ``auto`` is bfloat16 on GPUs that support it (float16 on older ones) and float32 on the CPU,
-    where autocast is slower than float32 for convolutions.
-    """
-    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name not in choices:
-        raise UserError(f"trainer.precision={name!r}: choose auto, fp32, bf16 or fp16")
-    if name == "fp16" and device.type != "cuda":
-        raise UserError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    return choices[name]
 
 
 def pair(size: int | list | tuple) -> tuple[int, int]:
@@ -266,69 +174,6 @@ def loader_options(trainer: DictConfig) -> dict:
         "pin_memory": trainer.pin_memory,
         "persistent_workers": trainer.persistent_workers,
     }
-
-
-def set_deterministic(deterministic: bool) -> None:
-    """``trainer.deterministic``: deterministic algorithms, or cuDNN's autotuner for speed."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
-        # warn_only: a few CUDA kernels FCN needs (max-pool and 2-D NLL-loss backward) have no
-        # deterministic version; torch warns about each instead of refusing to train.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
-def maybe_compile(
-    model: torch.nn.Module, enabled: bool, batch_size: int, crop: tuple[int, int], channels_last: bool
-) -> torch.nn.Module:
-    """``torch.compile`` the model when ``enabled``, falling back to eager with a warning.
-
-    Compilation is lazy, so a failure would only surface mid-training: one forward and backward
-    pass on a zero batch of the training shape forces it here. The model's weights and batch-norm
-    statistics are put back afterwards, so the trial leaves no trace in training.
-    """
-    if not enabled:
-        return model
-    device = next(model.parameters()).device
-    example = torch.zeros(batch_size, 3, *crop, device=device)
-    if channels_last:
-        example = example.contiguous(memory_format=torch.channels_last)
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        compiled = torch.compile(model)
-        compiled.train()
-        compiled(example).float().mean().backward()
-    except Exception as exc:  # noqa: BLE001 - any compiler failure means "run eagerly"
-        log.warning("torch.compile failed (%s); training without it", cause(exc))  # the reason, not the headline
-        return model
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.load_state_dict(saved)
-    log.info("model compiled with torch.compile")
-    return compiled
-
-
-def offline_model_settings(model_config: dict) -> dict:
-    """``FCN`` keyword arguments from a model config, with no download and no weights file:
-    for rebuilding a network whose weights come from elsewhere (a checkpoint, an export)."""
-    settings = {k: v for k, v in model_config.items() if not k.startswith("_") and k not in TRAINING_ONLY_MODEL_KEYS}
-    return settings | {"pretrained": False, "backbone_weights": None}
-
-
-def model_from_checkpoint(path: str | Path, device: torch.device, channels_last: bool) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the network a checkpoint was trained as, with its weights, in eval mode.
-
-    The model settings come from the checkpoint's own config; weights come from the checkpoint,
-    never from a download (``pretrained`` and ``backbone_weights`` are switched off).
-    """
-    ckpt = load_checkpoint(path)
-    model_cfg = OmegaConf.create(ckpt["config"]["model"])
-    model_cfg.merge_with(offline_model_settings(ckpt["config"]["model"]))
-    model = build_model(model_cfg, device, channels_last)
-    load_into(model, ckpt["model"], f"checkpoint {path}", fix="its weights do not match its own model config")
-    return model.eval(), ckpt
 
 
 def _pair_setting(value, key: str) -> list[int] | None:

@@ -1,0 +1,87 @@
+"""Where and how the network runs: the device, the autocast precision, determinism and
+``torch.compile``. Plain arguments; the messages name the ``trainer.*`` settings they come from."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from fcn.errors import UserError, cause
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str, threads: int | None = None) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; other names are passed to torch.
+
+    ``threads`` sets torch's CPU threads (None keeps torch's choice: one per physical core).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but CUDA is not available here; use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``trainer.precision``: None means plain float32.
+
+    ``auto`` is bfloat16 on GPUs that support it (float16 on older ones) and float32 on the CPU,
+    where autocast is slower than float32 for convolutions.
+    """
+    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in choices:
+        raise UserError(f"trainer.precision={name!r}: choose auto, fp32, bf16 or fp16")
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return choices[name]
+
+
+def set_deterministic(deterministic: bool) -> None:
+    """``trainer.deterministic``: deterministic algorithms, or cuDNN's autotuner for speed."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
+        # warn_only: a few CUDA kernels FCN needs (max-pool and 2-D NLL-loss backward) have no
+        # deterministic version; torch warns about each instead of refusing to train.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def maybe_compile(
+    model: torch.nn.Module, enabled: bool, batch_size: int, crop: tuple[int, int], channels_last: bool
+) -> torch.nn.Module:
+    """``torch.compile`` the model when ``enabled``, falling back to eager with a warning.
+
+    Compilation is lazy, so a failure would only surface mid-training: one forward and backward
+    pass on a zero batch of the training shape forces it here. The model's weights and batch-norm
+    statistics are put back afterwards, so the trial leaves no trace in training.
+    """
+    if not enabled:
+        return model
+    device = next(model.parameters()).device
+    example = torch.zeros(batch_size, 3, *crop, device=device)
+    if channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        compiled = torch.compile(model)
+        compiled.train()
+        compiled(example).float().mean().backward()
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means "run eagerly"
+        log.warning("torch.compile failed (%s); training without it", cause(exc))  # the reason, not the headline
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+    log.info("model compiled with torch.compile")
+    return compiled

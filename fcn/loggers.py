@@ -1,0 +1,94 @@
+"""Where a run's numbers and pictures go: :class:`TensorBoardLogger`, or :class:`NullLogger` for
+none. Both have the small interface the training loop uses; ``configs/logger/*.yaml`` name the
+class with ``_target_``, so another logger is one class here and one YAML there.
+
+Loggers receive plain values (floats, tensors, HWC pictures); what to log is decided by the loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fcn.errors import UserError
+
+
+class NullLogger:
+    """Logs nothing: ``logger=none``, and every rank but 0 of a ``torchrun`` job."""
+
+    def __init__(self, log_every_n_steps: int | None = None, num_images: int | None = None) -> None:
+        """Settings of other loggers are accepted and ignored: ``logger=none`` composes with
+        overrides such as ``logger.log_every_n_steps=1`` written for them."""
+
+    enabled = False  # False: the loop draws no pictures and computes no gradient norms for it
+    log_every_n_steps = 0
+    num_images = 0
+
+    def open(self, out_dir: Path, purge_step: int | None = None) -> None:
+        """Start logging into the run directory ``out_dir``; on resume, ``purge_step`` is the first
+        step whose earlier records (written after the checkpoint) are dropped."""
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """A piece of text (e.g. the model summary)."""
+
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        """One number at one step."""
+
+    def log_image(self, tag: str, image: torch.Tensor | np.ndarray, step: int) -> None:
+        """A picture: CHW tensor or HWC uint8 array."""
+
+    def log_hparams(self, hparams: dict, metrics: dict) -> None:
+        """The run's main settings beside its final scores (``hparams`` values: str, int, float, bool)."""
+
+    def close(self) -> None:
+        """Flush and release files; safe to call twice."""
+
+
+class TensorBoardLogger(NullLogger):
+    """Event files in ``<run dir>/tensorboard`` (``tensorboard --logdir <run dir>``).
+
+    Args:
+        log_every_n_steps: train loss, learning rate and gradient norm every N steps (>= 1).
+        num_images: fixed validation images shown (input, truth, prediction) at each validation.
+    """
+
+    def __init__(self, log_every_n_steps: int = 10, num_images: int = 4) -> None:
+        if log_every_n_steps < 1:
+            raise UserError(f"logger.log_every_n_steps={log_every_n_steps}: must be at least 1")
+        self.enabled = True
+        self.log_every_n_steps = log_every_n_steps
+        self.num_images = num_images
+        self._writer = None
+        self._dir: Path | None = None
+
+    def open(self, out_dir: Path, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only needed here
+
+        self._dir = Path(out_dir) / "tensorboard"
+        self._writer = SummaryWriter(log_dir=str(self._dir), purge_step=purge_step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        self._writer.add_text(tag, text, step)
+
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        self._writer.add_scalar(tag, value, step)
+
+    def log_image(self, tag: str, image: torch.Tensor | np.ndarray, step: int) -> None:
+        if isinstance(image, np.ndarray) and image.ndim == 3:
+            self._writer.add_image(tag, image, step, dataformats="HWC")
+        else:
+            self._writer.add_image(tag, image, step)
+
+    def log_hparams(self, hparams: dict, metrics: dict) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # A writer of its own: add_hparams writes a separate record that TensorBoard's HPARAMS tab reads.
+        with SummaryWriter(log_dir=str(self._dir)) as writer:
+            writer.add_hparams(hparams, metrics, run_name=".")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,94 @@
+"""The pieces of the epoch loop and its neighbours, through ``fcn.*``: the run's shape, the training
+state saved in checkpoints, the loggers, and rebuilding a checkpoint's model without Hydra."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fcn.checkpoint import load_model, save_checkpoint
+from fcn.errors import UserError
+from fcn.fit import TrainState, plan_epochs
+from fcn.loggers import NullLogger, TensorBoardLogger
+from fcn.models import FCN
+
+
+def _plan(images: int, batch: int, accumulate: int = 1, limit: int | None = None):
+    return plan_epochs(
+        images,
+        batch_size=batch,
+        drop_last=images > batch,
+        accumulate=accumulate,
+        epochs=3,
+        limit_train_batches=limit,
+        world_size=1,
+    )
+
+
+def test_an_epoch_draws_only_the_batches_that_fill_whole_optimisation_steps():
+    shape = _plan(images=20, batch=2, accumulate=3)  # 10 batches: 3 steps of 3, the 10th not drawn
+    assert (shape.batches_per_epoch, shape.steps_per_epoch, shape.total_steps) == (9, 3, 9)
+    assert _plan(images=20, batch=2, limit=4).batches_per_epoch == 4
+    assert _plan(images=3, batch=8).batches_per_epoch == 1  # one short batch rather than none
+
+
+def test_accumulating_more_batches_than_an_epoch_has_names_the_settings():
+    with pytest.raises(UserError, match=r"trainer.accumulate_grad_batches=4 .* only 3 batches"):
+        _plan(images=6, batch=2, accumulate=4)
+
+
+def test_training_state_round_trips_through_a_checkpoints_progress():
+    state = TrainState(epoch=3, epoch_batches=2, step=17, best={"miou": 0.5}, stale=1)
+    progress = {**dataclasses.asdict(state), **dataclasses.asdict(_plan(images=20, batch=2))}
+    assert TrainState.from_progress(progress) == state
+    older = {k: v for k, v in progress.items() if k != "stale"}  # checkpoints from before early stopping
+    assert TrainState.from_progress(older).stale == 0
+
+
+def test_the_null_logger_accepts_other_loggers_settings_and_asks_for_nothing():
+    logger = NullLogger(log_every_n_steps=1, num_images=4)
+    assert not logger.enabled and logger.log_every_n_steps == 0 and logger.num_images == 0
+    logger.log_scalar("train/loss", 1.0, 1)  # no file, no error
+
+
+def test_tensorboard_logger_refuses_a_logging_interval_below_one():
+    with pytest.raises(UserError, match=r"logger.log_every_n_steps=0: must be at least 1"):
+        TensorBoardLogger(log_every_n_steps=0)
+
+
+def test_tensorboard_logger_writes_events_into_the_run_directory(tmp_path):
+    logger = TensorBoardLogger(log_every_n_steps=1, num_images=0)
+    logger.open(tmp_path)
+    logger.log_scalar("train/loss", 0.5, 1)
+    logger.close()
+    logger.close()  # twice is fine
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_load_model_rebuilds_the_trained_network_without_hydra(tmp_path):
+    config = {
+        "_target_": "fcn.models.FCN",
+        "num_classes": 3,
+        "backbone": "tiny",
+        "variant": "16s",
+        "width": 4,
+        "pretrained": True,
+        "sync_bn": False,
+    }  # sync_bn: older checkpoints kept it with the model
+    torch.manual_seed(0)
+    trained = FCN(num_classes=3, backbone="tiny", variant="16s", width=4).eval()
+    save_checkpoint({"model": trained.state_dict(), "config": {"model": config}}, tmp_path / "best.pt")
+    model, ckpt = load_model(tmp_path / "best.pt")
+    x = torch.rand(1, 3, 37, 45)
+    assert not model.training and ckpt["config"]["model"] == config
+    assert torch.equal(model(x), trained(x))
+
+
+def test_load_model_says_when_the_weights_do_not_fit_the_saved_settings(tmp_path):
+    config = {"num_classes": 3, "backbone": "tiny", "variant": "8s", "width": 4}
+    other = FCN(num_classes=5, backbone="tiny", variant="8s", width=4)
+    save_checkpoint({"model": other.state_dict(), "config": {"model": config}}, tmp_path / "x.pt")
+    with pytest.raises(UserError, match=r"x.pt does not fit its own model config"):
+        load_model(tmp_path / "x.pt")
