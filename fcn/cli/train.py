@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcn import distributed
 from fcn.checkpoint import check_architecture, load_checkpoint, load_resumable, save_checkpoint
+from fcn.cli import multirun
 from fcn.cli.common import (
     CONFIG_DIR,
     build_dataset,
@@ -465,6 +466,7 @@ def _log_hparams(out_dir: Path, cfg: DictConfig, best: dict) -> None:
         "epochs": cfg.trainer.epochs,
         "data": cfg.data.name,
         "seed": cfg.seed,
+        **multirun.override_hparams(),  # the keys a sweep or search set, so its rows differ visibly
     }
     with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:
         writer.add_hparams(hparams, {"hparam/best_val_miou": best["miou"]}, run_name=".")
@@ -509,14 +511,31 @@ def _log_samples(writer, step, model, dataset, indices, data, device, palette, c
 def hydra_main(cfg: DictConfig) -> float:
     """Hydra entry point of one process; returns the best val mIoU (for sweepers)."""
     run_dir = HydraConfig.get().runtime.output_dir
+    if not distributed.launched_by_torchrun() and distributed.adopt_slurm_environment():
+        # one task of a SLURM job started by the submitit launcher: every task runs this same job
+        with distributed.process_group():
+            return _run_job(cfg, run_dir)
     if distributed.is_main() and distributed.world_size() > 1:
         distributed.broadcast_object(run_dir)  # the other ranks wait for it in main(), before their Hydra starts
-    with GracefulStop() as stop:
+    return _run_job(cfg, run_dir)
+
+
+def _run_job(cfg: DictConfig, run_dir: str) -> float:
+    failed = None
+    with GracefulStop(also=multirun.requeue_signals()) as stop:
         try:
             return train(cfg, run_dir, stop)["miou"]
         except TrainingInterrupted as exc:
             log.warning("%s", exc)
-            sys.exit(128 + exc.signum)
+            signum = exc.signum
+        except UserError as exc:
+            if not multirun.in_multirun():
+                raise
+            failed = str(exc)  # raised below, outside this handler, so it is not a UserError's exit 2
+    if failed is not None:  # one job of a sweep: recorded as failed (a failed Optuna trial), the sweep goes on
+        raise multirun.JobFailed(failed)
+    multirun.hand_over_to_submitit(signum)  # under submitit: requeue with resume=auto
+    sys.exit(128 + signum)
 
 
 # Hydra flags that print and exit without running the task: no process group for those.
@@ -532,6 +551,7 @@ def main() -> None:
     that directory, writing neither ``.hydra/`` nor a log file, and printing only warnings.
     """
     argv = sys.argv[1:]
+    distributed.adopt_slurm_environment()  # `srun python scripts/train.py`: SLURM's tasks join as torchrun's would
     if not distributed.launched_by_torchrun() or any(a.split("=")[0] in _INFO_FLAGS for a in argv):
         hydra_main()
         return
