@@ -216,7 +216,8 @@ def test_an_optuna_search_records_failed_trials_goes_on_and_continues_from_its_s
     import optuna
 
     # trainer.batch_size=0 is refused (one line): such a trial fails, the search goes on
-    search = ["-m", "hparams_search=optuna", "trainer.batch_size=choice(4,0)", *_launcher_overrides(shapes_root)]
+    fixed = [o for o in _launcher_overrides(shapes_root) if not o.startswith("trainer.batch_size=")]
+    search = ["-m", "hparams_search=optuna", "trainer.batch_size=choice(4,0)", *fixed]
     first = tmp_path / "first"
     proc = _train([*search, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={first}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
