@@ -38,9 +38,13 @@ class JobFailed(RuntimeError):
     a sweeper (Optuna) marks the trial failed and goes on with the next."""
 
 
-def in_multirun() -> bool:
-    """True inside a job that Hydra started with ``-m``."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+def failures_go_on() -> bool:
+    """True inside a job of a multirun whose sweeper records a failed job and goes on (Optuna's,
+    with ``max_failure_rate``). Hydra's basic sweeper ends the sweep at a failed job anyway, so
+    there a user's mistake keeps its one-line message and exit code 2."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return "BasicSweeper" not in str(HydraConfig.get().sweeper.get("_target_", "BasicSweeper"))
 
 
 def override_hparams() -> dict[str, Any]:

@@ -529,10 +529,10 @@ def _run_job(cfg: DictConfig, run_dir: str) -> float:
             log.warning("%s", exc)
             signum = exc.signum
         except UserError as exc:
-            if not multirun.in_multirun():
+            if not multirun.failures_go_on():
                 raise
             failed = str(exc)  # raised below, outside this handler, so it is not a UserError's exit 2
-    if failed is not None:  # one job of a sweep: recorded as failed (a failed Optuna trial), the sweep goes on
+    if failed is not None:  # one trial of a search: recorded as failed, the search goes on
         raise multirun.JobFailed(failed)
     multirun.hand_over_to_submitit(signum)  # under submitit: requeue with resume=auto
     sys.exit(128 + signum)
