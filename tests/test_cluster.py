@@ -242,3 +242,28 @@ def test_an_optuna_search_records_failed_trials_goes_on_and_continues_from_its_s
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(optuna.load_study(study_name="fcn", storage=storage).trials) == 5
     assert len(_summary(second)) == 2
+
+
+def test_summary_csv_has_one_row_per_job_in_job_order_with_each_jobs_own_overrides(tmp_path):
+    import json
+
+    from fcn.cli.multirun import ROW_FILE, write_summary
+
+    common = ["data.root=/d", "model.variant=32s,8s"]  # the command line of the sweep
+    for job, variant in ((1, "8s"), (0, "32s")):
+        run = tmp_path / str(job)
+        run.mkdir()
+        overrides = [f"model.variant={variant}", "data.root=/d"]
+        scores = {"best_val_miou": 0.5 + job / 10, "pixel_acc": 0.9, "time_s": 3.25}
+        row = {"job": job, "overrides": overrides, "status": "completed", **scores, "run_dir": str(run), "error": ""}
+        (run / ROW_FILE).write_text(json.dumps(row))
+    path, table = write_summary(tmp_path, set(common))
+    rows = _summary(tmp_path)
+    assert path == tmp_path / "summary.csv"
+    assert [(r["job"], r["overrides"], r["best_val_miou"]) for r in rows] == [
+        ("0", "model.variant=32s", "0.5"),
+        ("1", "model.variant=8s", "0.6"),
+    ]
+    assert list(rows[0]) == ["job", "overrides", "status", "best_val_miou", "pixel_acc", "time_s", "run_dir", "error"]
+    assert table.splitlines()[1].split()[:4] == ["0", "model.variant=32s", "completed", "0.5000"]
+    assert write_summary(tmp_path / "empty") == (None, "")
