@@ -267,3 +267,32 @@ def test_summary_csv_has_one_row_per_job_in_job_order_with_each_jobs_own_overrid
     assert list(rows[0]) == ["job", "overrides", "status", "best_val_miou", "pixel_acc", "time_s", "run_dir", "error"]
     assert table.splitlines()[1].split()[:4] == ["0", "model.variant=32s", "completed", "0.5000"]
     assert write_summary(tmp_path / "empty") == (None, "")
+
+
+def test_the_slurm_preset_becomes_an_sbatch_script_with_one_task_per_gpu_and_the_requeue_signal(tmp_path, monkeypatch):
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    from fcn.cli.common import CONFIG_DIR
+
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit checks that SLURM is there
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=lab",
+                 "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        config = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    launcher = Plugins.instance()._instantiate(config.hydra.launcher)
+    assert type(launcher).__name__ == "RequeueingSlurmLauncher"
+    # the parameters as BaseSubmititLauncher.launch hands them to submitit
+    params, init_keys = launcher.params, {"max_num_timeout", "submitit_folder"}
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path, slurm_max_num_timeout=params["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in init_keys})
+    script = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    for line in ("--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=8", "--mem=64GB",
+                 "--time=240", "--partition=gpu", "--account=lab", "--signal=USR2@120", "--requeue"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script, line
