@@ -140,6 +140,11 @@ def process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def is_initialized() -> bool:
+    """True once this process has joined its job's process group."""
+    return dist.is_initialized()
+
+
 def rank() -> int:
     """This process's rank in the job (0 outside one)."""
     return dist.get_rank() if dist.is_initialized() else 0

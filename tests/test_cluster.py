@@ -143,6 +143,23 @@ def test_two_simulated_slurm_tasks_train_to_the_weights_of_torchrun(torchrun_run
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+@pytest.mark.slow
+def test_a_two_task_job_of_the_launcher_trains_with_ddp_to_the_weights_of_torchrun(torchrun_run, shapes_root, tmp_path):  # noqa: F811
+    # the launcher's own path: submitit starts two tasks, each runs the Hydra job and joins the group
+    sweep = tmp_path / "sweep"
+    proc = _train(["-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}",
+                   *_entry_point_overrides(shapes_root)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = sweep / "0"
+    assert "2 process(es) x batch 2" in (run / "train.log").read_text()
+    assert "[rank 1]" not in (run / "train.log").read_text()  # rank 1 logs to its console only
+    assert [r["run_dir"] for r in _summary(sweep)] == [str(run)]  # one job, one row, rank 0's
+    reference = next((torchrun_run[0] / "outputs" / "train").iterdir())
+    assert _losses(run) == _losses(reference)
+    ours, theirs = _weights(run), _weights(reference)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 # --- the submitit launcher on this machine ---------------------------------------------------------
 
 

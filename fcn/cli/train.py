@@ -511,8 +511,10 @@ def _log_samples(writer, step, model, dataset, indices, data, device, palette, c
 def hydra_main(cfg: DictConfig) -> float:
     """Hydra entry point of one process; returns the best val mIoU (for sweepers)."""
     run_dir = HydraConfig.get().runtime.output_dir
-    if not distributed.launched_by_torchrun() and distributed.adopt_slurm_environment():
-        # one task of a SLURM job started by the submitit launcher: every task runs this same job
+    # One task of a job started by the submitit launcher (SLURM's variables, or torchrun's set by the
+    # launcher on this machine): every task runs this same Hydra job, in the same directory.
+    launcher_task = distributed.adopt_slurm_environment() or distributed.launched_by_torchrun()
+    if launcher_task and not distributed.is_initialized():
         with distributed.process_group():
             return _run_job(cfg, run_dir)
     if distributed.is_main() and distributed.world_size() > 1:

@@ -54,7 +54,12 @@ class Requeueing:
         overrides = list(sweep_overrides)
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:  # requeued by SLURM itself
             overrides = resuming(overrides)
-        rank = submitit.JobEnvironment().global_rank
+        job = submitit.JobEnvironment()
+        if job.cluster == "local" and job.num_tasks > 1 and "WORLD_SIZE" not in os.environ:
+            # several tasks on this machine: torchrun's variables, as fcn.distributed reads them from SLURM's
+            os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank),
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + int(job.job_id) % 20000))  # fmt: skip
+        rank = job.global_rank
         if rank:
             overrides += quiet_rank_overrides(rank)
         return super().__call__(overrides, job_dir_key, job_num, job_id, singleton_state)
