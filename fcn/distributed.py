@@ -2,7 +2,10 @@
 collectives training needs.
 
 ``torchrun`` starts one process per device and tells each its ``RANK``, ``LOCAL_RANK`` and
-``WORLD_SIZE`` through the environment. Every function here also works in a plain single process
+``WORLD_SIZE`` through the environment. SLURM's ``srun`` (and the submitit launcher, which uses
+it) tells each task ``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS`` and the node list
+instead: :func:`adopt_slurm_environment` translates those into torchrun's variables, so both
+take the same path from there on. Every function here also works in a plain single process
 (no process group), where it is the identity: the training loop has one version, not two.
 """
 
@@ -10,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,6 +31,84 @@ log = logging.getLogger(__name__)
 def launched_by_torchrun() -> bool:
     """True in a process that ``torchrun`` started as one of several (``WORLD_SIZE`` > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """The host names of a SLURM node list, in order: ``"node[01-03,07],gpu5"`` ->
+    ``["node01", "node02", "node03", "node07", "gpu5"]`` (zero padding kept, as SLURM writes it).
+
+    What ``scontrol show hostnames`` prints, without needing SLURM installed. Raises
+    :class:`ValueError` for a list that is not in SLURM's syntax (an unclosed bracket, a range
+    that runs backwards).
+    """
+    depth = 0
+    for char in nodelist:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"not a SLURM node list: {nodelist!r} (unbalanced brackets)")
+    if depth:
+        raise ValueError(f"not a SLURM node list: {nodelist!r} (unclosed bracket)")
+    hosts: list[str] = []
+    # split on the commas that are outside brackets
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip()):
+        expanded = [""]
+        for literal, inside in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            choices = [literal]
+            if inside:
+                choices = []
+                for part in inside.split(","):
+                    first, _, last = part.partition("-")
+                    last = last or first
+                    if not (first.isdigit() and last.isdigit()) or int(last) < int(first):
+                        raise ValueError(f"not a SLURM node list: {nodelist!r} (range {part!r})")
+                    choices += [f"{literal}{n:0{len(first)}d}" for n in range(int(first), int(last) + 1)]
+            expanded = [head + choice for head in expanded for choice in choices]
+        hosts += [h for h in expanded if h]
+    return hosts
+
+
+def slurm_environment(env: Mapping[str, str]) -> dict[str, str] | None:
+    """torchrun's variables for one task of a SLURM job step of several tasks; None otherwise.
+
+    ``RANK`` = ``SLURM_PROCID``, ``WORLD_SIZE`` = ``SLURM_NTASKS``, ``LOCAL_RANK`` =
+    ``SLURM_LOCALID``; ``MASTER_ADDR`` is the first host of the step's node list
+    (``SLURM_STEP_NODELIST``, else ``SLURM_JOB_NODELIST`` or ``SLURM_NODELIST``) and
+    ``MASTER_PORT`` is derived from the job id (20000-39999), so every task of the job agrees on
+    both without talking first. ``MASTER_ADDR`` / ``MASTER_PORT`` already in ``env`` are kept.
+
+    Only a task of an ``srun`` step that runs all the job's tasks qualifies
+    (``SLURM_STEP_NUM_TASKS`` = ``SLURM_NTASKS`` > 1): a single ``python`` in an ``sbatch``
+    script of several tasks is one process, not rank 0 of a group that will never form.
+    """
+    tasks = env.get("SLURM_NTASKS")
+    if not tasks or int(tasks) < 2 or env.get("SLURM_STEP_NUM_TASKS") != tasks or "SLURM_PROCID" not in env:
+        return None
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise UserError("SLURM job of several tasks without SLURM_JOB_NODELIST: cannot tell where rank 0 runs")
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": tasks,
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0],
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
+def adopt_slurm_environment() -> bool:
+    """Inside a SLURM step of several tasks (and not already under torchrun), set torchrun's
+    variables from SLURM's (see :func:`slurm_environment`); True when it did.
+
+    From then on :func:`launched_by_torchrun` is true and :func:`process_group` joins the job's
+    group exactly as it does under torchrun.
+    """
+    if "WORLD_SIZE" in os.environ:
+        return False
+    variables = slurm_environment(os.environ)
+    if variables is None:
+        return False
+    os.environ.update(variables)
+    return True
 
 
 @contextmanager
@@ -56,6 +138,11 @@ def process_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    """True once this process has joined its job's process group."""
+    return dist.is_initialized()
 
 
 def rank() -> int:

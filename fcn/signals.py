@@ -17,11 +17,13 @@ log = logging.getLogger(__name__)
 class GracefulStop:
     """Context manager that turns SIGTERM/SIGINT into a flag the training loop polls.
 
-    ``requested`` is the number of the first signal received, or None.
+    ``requested`` is the number of the first signal received, or None. ``also`` adds signals
+    that stop the same way (the submitit launcher's pre-timeout/preemption signal, SIGUSR2).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, also: tuple[int, ...] = ()) -> None:
         self.requested: int | None = None
+        self._signals = (signal.SIGTERM, signal.SIGINT, *also)
         self._previous: dict[int, object] = {}
 
     def should_stop(self, step: int) -> bool:
@@ -40,7 +42,7 @@ class GracefulStop:
         )
 
     def __enter__(self) -> GracefulStop:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in self._signals:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread: signals cannot be caught here

@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fcn.cli import CONFIG_DIR
+from fcn.cli import CONFIG_DIR, multirun
 from fcn.cli.exit import exit_on_user_error
 from fcn.errors import UserError
 from fcn.signals import GracefulStop, TrainingInterrupted
@@ -288,6 +288,7 @@ def _hparams(cfg: DictConfig) -> dict:
         "epochs": cfg.trainer.epochs,
         "data": cfg.data.name,
         "seed": cfg.seed,
+        **multirun.override_hparams(),  # the keys a sweep or search set, so its rows differ visibly
     }
 
 
@@ -309,14 +310,35 @@ def hydra_main(cfg: DictConfig) -> float:
     from fcn import distributed
 
     run_dir = HydraConfig.get().runtime.output_dir
+    # One task of a job started by the submitit launcher (SLURM's variables, or torchrun's set by the
+    # launcher on this machine): every task runs this same Hydra job, in the same directory.
+    launcher_task = distributed.adopt_slurm_environment() or distributed.launched_by_torchrun()
+    if launcher_task and not distributed.is_initialized():
+        with distributed.process_group():
+            return _run_job(cfg, run_dir)
     if distributed.is_main() and distributed.world_size() > 1:
         distributed.broadcast_object(run_dir)  # the other ranks wait for it in main(), before their Hydra starts
-    with GracefulStop() as stop:
+    return _run_job(cfg, run_dir)
+
+
+def _run_job(cfg: DictConfig, run_dir: str) -> float:
+    """Train in ``run_dir`` until done or stopped by a signal (exit 128 + its number, after
+    submitit's requeue where it sent it); in a search, a user's mistake becomes a failed trial."""
+    failed = None
+    with GracefulStop(also=multirun.requeue_signals()) as stop:
         try:
             return train(cfg, run_dir, stop)["miou"]
         except TrainingInterrupted as exc:
             log.warning("%s", exc)
-            sys.exit(128 + exc.signum)
+            signum = exc.signum
+        except UserError as exc:
+            if not multirun.failures_go_on():
+                raise
+            failed = str(exc)  # raised below, outside this handler, so it is not a UserError's exit 2
+    if failed is not None:  # one trial of a search: recorded as failed, the search goes on
+        raise multirun.JobFailed(failed)
+    multirun.hand_over_to_submitit(signum)  # under submitit: requeue with resume=auto
+    sys.exit(128 + signum)
 
 
 # Hydra flags that print and exit without running the task: no process group for those.
@@ -337,6 +359,7 @@ def main() -> None:
         return
     from fcn import distributed
 
+    distributed.adopt_slurm_environment()  # `srun python scripts/train.py`: SLURM's tasks join as torchrun's would
     if not distributed.launched_by_torchrun():
         hydra_main()
         return
