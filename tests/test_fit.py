@@ -90,5 +90,8 @@ def test_load_model_says_when_the_weights_do_not_fit_the_saved_settings(tmp_path
     config = {"num_classes": 3, "backbone": "tiny", "variant": "8s", "width": 4}
     other = FCN(num_classes=5, backbone="tiny", variant="8s", width=4)
     save_checkpoint({"model": other.state_dict(), "config": {"model": config}}, tmp_path / "x.pt")
-    with pytest.raises(UserError, match=r"x\.pt: cannot be loaded into this FCN: .*score_out\.weight.*do not match its own model config"):
+    with pytest.raises(
+        UserError,
+        match=r"x\.pt: cannot be loaded into this FCN: .*score_out\.weight.*do not match its own model config",
+    ):
         load_model(tmp_path / "x.pt")
