@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fcn import distributed
+from fcn import distributed, rundir
 from fcn.checkpoint import check_architecture, load_checkpoint, load_resumable, save_checkpoint
 from fcn.cli.common import (
     CONFIG_DIR,
@@ -57,7 +57,7 @@ class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving ``last.pt``; the exit code is 128 + signal."""
 
     def __init__(self, signum: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted by signal {signum}; saved {checkpoint}, continue with resume=auto")
+        super().__init__(f"interrupted by signal {signum}")
         self.signum, self.checkpoint = signum, checkpoint
 
 
@@ -75,6 +75,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     """
     out_dir = Path(out_dir)
     main_rank = distributed.is_main()  # the one process that writes files and logs to TensorBoard
+    if main_rank and not cfg.resume:  # [rrun] a fresh run never overwrites a checkpoint
+        rundir.refuse_fresh_start(out_dir)
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", out_dir.resolve())
@@ -169,6 +171,11 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         state, source = resumed
         check_architecture(state["config"]["model"], model_config, source)
         _check_same_run_shape(state["progress"], shape, source)
+        # [rrun] every other changed key: refused if it changes what is learned, else applied and listed
+        applied = rundir.check_resume_config(state["config"], OmegaConf.to_container(cfg, resolve=True), source)
+        if applied:
+            log.warning("resuming %s with changed settings that do not change what is learned: %s",
+                        source, "; ".join(applied))  # fmt: skip
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -348,16 +355,19 @@ def _report(best: dict, out_dir: Path, data: DictConfig, write: bool = True) -> 
 
 
 def _find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, Path] | None:
-    """``resume=auto``: this run directory's newest good ``last.pt`` (or the one before it);
-    ``resume=PATH``: exactly that file."""
+    """``resume=auto``: this run directory's newest good ``last.pt`` (or the one before it, or
+    ``best.pt`` when no ``last.pt`` is left); ``resume=RUN_DIR``: the same in that directory;
+    ``resume=PATH``: exactly that file (see :func:`fcn.rundir.resume_source`)."""
     if not resume:
         return None
-    if resume == "auto":
-        found = load_resumable(ckpt_dir / "last.pt")
-        if found is None:
-            log.warning("resume=auto: no checkpoint in %s yet; starting fresh", ckpt_dir.resolve())
-        return found
-    path = Path(resume)
+    path, how = rundir.resume_source(str(resume), ckpt_dir.parent)  # [rrun]
+    if how == "nothing":  # resume=auto in a directory with no checkpoint at all (a pinned new run)
+        log.warning("resume=auto: no checkpoint in %s yet; starting fresh", ckpt_dir.resolve())
+        return None
+    if path.name == "last.pt":
+        return load_resumable(path)
+    if how != "the given checkpoint":
+        log.warning("resume=%s: %s", resume, how)
     return load_checkpoint(path), path
 
 
@@ -504,19 +514,101 @@ def _log_samples(writer, step, model, dataset, indices, data, device, palette, c
     writer.add_image("val/samples", comparison_grid(images, masks, preds, palette, data.ignore_index), step)
 
 
+# ---- [rrun] run directories: claimed exclusively, never overwritten, removed when a command fails
+# before writing anything of value, and resumed where they are (fcn/rundir.py holds the rules).
+_CLAIMED: dict[str, str] = {}  # the run directory this process made: {path asked for: path made}
+_MADE_BEFORE_HYDRA: set[str] = set()  # pinned run directories that did not exist before this command
+
+
+def _claim_run_dir(path: str) -> str:
+    """Resolver ``${fcn.claim_dir:PATH}`` (configs/train.yaml, ``hydra.run.dir``): make a new run
+    directory atomically, ``PATH`` or ``PATH_1``, ... once per process, before Hydra writes into it."""
+    if path not in _CLAIMED:
+        _CLAIMED[path] = str(rundir.claim_run_dir(path).resolve())
+    return _CLAIMED[path]
+
+
+OmegaConf.register_new_resolver("fcn.claim_dir", _claim_run_dir, replace=True)
+
+
+def _created_here(run_dir: Path) -> bool:
+    """Whether this command made ``run_dir`` (so it may remove it again after a failure)."""
+    return str(run_dir.resolve()) in set(_CLAIMED.values()) | _MADE_BEFORE_HYDRA
+
+
+def _program() -> str:
+    argv0 = Path(sys.argv[0])
+    return f"python {sys.argv[0]}" if argv0.suffix == ".py" else argv0.name
+
+
+def _move_file_logs(src: Path, dst: Path) -> None:
+    """Point the log file handlers writing into ``src`` at the same file names in ``dst`` (appending)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == src.resolve():
+            moved = logging.FileHandler(dst / Path(handler.baseFilename).name, mode="a")
+            moved.setFormatter(handler.formatter)
+            moved.setLevel(handler.level)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(moved)
+
+
+def _run_dir_to_resume(cfg: DictConfig, run_dir: Path) -> Path:
+    """Without a pinned ``hydra.run.dir``, ``resume=auto`` continues the newest unfinished run of
+    the same config under the outputs root, and ``resume=RUN_DIR`` continues that run, each in its
+    own directory; the directory just made for this command is removed. Otherwise ``run_dir``."""
+    if not cfg.resume or not _created_here(run_dir) or str(run_dir.resolve()) not in _CLAIMED.values():
+        return run_dir
+    if cfg.resume == "auto":
+        config = OmegaConf.to_container(cfg, resolve=False)
+        found = rundir.find_unfinished_runs(run_dir.parent, config, exclude=run_dir)
+        if not found:
+            raise UserError(
+                f"resume=auto: no hydra.run.dir given and no unfinished run of this config under {run_dir.parent}; "
+                "continue a run with resume=<its run directory>, or start a fresh run without resume="
+            )
+        target = found[0]
+        log.warning("resume=auto: continuing the newest unfinished run of this config, %s", target)
+    elif Path(cfg.resume).is_dir():
+        target = Path(cfg.resume)
+        rundir.resume_source(str(cfg.resume), target)  # a directory with no checkpoint: one line, here
+    else:
+        return run_dir  # resume=CHECKPOINT: a new run directory continues from it
+    _move_file_logs(run_dir, target)
+    rundir.remove_failed_run(run_dir)
+    return target.resolve()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error
 def hydra_main(cfg: DictConfig) -> float:
     """Hydra entry point of one process; returns the best val mIoU (for sweepers)."""
-    run_dir = HydraConfig.get().runtime.output_dir
-    if distributed.is_main() and distributed.world_size() > 1:
-        distributed.broadcast_object(run_dir)  # the other ranks wait for it in main(), before their Hydra starts
-    with GracefulStop() as stop:
-        try:
-            return train(cfg, run_dir, stop)["miou"]
-        except TrainingInterrupted as exc:
-            log.warning("%s", exc)
-            sys.exit(128 + exc.signum)
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir, lock, main_rank = hydra_dir, None, distributed.is_main()
+    try:
+        if main_rank:
+            run_dir = _run_dir_to_resume(cfg, hydra_dir)
+            lock = rundir.acquire_lock(run_dir)  # [rrun] one run per directory
+        if main_rank and distributed.world_size() > 1:
+            distributed.broadcast_object(str(run_dir))  # the other ranks wait for it in main(), before Hydra
+        with GracefulStop() as stop:
+            try:
+                return train(cfg, run_dir, stop)["miou"]
+            except TrainingInterrupted as exc:
+                command = rundir.resume_command(_program(), list(HydraConfig.get().overrides.task), run_dir)
+                log.warning("%s; saved %s. Resume with:\n  %s", exc, exc.checkpoint, command)
+                sys.exit(128 + exc.signum)
+    except BaseException as exc:
+        # A command that fails before writing anything of value leaves no directory behind
+        # (never one holding a checkpoint, never one it did not make).
+        interrupted = isinstance(exc, SystemExit) and exc.code not in (None, 0, 2)
+        if main_rank and not interrupted and _created_here(run_dir):
+            rundir.remove_failed_run(run_dir)
+        raise
+    finally:
+        if lock is not None:
+            rundir.release_lock(lock)
 
 
 # Hydra flags that print and exit without running the task: no process group for those.
@@ -532,6 +624,7 @@ def main() -> None:
     that directory, writing neither ``.hydra/`` nor a log file, and printing only warnings.
     """
     argv = sys.argv[1:]
+    _check_pinned_run_dir(argv)  # [rrun]
     if not distributed.launched_by_torchrun() or any(a.split("=")[0] in _INFO_FLAGS for a in argv):
         hydra_main()
         return
@@ -542,6 +635,25 @@ def main() -> None:
         if not distributed.is_main():
             sys.argv.extend(_other_rank_overrides(distributed.broadcast_object(None), distributed.rank()))
         hydra_main()
+
+
+def _check_pinned_run_dir(argv: list[str]) -> None:
+    """``hydra.run.dir=DIR`` on the command line: before Hydra writes ``.hydra/`` there, a fresh
+    run refuses a directory holding checkpoints (one line, exit 2, nothing touched); a directory
+    that does not exist yet is noted as made by this command."""
+    pinned = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if not pinned or any(a in ("-m", "--multirun") for a in argv):
+        return
+    run_dir = Path(pinned[-1].strip("'\"")).expanduser()
+    if not run_dir.exists():
+        _MADE_BEFORE_HYDRA.add(str(run_dir.resolve()))
+    resume = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("resume=")]
+    if not resume or resume[-1] in ("", "null", "None"):
+        try:
+            rundir.refuse_fresh_start(run_dir)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
 
 
 def _other_rank_overrides(run_dir: str, rank: int) -> list[str]:
