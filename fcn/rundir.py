@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fcn.errors import UserError
 
 #: Files that make a run directory worth keeping.
@@ -48,7 +46,7 @@ LOCK_NAME = ".run.lock"
 #: another value is refused. Keys absent on either side (settings added or removed since the
 #: checkpoint was written) are not compared.
 HARMLESS_KEYS = (
-    "resume",
+    "resume",  # not even listed: it differs on every resume
     "init_from",  # the resumed checkpoint's weights replace whatever init_from loaded
     "logger",
     "eval",
@@ -103,7 +101,7 @@ def compare_configs(saved: dict, now: dict) -> ConfigChanges:
     old, new = flatten(saved), flatten(now)
     changes = ConfigChanges()
     for key in sorted(old.keys() & new.keys()):
-        if old[key] == new[key] or _same_number(old[key], new[key]):
+        if key == "resume" or old[key] == new[key] or _same_number(old[key], new[key]):
             continue
         line = f"{key}: checkpoint {old[key]!r}, now {new[key]!r}"
         (changes.applied if is_harmless(key) else changes.refused).append(line)
@@ -207,12 +205,34 @@ def is_unfinished(run_dir: Path) -> bool:
     return has_checkpoint and not (Path(run_dir) / "metrics.json").is_file()
 
 
-def find_unfinished_runs(outputs_root: Path, config: dict, exclude: Path | None = None) -> list[Path]:
-    """Unfinished runs under ``outputs_root`` whose ``.hydra/config.yaml`` matches ``config``.
+def stored_config(run_dir: Path) -> dict | None:
+    """The config stored in a run's newest checkpoint (``last.pt``, ``last.prev.pt``, ``best.pt``),
+    or None when none is readable. Memory-mapped: the tensors are not read."""
+    import torch
 
-    ``config`` is the current run's config as a plain dict, unresolved as Hydra saves it; the
-    match ignores :data:`HARMLESS_KEYS`. Newest first (by the time its checkpoints were written).
-    ``exclude`` (the directory just created for this run) is skipped.
+    for name in CHECKPOINT_NAMES:
+        path = Path(run_dir) / "checkpoints" / name
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - unreadable: try the next one; resuming reports it properly
+            continue
+        if isinstance(state, dict) and isinstance(state.get("config"), dict):
+            return state["config"]
+    return None
+
+
+def find_unfinished_runs(
+    outputs_root: Path, config: dict, exclude: Path | None = None, read_config=stored_config
+) -> list[Path]:
+    """Unfinished runs (:func:`is_unfinished`) under ``outputs_root`` whose stored config matches ``config``.
+
+    ``config`` is the current run's resolved config as a plain dict; the match ignores
+    :data:`HARMLESS_KEYS`. ``read_config(run_dir)`` gives a run's config (default: the one its
+    checkpoint stores, which describes what ran; ``.hydra/config.yaml`` is rewritten by every
+    command pointed at the directory). Newest first (by the time its checkpoints were written);
+    ``exclude`` (the directory just made for this command) is skipped.
     """
     root = Path(outputs_root)
     if not root.is_dir():
@@ -223,10 +243,7 @@ def find_unfinished_runs(outputs_root: Path, config: dict, exclude: Path | None 
             continue
         if not is_unfinished(run):
             continue
-        try:
-            saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            continue
+        saved = read_config(run)
         if isinstance(saved, dict) and not compare_configs(saved, config).refused:
             found.append(run)
     return sorted(found, key=_last_written, reverse=True)

@@ -518,6 +518,7 @@ def _log_samples(writer, step, model, dataset, indices, data, device, palette, c
 # before writing anything of value, and resumed where they are (fcn/rundir.py holds the rules).
 _CLAIMED: dict[str, str] = {}  # the run directory this process made: {path asked for: path made}
 _MADE_BEFORE_HYDRA: set[str] = set()  # pinned run directories that did not exist before this command
+_HYDRA_FILES_BEFORE: dict[Path, bytes] = {}  # a pinned existing run's .hydra/ files, put back if this command fails
 
 
 def _claim_run_dir(path: str) -> str:
@@ -561,7 +562,7 @@ def _run_dir_to_resume(cfg: DictConfig, run_dir: Path) -> Path:
     if not cfg.resume or not _created_here(run_dir) or str(run_dir.resolve()) not in _CLAIMED.values():
         return run_dir
     if cfg.resume == "auto":
-        config = OmegaConf.to_container(cfg, resolve=False)
+        config = OmegaConf.to_container(cfg, resolve=True)
         found = rundir.find_unfinished_runs(run_dir.parent, config, exclude=run_dir)
         if not found:
             raise UserError(
@@ -605,6 +606,10 @@ def hydra_main(cfg: DictConfig) -> float:
         interrupted = isinstance(exc, SystemExit) and exc.code not in (None, 0, 2)
         if main_rank and not interrupted and _created_here(run_dir):
             rundir.remove_failed_run(run_dir)
+        if main_rank and not interrupted and not _created_here(hydra_dir):
+            for path, content in _HYDRA_FILES_BEFORE.items():  # the directory's config describes what ran
+                if path.parent.parent.resolve() == hydra_dir.resolve():
+                    path.write_bytes(content)
         raise
     finally:
         if lock is not None:
@@ -647,6 +652,8 @@ def _check_pinned_run_dir(argv: list[str]) -> None:
     run_dir = Path(pinned[-1].strip("'\"")).expanduser()
     if not run_dir.exists():
         _MADE_BEFORE_HYDRA.add(str(run_dir.resolve()))
+    elif (run_dir / ".hydra").is_dir():  # Hydra rewrites them before our checks; a refused command puts them back
+        _HYDRA_FILES_BEFORE.update({p: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")})
     resume = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("resume=")]
     if not resume or resume[-1] in ("", "null", "None"):
         try:
