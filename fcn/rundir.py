@@ -101,17 +101,16 @@ def compare_configs(saved: dict, now: dict) -> ConfigChanges:
     old, new = flatten(saved), flatten(now)
     changes = ConfigChanges()
     for key in sorted(old.keys() & new.keys()):
-        if key == "resume" or old[key] == new[key] or _same_number(old[key], new[key]):
+        if key == "resume" or _same(old[key], new[key]):
             continue
         line = f"{key}: checkpoint {old[key]!r}, now {new[key]!r}"
         (changes.applied if is_harmless(key) else changes.refused).append(line)
     return changes
 
 
-def _same_number(a: Any, b: Any) -> bool:
-    # YAML and the command line may turn 1 into 1.0; the value is the same.
-    numbers = (int, float)
-    return isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and float(a) == float(b)
+def _same(a: Any, b: Any) -> bool:
+    # YAML and the command line may turn 1 into 1.0: the same value. True == 1 in Python: not the same setting.
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
 def check_resume_config(saved: dict, now: dict, source: Path) -> list[str]:
