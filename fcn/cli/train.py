@@ -364,7 +364,7 @@ def _find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, P
     if how == "nothing":  # resume=auto in a directory with no checkpoint at all (a pinned new run)
         log.warning("resume=auto: no checkpoint in %s yet; starting fresh", ckpt_dir.resolve())
         return None
-    if path.name == "last.pt":
+    if how == "last.pt":  # a run directory's: a corrupt one falls back to last.prev.pt
         return load_resumable(path)
     if how != "the given checkpoint":
         log.warning("resume=%s: %s", resume, how)
