@@ -349,3 +349,28 @@ def test_cli_interrupted_run_prints_the_command_that_resumes_it_and_resume_auto_
     assert re.search(rf"resumed from {re.escape(str(run))}/checkpoints/last.pt at epoch \d+, batch \d, step {step}\n",
                      log.read_text())  # fmt: skip
     assert list((tmp_path / "outputs" / "train").iterdir()) == [run]
+
+
+def test_a_user_error_reaches_the_console_once_and_the_log_file_once(tmp_path, capsys):
+    import logging
+
+    from fcn.cli.common import exit_on_user_error
+
+    root = logging.getLogger()
+    console, logfile = logging.StreamHandler(sys.stderr), logging.FileHandler(tmp_path / "train.log")
+    root.addHandler(console)
+    root.addHandler(logfile)
+    try:
+
+        def fail():
+            raise UserError("resume=/x: not found")
+
+        with pytest.raises(SystemExit) as info:
+            exit_on_user_error(fail)()
+    finally:
+        root.removeHandler(console)
+        root.removeHandler(logfile)
+        logfile.close()
+    assert info.value.code == 2
+    assert capsys.readouterr().err.count("resume=/x: not found") == 1
+    assert (tmp_path / "train.log").read_text().count("resume=/x: not found") == 1
