@@ -374,3 +374,15 @@ def test_a_user_error_reaches_the_console_once_and_the_log_file_once(tmp_path, c
     assert info.value.code == 2
     assert capsys.readouterr().err.count("resume=/x: not found") == 1
     assert (tmp_path / "train.log").read_text().count("resume=/x: not found") == 1
+
+
+def test_the_default_run_directory_is_claimed_once_per_process(tmp_path):
+    from fcn.cli import train as train_cli
+
+    base = str(tmp_path / "outputs" / "train" / "2026-01-01_00-00-00")
+    (tmp_path / "outputs" / "train" / "2026-01-01_00-00-00").mkdir(parents=True)  # another job's, same second
+    first = train_cli._claim_run_dir(base)
+    assert first == str((tmp_path / "outputs" / "train" / "2026-01-01_00-00-00_1").resolve())
+    assert train_cli._claim_run_dir(base) == first  # Hydra may resolve it again: the same directory
+    assert train_cli._created_here(Path(first))
+    assert "${fcn.claim_dir:outputs/" in (REPO / "configs" / "train.yaml").read_text()
