@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fcn.cli import CONFIG_DIR
+from fcn.cli import CONFIG_DIR, hydra_run_dir  # hydra_run_dir registers ${fcn.claim_dir:...}
 from fcn.cli.exit import exit_on_user_error
 from fcn.errors import UserError
 from fcn.signals import GracefulStop, TrainingInterrupted
@@ -62,6 +62,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     from fcn.optim import build_optimizer
     from fcn.resume import agreed_resume_checkpoint, check_same_run_shape, init_weights, restore_training_state
     from fcn.rng import seed_everything
+    from fcn.rundir import check_resume_config, refuse_fresh_start
     from fcn.summary import model_summary
     from fcn.visualize import default_palette
 
@@ -70,6 +71,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     out_dir = Path(out_dir)
     data, trainer = cfg.data, cfg.trainer
     main_rank, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
+    if main_rank and not cfg.resume:  # a fresh run never overwrites a checkpoint
+        refuse_fresh_start(out_dir)
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", out_dir.resolve())
@@ -182,6 +185,11 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         saved, source = resumed
         check_architecture(saved["config"]["model"], model_config, source)
         check_same_run_shape(saved["progress"], dataclasses.asdict(shape), source)
+        # Every other changed key: refused if it changes what is learned, else applied and listed.
+        if applied := check_resume_config(saved["config"], OmegaConf.to_container(cfg, resolve=True), source):
+            log.warning(
+                "resuming %s with changed settings that do not change what is learned: %s", source, "; ".join(applied)
+            )
         state = TrainState.from_progress(restore_training_state(saved, model, optimizer, scheduler, scaler, rank))
         log.info("resumed from %s at epoch %d, batch %d, step %d", source, state.epoch, state.epoch_batches, state.step)
     # After the resume: DistributedDataParallel starts every rank from rank 0's weights and buffers.
@@ -308,15 +316,18 @@ def hydra_main(cfg: DictConfig) -> float:
     """Hydra entry point of one process; returns the best val mIoU (for sweepers)."""
     from fcn import distributed
 
-    run_dir = HydraConfig.get().runtime.output_dir
-    if distributed.is_main() and distributed.world_size() > 1:
-        distributed.broadcast_object(run_dir)  # the other ranks wait for it in main(), before their Hydra starts
-    with GracefulStop() as stop:
-        try:
-            return train(cfg, run_dir, stop)["miou"]
-        except TrainingInterrupted as exc:
-            log.warning("%s", exc)
-            sys.exit(128 + exc.signum)
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Locked while it runs; a resume without hydra.run.dir continues in the resumed run's directory.
+    with hydra_run_dir.run_directory(cfg, hydra_dir, distributed.is_main()) as run_dir:
+        if distributed.is_main() and distributed.world_size() > 1:
+            distributed.broadcast_object(str(run_dir))  # the other ranks wait for it in main(), before their Hydra
+        with GracefulStop() as stop:
+            try:
+                return train(cfg, run_dir, stop)["miou"]
+            except TrainingInterrupted as exc:
+                command = hydra_run_dir.resume_command(run_dir)
+                log.warning("%s; saved %s. Resume with:\n  %s", exc, exc.checkpoint, command)
+                sys.exit(128 + exc.signum)
 
 
 # Hydra flags that print and exit without running the task: no process group for those.
@@ -335,6 +346,7 @@ def main() -> None:
     if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
         hydra_main()  # before importing torch (fcn.distributed): --help answers in a second
         return
+    hydra_run_dir.check_pinned_run_dir(argv)  # a fresh run never takes a directory holding checkpoints
     from fcn import distributed
 
     if not distributed.launched_by_torchrun():
