@@ -53,6 +53,8 @@ HARMLESS_KEYS = (
     "data.root",  # the same files, moved
     "data.scan",
     "data.generate",  # only used when data.root does not exist yet
+    "data.split",  # the split evaluate.py scores, not one training reads
+    "data.max_image_pixels",  # a limit that refuses images, never changes one
     "trainer.num_workers",
     "trainer.prefetch_factor",
     "trainer.pin_memory",

@@ -101,6 +101,16 @@ def test_unknown_keys_are_refused_by_default_and_keys_missing_on_one_side_are_no
     assert rundir.compare_configs({"a": True}, {"a": 1}).refused == ["a: checkpoint True, now 1"]
 
 
+def test_settings_added_since_the_rules_were_written_are_placed_deliberately():
+    # data.max_image_pixels only refuses images; data.split is evaluate's split; sync_bn changes the statistics
+    assert rundir.is_harmless("data.max_image_pixels") and rundir.is_harmless("data.split")
+    assert not rundir.is_harmless("trainer.sync_bn") and not rundir.is_harmless("data.reduce_zero_label")
+    now = _with(CONFIG, **{"data.max_image_pixels": None})
+    assert rundir.check_resume_config(_with(CONFIG, **{"data.max_image_pixels": 89478485}), now, Path("x.pt")) == [
+        "data.max_image_pixels: checkpoint 89478485, now None"
+    ]
+
+
 # ---- a fresh run never overwrites checkpoints (issue 14 kind 4, issue 15 point 3)
 
 
@@ -349,6 +359,15 @@ def test_cli_interrupted_run_prints_the_command_that_resumes_it_and_resume_auto_
     assert re.search(rf"resumed from {re.escape(str(run))}/checkpoints/last.pt at epoch \d+, batch \d, step {step}\n",
                      log.read_text())  # fmt: skip
     assert list((tmp_path / "outputs" / "train").iterdir()) == [run]
+
+
+@pytest.mark.slow
+def test_a_command_that_only_prints_makes_no_run_directory(tmp_path):
+    for flags in (["--cfg", "hydra", "--resolve"], ["--help"]):
+        proc = _cli(*flags, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert not (tmp_path / "outputs").exists(), flags
+    assert "dir: outputs/train/" in _cli("--cfg", "hydra", "--resolve", cwd=tmp_path).stdout
 
 
 def test_a_user_error_reaches_the_console_once_and_the_log_file_once(tmp_path, capsys):

@@ -31,9 +31,20 @@ _MADE_BEFORE_HYDRA: set[str] = set()  # pinned run directories that did not exis
 _HYDRA_FILES_BEFORE: dict[Path, bytes] = {}  # a pinned existing run's .hydra/ files, put back if this command fails
 
 
+_PRINT_ONLY: list[bool] = []  # set by print_only(): --help, --cfg ... run no job and claim nothing
+
+
+def print_only() -> None:
+    """This command only prints (``--help``, ``--cfg hydra --resolve``, ...): the resolver then
+    names the run directory without making it."""
+    _PRINT_ONLY.append(True)
+
+
 def claim_run_dir(path: str) -> str:
     """Resolver ``${fcn.claim_dir:PATH}``: make a new run directory atomically, ``PATH`` or
     ``PATH_1``, ... once per process (Hydra may resolve ``hydra.run.dir`` more than once)."""
+    if _PRINT_ONLY:
+        return path
     if path not in _CLAIMED:
         _CLAIMED[path] = str(rundir.claim_run_dir(path).resolve())
     return _CLAIMED[path]
