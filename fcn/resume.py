@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fcn import distributed
+from fcn import distributed, rundir
 from fcn.checkpoint import check_architecture, load_checkpoint, load_resumable
 from fcn.errors import UserError
 from fcn.rng import restore_rng_state
@@ -31,16 +31,24 @@ SHAPE_NAMES = {
 
 
 def find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, Path] | None:
-    """``resume=auto``: this run directory's newest good ``last.pt`` (or the one before it);
-    ``resume=PATH``: exactly that file; None or empty: nothing."""
+    """The checkpoint ``resume=`` names, loaded: ``(state, path)``, or None to start fresh.
+
+    ``auto``: this run directory's (``ckpt_dir.parent``) newest good ``last.pt`` (or the one
+    before it, or ``best.pt`` when no ``last.pt`` is left); a run directory: the same in that
+    directory; a checkpoint file: exactly that file; None or empty: nothing. ``auto`` in a
+    directory with no checkpoint at all (a pinned new run) starts fresh with a warning. Raises
+    :class:`UserError` naming ``resume=`` (see :func:`fcn.rundir.resume_source`).
+    """
     if not resume:
         return None
-    if resume == "auto":
-        found = load_resumable(ckpt_dir / "last.pt")
-        if found is None:
-            log.warning("resume=auto: no checkpoint in %s yet; starting fresh", ckpt_dir.resolve())
-        return found
-    path = Path(resume)
+    path, how = rundir.resume_source(str(resume), ckpt_dir.parent)
+    if how == "nothing":
+        log.warning("resume=auto: no checkpoint in %s yet; starting fresh", ckpt_dir.resolve())
+        return None
+    if how == "last.pt":  # a run directory's: a corrupt one falls back to last.prev.pt
+        return load_resumable(path)
+    if how != "the given checkpoint":
+        log.warning("resume=%s: %s", resume, how)
     return load_checkpoint(path, key="resume"), path
 
 

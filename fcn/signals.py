@@ -58,5 +58,5 @@ class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving ``last.pt``; the exit code is 128 + signal."""
 
     def __init__(self, signum: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted by signal {signum}; saved {checkpoint}, continue with resume=auto")
+        super().__init__(f"interrupted by signal {signum}")  # the entry point adds the resume command
         self.signum, self.checkpoint = signum, checkpoint

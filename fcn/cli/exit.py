@@ -35,11 +35,19 @@ def exit_on_user_error(task: Callable) -> Callable:
                 message = f"error: setting {key} has no value: pass {key}=VALUE on the command line"
             else:
                 message = f"error: {_without_worker_traceback(str(cause))}"
-        log.error(message)
+        _log_to_files(message)  # the console gets the message once, from the print below
         print(message, file=sys.stderr)
         sys.exit(2)
 
     return wrapper
+
+
+def _log_to_files(message: str) -> None:
+    # The run's log file keeps the error; the console handler would print it a second time.
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _user_error_in_chain(exc: BaseException) -> BaseException | None:

@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fcn.cli import CONFIG_DIR, multirun
+from fcn.cli import CONFIG_DIR, hydra_run_dir, multirun  # hydra_run_dir registers ${fcn.claim_dir:...}
 from fcn.cli.exit import exit_on_user_error
 from fcn.errors import UserError
 from fcn.signals import GracefulStop, TrainingInterrupted
@@ -62,6 +62,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     from fcn.optim import build_optimizer
     from fcn.resume import agreed_resume_checkpoint, check_same_run_shape, init_weights, restore_training_state
     from fcn.rng import seed_everything
+    from fcn.rundir import check_resume_config, refuse_fresh_start
     from fcn.summary import model_summary
     from fcn.visualize import default_palette
 
@@ -70,6 +71,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     out_dir = Path(out_dir)
     data, trainer = cfg.data, cfg.trainer
     main_rank, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
+    if main_rank and not cfg.resume:  # a fresh run never overwrites a checkpoint
+        refuse_fresh_start(out_dir)
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", out_dir.resolve())
@@ -182,6 +185,11 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         saved, source = resumed
         check_architecture(saved["config"]["model"], model_config, source)
         check_same_run_shape(saved["progress"], dataclasses.asdict(shape), source)
+        # Every other changed key: refused if it changes what is learned, else applied and listed.
+        if applied := check_resume_config(saved["config"], OmegaConf.to_container(cfg, resolve=True), source):
+            log.warning(
+                "resuming %s with changed settings that do not change what is learned: %s", source, "; ".join(applied)
+            )
         state = TrainState.from_progress(restore_training_state(saved, model, optimizer, scheduler, scaler, rank))
         log.info("resumed from %s at epoch %d, batch %d, step %d", source, state.epoch, state.epoch_batches, state.step)
     # After the resume: DistributedDataParallel starts every rank from rank 0's weights and buffers.
@@ -309,32 +317,39 @@ def hydra_main(cfg: DictConfig) -> float:
     """Hydra entry point of one process; returns the best val mIoU (for sweepers)."""
     from fcn import distributed
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     # One task of a job started by the submitit launcher (SLURM's variables, or torchrun's set by the
     # launcher on this machine): every task runs this same Hydra job, in the same directory.
     launcher_task = distributed.adopt_slurm_environment() or distributed.launched_by_torchrun()
     if launcher_task and not distributed.is_initialized():
         with distributed.process_group():
-            return _run_job(cfg, run_dir)
-    if distributed.is_main() and distributed.world_size() > 1:
-        distributed.broadcast_object(run_dir)  # the other ranks wait for it in main(), before their Hydra starts
-    return _run_job(cfg, run_dir)
+            return _run_job(cfg, hydra_dir, tell_other_ranks=False)
+    # Under torchrun the other ranks wait in main(), before their Hydra starts, for rank 0's directory.
+    return _run_job(cfg, hydra_dir, tell_other_ranks=distributed.world_size() > 1)
 
 
-def _run_job(cfg: DictConfig, run_dir: str) -> float:
-    """Train in ``run_dir`` until done or stopped by a signal (exit 128 + its number, after
-    submitit's requeue where it sent it); in a search, a user's mistake becomes a failed trial."""
+def _run_job(cfg: DictConfig, hydra_dir: Path, tell_other_ranks: bool) -> float:
+    """Train in the run directory until done or stopped by a signal (exit 128 + its number, after
+    printing the command that resumes, and after submitit's requeue where it sent the signal); in a
+    search, a user's mistake becomes a failed trial."""
+    from fcn import distributed
+
     failed = None
-    with GracefulStop(also=multirun.requeue_signals()) as stop:
-        try:
-            return train(cfg, run_dir, stop)["miou"]
-        except TrainingInterrupted as exc:
-            log.warning("%s", exc)
-            signum = exc.signum
-        except UserError as exc:
-            if not multirun.failures_go_on():
-                raise
-            failed = str(exc)  # raised below, outside this handler, so it is not a UserError's exit 2
+    # Locked while it runs; a resume without hydra.run.dir continues in the resumed run's directory.
+    with hydra_run_dir.run_directory(cfg, hydra_dir, distributed.is_main()) as run_dir:
+        if tell_other_ranks and distributed.is_main():
+            distributed.broadcast_object(str(run_dir))
+        with GracefulStop(also=multirun.requeue_signals()) as stop:
+            try:
+                return train(cfg, run_dir, stop)["miou"]
+            except TrainingInterrupted as exc:
+                command = hydra_run_dir.resume_command(run_dir)
+                log.warning("%s; saved %s. Resume with:\n  %s", exc, exc.checkpoint, command)
+                signum = exc.signum
+            except UserError as exc:
+                if not multirun.failures_go_on():
+                    raise
+                failed = str(exc)  # raised below, outside this handler, so it is not a UserError's exit 2
     if failed is not None:  # one trial of a search: recorded as failed, the search goes on
         raise multirun.JobFailed(failed)
     multirun.hand_over_to_submitit(signum)  # under submitit: requeue with resume=auto
@@ -355,8 +370,10 @@ def main() -> None:
     """
     argv = sys.argv[1:]
     if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
+        hydra_run_dir.print_only()  # no run directory is made for a command that only prints
         hydra_main()  # before importing torch (fcn.distributed): --help answers in a second
         return
+    hydra_run_dir.check_pinned_run_dir(argv)  # a fresh run never takes a directory holding checkpoints
     from fcn import distributed
 
     distributed.adopt_slurm_environment()  # `srun python scripts/train.py`: SLURM's tasks join as torchrun's would
