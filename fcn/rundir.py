@@ -290,18 +290,20 @@ def claim_run_dir(path: str | Path, attempts: int = 1000) -> Path:
 def acquire_lock(run_dir: Path) -> Path:
     """Lock ``run_dir`` for this process (an ``O_EXCL`` file ``.run.lock`` holding host and pid).
 
-    A lock left by a process of this host that no longer runs (killed) is taken over. Returns the
-    lock file (remove it with :func:`release_lock`). Raises :class:`UserError` when another live
-    process, or one on another host, holds it.
+    A lock left by a process of this host that no longer runs (killed) is taken over, and so is
+    one left by an earlier run of this same SLURM job (``SLURM_JOB_ID`` is kept across a requeue,
+    and SLURM runs one instance of a job at a time, so that holder is gone whichever node it was
+    on). Returns the lock file (remove it with :func:`release_lock`). Raises :class:`UserError`
+    when another live process, or one on another host, holds it.
     """
     lock = Path(run_dir) / LOCK_NAME
-    me = f"{socket.gethostname()} {os.getpid()}\n"
+    me = f"{socket.gethostname()} {os.getpid()} {os.environ.get('SLURM_JOB_ID', '-')}\n"
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(lock)
-            if holder is None or not _stale(*holder):
+            if holder is None or not _stale(*holder, lock):
                 who = f"process {holder[1]} on {holder[0]}" if holder else "another process"
                 raise UserError(
                     f"run directory {run_dir} is in use by {who} (lock file {lock}); wait for that run, choose "
@@ -324,13 +326,24 @@ def release_lock(lock: Path) -> None:
 
 def _lock_holder(lock: Path) -> tuple[str, int] | None:
     try:
-        host, pid = lock.read_text().split()
+        host, pid, *_ = lock.read_text().split()
         return host, int(pid)
     except (OSError, ValueError):
         return None
 
 
-def _stale(host: str, pid: int) -> bool:
+def _lock_job(lock: Path) -> str | None:
+    try:
+        fields = lock.read_text().split()
+    except OSError:
+        return None
+    return fields[2] if len(fields) > 2 and fields[2] != "-" else None
+
+
+def _stale(host: str, pid: int, lock: Path) -> bool:
+    job = _lock_job(lock)
+    if job is not None and job == os.environ.get("SLURM_JOB_ID") and (host, pid) != (socket.gethostname(), os.getpid()):
+        return True  # an earlier run of this requeued SLURM job
     if host != socket.gethostname():
         return False  # cannot tell: the other host may still run it
     try:

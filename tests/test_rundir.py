@@ -237,6 +237,22 @@ def test_a_run_directory_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over
         rundir.acquire_lock(tmp_path)
 
 
+def test_a_lock_left_on_another_node_by_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    # A requeued SLURM job keeps its SLURM_JOB_ID and may start on another node after a hard kill.
+    lock = tmp_path / rundir.LOCK_NAME
+    lock.write_text("node-that-died 4242 777\n")
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    assert rundir.acquire_lock(tmp_path) == lock
+    assert lock.read_text().split()[2] == "777"
+    lock.write_text("node-that-runs 4242 778\n")  # another job's run: it may still be running
+    with pytest.raises(UserError, match="in use by process 4242 on node-that-runs"):
+        rundir.acquire_lock(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    lock.write_text("node-that-died 4242 777\n")  # outside SLURM nothing tells that holder is gone
+    with pytest.raises(UserError, match="delete the lock file"):
+        rundir.acquire_lock(tmp_path)
+
+
 # ---- failed commands leave nothing behind
 
 
