@@ -107,3 +107,59 @@ def test_train_help_and_cfg_answer_before_torch_is_imported(flag):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "imported: []" in proc.stdout
+
+
+ENTRY_POINTS = ["train", "evaluate", "predict", "export", "benchmark", "check_data", "model_table"]
+
+
+def test_a_mistyped_key_is_answered_with_the_closest_key_of_the_composed_config():
+    from fcn.cli.suggest import unknown_key_hint
+
+    hint = unknown_key_hint("train", ["trainer.epoch=3", "model=fcn16s"])
+    assert "trainer.epoch'" in hint and "did you mean trainer.epochs?" in hint
+    assert "did you mean trainer?" in unknown_key_hint("train", ["trainerr=debug"])  # a group name too
+    assert "did you mean trainer.epochs?" in unknown_key_hint("train", ["~trainer.epoch"])
+    assert "did you mean optim.lr?" in unknown_key_hint("train", ["optim.lrr=0.1"])
+    # Overrides that compose get no hint (Hydra failed for another reason, or the task did).
+    assert unknown_key_hint("train", ["trainer.epochs=3", "model=fcn16s", "-m"]) is None
+    assert unknown_key_hint("train", ["model=fcn9s"]) is None  # Hydra lists the model options itself
+
+
+def test_the_key_hint_leaves_every_other_exit_alone(monkeypatch):
+    from fcn.cli.suggest import suggest_keys
+
+    monkeypatch.setattr("sys.argv", ["train", "trainer.epochs=3"])
+
+    def crashes():
+        raise SystemExit(1)  # as Hydra exits after a task's traceback
+
+    with pytest.raises(SystemExit) as exit_info:
+        suggest_keys("train")(crashes)()
+    assert exit_info.value.code == 1
+    assert suggest_keys("train")(lambda: 0.5)() == 0.5  # a run's result passes through
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_answers_a_mistyped_key_with_did_you_mean(name, monkeypatch, capsys):
+    import importlib
+
+    from fcn.cli.suggest import _compose, _dotted_keys
+
+    leaf = next(k for k in _dotted_keys(_compose(name, [])) if not k.startswith("hydra") and len(k) > 3)
+    monkeypatch.setattr("sys.argv", [name, f"{leaf}x=1"])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"fcn.cli.{name}").main()
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: no key '{leaf}x'") and "did you mean" in last
+
+
+def test_train_with_a_correct_key_still_composes(monkeypatch, capsys):
+    from fcn.cli.train import main
+
+    monkeypatch.setattr("sys.argv", ["train", "trainer.epochs=3", "--cfg=job"])
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    assert "epochs: 3" in capsys.readouterr().out

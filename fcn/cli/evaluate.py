@@ -22,6 +22,7 @@ from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
 from fcn.cli.compose import build_dataset, eval_config, inference_fn, prepare_data_root, scan_data
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.suggest import suggest_keys
 from fcn.cli.validate import validate_eval_config
 from fcn.data.loader import make_loader
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
@@ -130,6 +131,7 @@ def _log_tensorboard(out_dir: Path, step: int, metrics: dict, confusion_picture:
         logger.close()
 
 
+@suggest_keys("evaluate")  # a mistyped key: "did you mean ...?"
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:

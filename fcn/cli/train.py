@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.suggest import suggest_keys
 from fcn.errors import UserError
 from fcn.signals import GracefulStop, TrainingInterrupted
 
@@ -302,6 +303,7 @@ def _out_of_memory_message(cfg: DictConfig, device, amp_dtype) -> str:
     )
 
 
+@suggest_keys("train")  # a mistyped key: "did you mean ...?"
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error
 def hydra_main(cfg: DictConfig) -> float:
