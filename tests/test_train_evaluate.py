@@ -45,7 +45,7 @@ def test_tensorboard_events_have_the_curves_and_images(run_dir):
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    expected = {"train/loss", "train/lr", "val/loss", "val/mIoU", "val/pixel_acc", "val/IoU/background"}
+    expected = {"train/loss", "train/lr", "val/loss", "val/mIoU", "val/pixel_acc", "val_class_IoU/background"}
     assert expected <= scalars
     assert len(events.Scalars("train/loss")) == 6  # one per step with log_every_n_steps=1
     assert [e.step for e in events.Scalars("val/mIoU")] == [3, 6]

@@ -126,7 +126,8 @@ def _log_tensorboard(out_dir: Path, step: int, metrics: dict, confusion_picture:
             masks = torch.stack([m[:height, :width] for _, _, m, _ in ranked])
             preds = torch.stack([p[:height, :width] for _, _, _, p in ranked])
             logger.log_image("eval/worst_images", comparison_grid(images, masks, preds, palette, ignore_index), step)
-            logger.log_text("eval/worst_images", ", ".join(f"{100 * m:.1f}" for m, *_ in ranked), step)
+            scores = ", ".join(f"{100 * m:.1f}" for m, *_ in ranked)
+            logger.log_text("eval/worst_images", f"mIoU (%) of each: {scores}", step)
     finally:
         logger.close()
 

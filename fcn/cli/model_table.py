@@ -101,7 +101,7 @@ def format_markdown(rows: list[dict], crop: list[int], flops_size: list[int]) ->
     """The table as the README shows it."""
     lines = [
         f"| model | backbone | variant | parameters | GFLOPs at {flops_size[0]}x{flops_size[1]} | "
-        f"train img/s at {crop[0]}x{crop[1]} | val mIoU |",
+        f"train img/s at {crop[0]}x{crop[1]} | val mIoU (0-1) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
