@@ -163,3 +163,36 @@ def test_train_with_a_correct_key_still_composes(monkeypatch, capsys):
     except SystemExit as exc:
         assert exc.code in (0, None)
     assert "epochs: 3" in capsys.readouterr().out
+
+
+def test_the_config_changes_name_each_override_and_what_it_changed():
+    from fcn.cli.console import config_changes
+
+    changes = config_changes(compose_config("train", ["trainer.epochs=3", "model=fcn16s"]), compose_config("train", []))
+    assert "trainer.epochs: 12 -> 3" in changes
+    assert "model.variant: 8s -> 16s" in changes
+    assert config_changes(compose_config("train", []), compose_config("train", [])) == []
+
+
+def test_a_run_from_the_command_line_logs_its_overrides_and_where_its_full_config_is(caplog, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from fcn.cli.console import log_config_changes, run_name
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.epochs=3", "hydra.run.dir=x"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path)
+            cfg.hydra.job.config_name = "train"
+        HydraConfig.instance().set_config(cfg)
+        try:
+            assert run_name() == "trainer.epochs=3"  # hydra.* overrides say where, not what: left out
+            with caplog.at_level("INFO", logger="fcn.cli.console"):
+                log_config_changes(cfg)
+        finally:
+            HydraConfig.instance().cfg = None
+    text = caplog.text
+    assert "overrides trainer.epochs=3" in text and "trainer.epochs: 12 -> 3" in text
+    assert str(tmp_path / ".hydra" / "config.yaml") in text

@@ -81,5 +81,6 @@ def _flat(cfg: DictConfig) -> dict[str, object]:
         else:
             out[prefix[:-1]] = node
 
+    container.pop("hydra", None)  # Hydra's own settings say where and how, not what: not compared
     walk(container, "")
     return out
