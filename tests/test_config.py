@@ -196,3 +196,17 @@ def test_a_run_from_the_command_line_logs_its_overrides_and_where_its_full_confi
     text = caplog.text
     assert "overrides trainer.epochs=3" in text and "trainer.epochs: 12 -> 3" in text
     assert str(tmp_path / ".hydra" / "config.yaml") in text
+
+
+@pytest.mark.slow
+def test_train_script_with_a_mistyped_key_exits_2_with_did_you_mean(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "train.py"), "trainer.epoch=3"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: no key 'trainer.epoch' in the train config; did you mean trainer.epochs?"
+    assert not (tmp_path / "outputs").exists()  # nothing left behind
