@@ -82,3 +82,15 @@ def test_early_stopping_and_tensorboard_entries(shapes_root, tmp_path):
     assert "weights/decoder_drift/up_final" in events.Tags()["scalars"]
     assert "model/summary" in events.Tags()["tensors"] or "model/summary/text_summary" in events.Tags()["tensors"]
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_the_per_epoch_line_says_which_epoch_of_how_many_and_labels_scores_as_percent(shapes_root, tmp_path, caplog):
+    import re
+
+    overrides = [*tiny_train_overrides(shapes_root), "trainer.epochs=1", "logger=none"]
+    with caplog.at_level("INFO", logger="fcn.fit"):
+        report = train(compose_config("train", overrides), tmp_path)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1:"))
+    match = re.search(r"val mIoU (\d+\.\d\d)%, pixel acc (\d+\.\d\d)%", line)
+    assert match and float(match.group(1)) == pytest.approx(100 * report["miou"], abs=0.01)
