@@ -75,6 +75,8 @@ def train_one_epoch(
     should_stop: Callable[[int], bool] | None = None,
     on_step: Callable[[int, float, float, float | None], None] | None = None,
     progress: bool = True,
+    desc: str | None = None,
+    postfix: Callable[[int], dict] | None = None,
 ) -> EpochResult:
     """Train for one pass over ``loader`` (or ``max_steps`` optimisation steps), stepping the lr every step.
 
@@ -98,13 +100,14 @@ def train_one_epoch(
     ``channels_last`` feeds the batch in NHWC memory order (pair it with a channels-last model).
     ``amp_dtype`` (bfloat16 or float16) runs the forward pass under autocast; float16 needs a
     ``scaler`` to keep small gradients from underflowing. ``progress=False`` hides the bar
-    (ranks other than 0).
+    (ranks other than 0); ``desc`` labels it (default ``epoch N``) and ``postfix(step)`` adds
+    items after the loss and lr (the run's time left).
     """
     model.train()
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel only
     total, count, batches, steps, bad_in_a_row, first_bad = 0.0, 0, 0, 0, 0, 0
     limit = None if max_steps is None else max_steps * accumulate
-    bar = tqdm(loader, desc=f"epoch {epoch}", total=_num_batches(loader, limit), leave=False,
+    bar = tqdm(loader, desc=desc or f"epoch {epoch}", total=_num_batches(loader, limit), leave=False,
                disable=None if progress else True)  # fmt: skip
     if max_steps is not None and max_steps <= 0:
         return EpochResult(step=step, loss=0.0, batches=0)
@@ -156,7 +159,8 @@ def train_one_epoch(
                 optimizer.step()
             total += window_loss
             count += 1
-            bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # drawn at tqdm's own pace
+            extra = postfix(step) if postfix is not None and bar.disable is not True else {}
+            bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.2e}", **extra, refresh=False)  # drawn at tqdm's pace
         else:
             bad_in_a_row += 1
             first_bad = step if bad_in_a_row == 1 else first_bad

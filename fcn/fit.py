@@ -27,6 +27,7 @@ from fcn.engine import combine_ranks, evaluate, to_model_input, train_one_epoch
 from fcn.errors import UserError
 from fcn.loggers import NullLogger
 from fcn.metrics import scores
+from fcn.progress import RunClock, epoch_description, format_duration, validations_left
 from fcn.rng import capture_rng_state
 from fcn.signals import GracefulStop, TrainingInterrupted
 from fcn.summary import decoder_drift, decoder_kernels
@@ -217,12 +218,20 @@ def fit(
     sample_indices = np.linspace(0, len(val_set) - 1, min(logger.num_images, len(val_set))).round().astype(int)
     if state.epoch_batches >= shape.batches_per_epoch:  # the checkpoint closed its epoch
         state = dataclasses.replace(state, epoch=state.epoch + 1, epoch_batches=0)
+    clock = RunClock(shape.total_steps, state.step)  # the bar's whole-run ETA
 
     while state.epoch <= settings.epochs:
         epoch = state.epoch
         # Train (the rest of) one epoch; a resumed epoch continues at the batch it stopped at.
         sampler.set_epoch(epoch, start=state.epoch_batches * shape.batch_size)
         on_step = _StepHook(logger, checkpointer, state, settings.checkpoint_every_n_steps, accumulate)
+        to_validate = validations_left(epoch, settings.epochs, settings.val_every)
+
+        def run_eta(step: int, to_validate: int = to_validate) -> dict:
+            seconds = clock.eta(step, to_validate)
+            return {} if seconds is None else {"run_eta": format_duration(seconds)}
+
+        clock.start_epoch()
         result = train_one_epoch(
             train_net,
             train_loader,
@@ -245,7 +254,10 @@ def fit(
             should_stop=shared_stop.poll,
             on_step=on_step,
             progress=distributed.is_main(),
+            desc=epoch_description(epoch, settings.epochs),
+            postfix=run_eta,
         )
+        clock.end_epoch()
         state = dataclasses.replace(state, step=result.step, epoch_batches=state.epoch_batches + result.batches)
         if state.epoch_batches < shape.batches_per_epoch:  # stopped mid-epoch by a signal
             checkpointer.save(checkpointer.last, state)
@@ -255,15 +267,17 @@ def fit(
         # Validate every val_every epochs and after the last; the best val mIoU is kept as best.pt.
         metrics = None
         if epoch % settings.val_every == 0 or epoch == settings.epochs:
+            started = clock.now()
             metrics, confusion = _validate(model, eval_net, val_loader, loss_fn, data, settings, device, infer)
-            log.info(
-                "epoch %d/%d: train loss %.4f, val loss %.4f, val mIoU %.4f, pixel acc %.4f",
+            clock.add_validation(clock.now() - started)
+            log.info(  # scores in percent, as the tables print them
+                "epoch %d/%d: train loss %.4f, val loss %.4f, val mIoU %.2f%%, pixel acc %.2f%%",
                 epoch,
                 settings.epochs,
                 result.loss,
                 metrics["val_loss"],
-                metrics["miou"],
-                metrics["pixel_acc"],
+                100 * metrics["miou"],
+                100 * metrics["pixel_acc"],
             )
             _log_validation(logger, state.step, metrics, confusion, data.class_names, model)
             if len(sample_indices):
@@ -295,6 +309,27 @@ def fit(
     return state
 
 
+# TensorBoard's Custom Scalars tab: the curves a user looks at first, side by side. (On the Time
+# Series page tag groups sort by name and the first two open expanded: ``train`` and ``val``; the
+# diagnostics are in ``val_class_IoU`` and ``weights``, which sort after them.)
+OVERVIEW_LAYOUT = {
+    "overview": {
+        "loss (train, val)": ["Multiline", ["train/loss", "val/loss"]],
+        "val mIoU": ["Multiline", ["val/mIoU"]],
+        "val pixel accuracy": ["Multiline", ["val/pixel_acc"]],
+        "learning rate": ["Multiline", ["train/lr"]],
+    }
+}
+
+
+def log_run_start(logger, summary: dict, config_yaml: str) -> None:
+    """What a new run logs once: the overview layout, the model summary and the resolved config
+    (TensorBoard's Text tab, as a YAML code block)."""
+    logger.log_layout(OVERVIEW_LAYOUT)
+    logger.log_text("model/summary", "  \n".join(f"{k}: {v}" for k, v in summary.items()), 0)
+    logger.log_text("config", f"```yaml\n{config_yaml}```", 0)
+
+
 class _StepHook:
     """Called by :func:`fcn.engine.train_one_epoch` after each step: logs the step's numbers and
     saves ``last.pt`` every ``checkpoint_every`` steps (epoch ends are saved after validation)."""
@@ -309,7 +344,7 @@ class _StepHook:
             self.logger.log_scalar("train/loss", loss, step)
             self.logger.log_scalar("train/lr", lr, step)
             if grad_norm is not None:
-                self.logger.log_scalar("train/grad_norm", grad_norm, step)
+                self.logger.log_scalar("weights/grad_norm", grad_norm, step)
         if self.checkpoint_every and step % self.checkpoint_every == 0:
             start = self.epoch_start
             done = start.epoch_batches + (step - start.step) * self.accumulate
@@ -353,15 +388,15 @@ def _log_validation(logger, step: int, metrics: dict, confusion: torch.Tensor, c
     logger.log_scalar("val/fwIoU", metrics["fwiou"], step)
     for name, iou in metrics["per_class_iou"].items():
         if iou is not None:
-            logger.log_scalar(f"val/IoU/{name}", iou, step)
+            logger.log_scalar(f"val_class_IoU/{name}", iou, step)
     logger.log_image("val/confusion_matrix", np.asarray(confusion_image(confusion, class_names).convert("RGB")), step)
     # How far each learned upsampling has moved from bilinear interpolation, and what it became.
     for name, drift in decoder_drift(model).items():
-        logger.log_scalar(f"decoder/drift/{name}", drift, step)
+        logger.log_scalar(f"weights/decoder_drift/{name}", drift, step)
     for name, kernel in decoder_kernels(model).items():
-        logger.log_image(f"decoder/kernel/{name}", kernel, step)
+        logger.log_image(f"weights/decoder_kernel/{name}", kernel, step)
     weight_norm = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
-    logger.log_scalar("train/weight_norm", weight_norm, step)
+    logger.log_scalar("weights/norm", weight_norm, step)
 
 
 @torch.no_grad()

@@ -39,8 +39,12 @@ class NullLogger:
     def log_image(self, tag: str, image: torch.Tensor | np.ndarray, step: int) -> None:
         """A picture: CHW tensor or HWC uint8 array."""
 
-    def log_hparams(self, hparams: dict, metrics: dict) -> None:
-        """The run's main settings beside its final scores (``hparams`` values: str, int, float, bool)."""
+    def log_layout(self, layout: dict) -> None:
+        """Charts that belong together: ``{category: {chart title: ["Multiline", [tags]]}}``."""
+
+    def log_hparams(self, hparams: dict, metrics: dict, run_name: str = "") -> None:
+        """The run's main settings beside its final scores (``hparams`` values: str, int, float, bool);
+        ``run_name`` (e.g. the run's overrides) names the run in a table of several runs."""
 
     def close(self) -> None:
         """Flush and release files; safe to call twice."""
@@ -81,14 +85,33 @@ class TensorBoardLogger(NullLogger):
         else:
             self._writer.add_image(tag, image, step)
 
-    def log_hparams(self, hparams: dict, metrics: dict) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def log_layout(self, layout: dict) -> None:
+        self._writer.add_custom_scalars(layout)
 
-        # A writer of its own: add_hparams writes a separate record that TensorBoard's HPARAMS tab reads.
-        with SummaryWriter(log_dir=str(self._dir)) as writer:
-            writer.add_hparams(hparams, metrics, run_name=".")
+    def log_hparams(self, hparams: dict, metrics: dict, run_name: str = "") -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        # What SummaryWriter.add_hparams writes, in a sub-run named ``run_name`` (the HPARAMS tab
+        # lists the run by that folder's path), less its "experiment" record: with one, TensorBoard
+        # takes some one run's list of settings as everyone's, sorted by name, and shows the first
+        # five. Without it, TensorBoard gathers the settings of all runs and puts those that differ
+        # between them (a sweep's swept keys) first.
+        _, session_start, session_end = hparams_summaries(hparams, metrics)
+        with SummaryWriter(log_dir=str(self._dir / hparams_run_name(run_name))) as writer:
+            writer.file_writer.add_summary(session_start)
+            writer.file_writer.add_summary(session_end)
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def hparams_run_name(name: str) -> str:
+    """``name`` as one folder name (the HPARAMS tab's run name): no path separators, at most 200
+    characters; ``"defaults"`` when empty (a run without overrides)."""
+    name = name.replace("/", "_").replace("\\", "_").strip().strip(".")
+    return name[:200] or "defaults"

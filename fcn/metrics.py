@@ -78,23 +78,28 @@ def scores(confusion: torch.Tensor, class_names: Sequence[str] | None = None) ->
 
 
 def format_table(metrics: dict) -> str:
-    """A plain-text table of the per-class scores present in ``metrics`` and the summary scores."""
-    columns = [(k, label) for k, label in (("per_class_iou", "IoU"), ("per_class_dice", "Dice"),
+    """A plain-text table of the per-class scores present in ``metrics`` and the summary scores.
+
+    Scores are printed in percent and labelled so (``IoU (%)``); ``metrics`` holds fractions 0-1,
+    as ``metrics.json`` and TensorBoard do.
+    """
+    columns = [(k, f"{label} (%)") for k, label in (("per_class_iou", "IoU"), ("per_class_dice", "Dice"),
                ("per_class_precision", "Prec"), ("per_class_recall", "Recall")) if k in metrics]  # fmt: skip
     names = list(metrics["per_class_iou"])
-    width = max(12, *(len(n) for n in names))
+    width = max(16, *(len(n) + 1 for n in names))
+    column = max(len(label) for _, label in columns) + 2
 
     def cell(value: float | None) -> str:
-        return f"{'n/a' if value is None else f'{100 * value:.1f}':>7}"
+        return f"{'n/a' if value is None else f'{100 * value:.1f}':>{column}}"
 
-    header = f"{'class':<{width}}" + "".join(f"{label:>7}" for _, label in columns)
+    header = f"{'class':<{width}}" + "".join(f"{label:>{column}}" for _, label in columns)
     rule = "-" * len(header)
     lines = [header, rule]
     for name in names:
         lines.append(f"{name:<{width}}" + "".join(cell(metrics[key][name]) for key, _ in columns))
     lines.append(rule)
-    summary = (("miou", "mean IoU"), ("mean_dice", "mean Dice"), ("pixel_acc", "pixel acc"),
-               ("mean_acc", "mean acc"), ("fwiou", "fw IoU"))  # fmt: skip
+    summary = (("miou", "mean IoU (%)"), ("mean_dice", "mean Dice (%)"), ("pixel_acc", "pixel acc (%)"),
+               ("mean_acc", "mean acc (%)"), ("fwiou", "fw IoU (%)"))  # fmt: skip
     for key, label in summary:
         if key in metrics:
             lines.append(f"{label:<{width}}{cell(metrics[key])}")

@@ -107,3 +107,106 @@ def test_train_help_and_cfg_answer_before_torch_is_imported(flag):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "imported: []" in proc.stdout
+
+
+ENTRY_POINTS = ["train", "evaluate", "predict", "export", "benchmark", "check_data", "model_table"]
+
+
+def test_a_mistyped_key_is_answered_with_the_closest_key_of_the_composed_config():
+    from fcn.cli.suggest import unknown_key_hint
+
+    hint = unknown_key_hint("train", ["trainer.epoch=3", "model=fcn16s"])
+    assert "trainer.epoch'" in hint and "did you mean trainer.epochs?" in hint
+    assert "did you mean trainer?" in unknown_key_hint("train", ["trainerr=debug"])  # a group name too
+    assert "did you mean trainer.epochs?" in unknown_key_hint("train", ["~trainer.epoch"])
+    assert "did you mean optim.lr?" in unknown_key_hint("train", ["optim.lrr=0.1"])
+    # Overrides that compose get no hint (Hydra failed for another reason, or the task did).
+    assert unknown_key_hint("train", ["trainer.epochs=3", "model=fcn16s", "-m"]) is None
+    assert unknown_key_hint("train", ["model=fcn9s"]) is None  # Hydra lists the model options itself
+
+
+def test_the_key_hint_leaves_every_other_exit_alone(monkeypatch):
+    from fcn.cli.suggest import suggest_keys
+
+    monkeypatch.setattr("sys.argv", ["train", "trainer.epochs=3"])
+
+    def crashes():
+        raise SystemExit(1)  # as Hydra exits after a task's traceback
+
+    with pytest.raises(SystemExit) as exit_info:
+        suggest_keys("train")(crashes)()
+    assert exit_info.value.code == 1
+    assert suggest_keys("train")(lambda: 0.5)() == 0.5  # a run's result passes through
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_answers_a_mistyped_key_with_did_you_mean(name, monkeypatch, capsys):
+    import importlib
+
+    from fcn.cli.suggest import _compose, _dotted_keys
+
+    leaf = next(k for k in _dotted_keys(_compose(name, [])) if not k.startswith("hydra") and len(k) > 3)
+    monkeypatch.setattr("sys.argv", [name, f"{leaf}x=1"])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"fcn.cli.{name}").main()
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: no key '{leaf}x'") and "did you mean" in last
+
+
+def test_train_with_a_correct_key_still_composes(monkeypatch, capsys):
+    from fcn.cli.train import main
+
+    monkeypatch.setattr("sys.argv", ["train", "trainer.epochs=3", "--cfg=job"])
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    assert "epochs: 3" in capsys.readouterr().out
+
+
+def test_the_config_changes_name_each_override_and_what_it_changed():
+    from fcn.cli.console import config_changes
+
+    changes = config_changes(compose_config("train", ["trainer.epochs=3", "model=fcn16s"]), compose_config("train", []))
+    assert "trainer.epochs: 12 -> 3" in changes
+    assert "model.variant: 8s -> 16s" in changes
+    assert config_changes(compose_config("train", []), compose_config("train", [])) == []
+
+
+def test_a_run_from_the_command_line_logs_its_overrides_and_where_its_full_config_is(caplog, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from fcn.cli.console import log_config_changes, run_name
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.epochs=3", "hydra.run.dir=x"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path)
+            cfg.hydra.job.config_name = "train"
+        HydraConfig.instance().set_config(cfg)
+        try:
+            assert run_name() == "trainer.epochs=3"  # hydra.* overrides say where, not what: left out
+            with caplog.at_level("INFO", logger="fcn.cli.console"):
+                log_config_changes(cfg)
+        finally:
+            HydraConfig.instance().cfg = None
+    text = caplog.text
+    assert "overrides trainer.epochs=3" in text and "trainer.epochs: 12 -> 3" in text
+    assert str(tmp_path / ".hydra" / "config.yaml") in text
+
+
+@pytest.mark.slow
+def test_train_script_with_a_mistyped_key_exits_2_with_did_you_mean(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "train.py"), "trainer.epoch=3"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: no key 'trainer.epoch' in the train config; did you mean trainer.epochs?"
+    assert not (tmp_path / "outputs").exists()  # nothing left behind

@@ -168,7 +168,7 @@ def test_sigterm_inside_an_accumulation_window_finishes_the_step_and_resumes_exa
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    norms = events.Scalars("train/grad_norm")
+    norms = events.Scalars("weights/grad_norm")
     assert [e.step for e in norms] == [1, 2, 3, 4, 5, 6] and all(e.value > 0 for e in norms)
 
 

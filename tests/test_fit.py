@@ -95,3 +95,43 @@ def test_load_model_says_when_the_weights_do_not_fit_the_saved_settings(tmp_path
         match=r"x\.pt: cannot be loaded into this FCN: .*score_out\.weight.*do not match its own model config",
     ):
         load_model(tmp_path / "x.pt")
+
+
+def test_the_progress_bar_says_which_epoch_of_how_many():
+    from fcn.progress import epoch_description
+
+    assert epoch_description(3, 12) == "epoch 3/12"
+
+
+def test_the_run_eta_counts_the_steps_and_the_validations_left():
+    from fcn.progress import RunClock, format_duration, validations_left
+
+    now = [0.0]
+    clock = RunClock(total_steps=10, start_step=0, now=lambda: now[0])
+    clock.start_epoch()
+    assert clock.eta(0, validations_to_do=2) is None  # nothing timed yet
+    now[0] = 4.0
+    assert clock.eta(2, validations_to_do=2) == pytest.approx(8 * 2.0)  # 2 s a step, validation unknown yet
+    clock.end_epoch()
+    clock.add_validation(5.0)
+    clock.start_epoch()
+    now[0] = 6.0
+    assert clock.eta(3, validations_to_do=1) == pytest.approx(7 * 2.0 + 5.0)
+    assert validations_left(3, 12, val_every=5) == 3  # epochs 5 and 10, and the last (12)
+    assert format_duration(3725) == "1:02:05" and format_duration(65) == "1:05"
+
+
+def test_tensorboard_hparams_are_a_run_named_by_the_overrides_with_the_settings_of_every_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(log_every_n_steps=1, num_images=0)
+    logger.open(tmp_path)
+    logger.log_hparams({"model": "tiny-fcn8s", "lr": 0.01}, {"hparam/best_val_miou": 0.5}, run_name="optim.lr=0.01")
+    logger.close()
+    run = tmp_path / "tensorboard" / "optim.lr=0.01"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    hparams_tags = set(events.PluginTagToContent("hparams"))
+    # a session of its own, and no "experiment" record (TensorBoard would take one run's as everyone's)
+    assert hparams_tags == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
+    assert [e.value for e in events.Scalars("hparam/best_val_miou")] == [0.5]

@@ -111,3 +111,10 @@ def test_scores_match_fcn_score_py_and_torchmetrics_dice_precision_recall(seed):
                         ("per_class_recall", MulticlassRecall)):  # fmt: skip
         expected = oracle(**kwargs)(pred, target).tolist()
         assert list(ours[key].values()) == pytest.approx(expected, abs=1e-6), key
+
+
+def test_the_metrics_table_prints_percent_and_labels_it():
+    table = format_table({"per_class_iou": {"a": 0.5, "b": 0.25}, "miou": 0.375, "pixel_acc": 0.9})
+    assert "IoU (%)" in table.splitlines()[0]
+    assert any(line.startswith("mean IoU (%)") and line.endswith("37.5") for line in table.splitlines())
+    assert "pixel acc (%)" in table and "90.0" in table

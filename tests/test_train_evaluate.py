@@ -45,12 +45,34 @@ def test_tensorboard_events_have_the_curves_and_images(run_dir):
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    expected = {"train/loss", "train/lr", "val/loss", "val/mIoU", "val/pixel_acc", "val/IoU/background"}
+    expected = {"train/loss", "train/lr", "val/loss", "val/mIoU", "val/pixel_acc", "val_class_IoU/background"}
     assert expected <= scalars
     assert len(events.Scalars("train/loss")) == 6  # one per step with log_every_n_steps=1
     assert [e.step for e in events.Scalars("val/mIoU")] == [3, 6]
     image = events.Images("val/samples")[-1]
     assert image.width > 0 and image.height > 0
+
+
+def test_tensorboard_puts_train_and_val_first_with_an_overview_layout_and_the_config(run_dir):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    # Time Series groups cards by the tag's first part, sorted by name, and opens the first two:
+    # train and val; the per-class IoU and the diagnostics sort after them.
+    groups = sorted({tag.split("/")[0] for tag in tags["scalars"] + tags["images"]})
+    assert groups == ["train", "val", "val_class_IoU", "weights"]
+    assert {"weights/norm", "weights/decoder_drift/up_final"} <= set(tags["scalars"])
+    # Custom Scalars: the loss of train and val in one chart, val mIoU beside it.
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["loss (train, val)"] == ["train/loss", "val/loss"] and charts["val mIoU"] == ["val/mIoU"]
+    # The resolved config as YAML in the Text tab.
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("```yaml") and "epochs: 2" in text
+    # HPARAMS: a run of its own, named by the overrides ("defaults" when none, as here: no Hydra command line).
+    assert (run_dir / "tensorboard" / "defaults").is_dir()
 
 
 def test_evaluating_the_best_checkpoint_reproduces_its_metrics(run_dir, tmp_path):

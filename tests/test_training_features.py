@@ -78,7 +78,19 @@ def test_early_stopping_and_tensorboard_entries(shapes_root, tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("val/mIoU")] == [3, 6, 9]
-    assert {"val/confusion_matrix", "decoder/kernel/up_final"} <= set(events.Tags()["images"])
-    assert "decoder/drift/up_final" in events.Tags()["scalars"]
+    assert {"val/confusion_matrix", "weights/decoder_kernel/up_final"} <= set(events.Tags()["images"])
+    assert "weights/decoder_drift/up_final" in events.Tags()["scalars"]
     assert "model/summary" in events.Tags()["tensors"] or "model/summary/text_summary" in events.Tags()["tensors"]
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_the_per_epoch_line_says_which_epoch_of_how_many_and_labels_scores_as_percent(shapes_root, tmp_path, caplog):
+    import re
+
+    overrides = [*tiny_train_overrides(shapes_root), "trainer.epochs=1", "logger=none"]
+    with caplog.at_level("INFO", logger="fcn.fit"):
+        report = train(compose_config("train", overrides), tmp_path)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1:"))
+    match = re.search(r"val mIoU (\d+\.\d\d)%, pixel acc (\d+\.\d\d)%", line)
+    assert match and float(match.group(1)) == pytest.approx(100 * report["miou"], abs=0.01)

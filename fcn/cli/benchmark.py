@@ -40,6 +40,7 @@ from fcn.cli.compose import (
     prepare_data_root,
 )
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.suggest import suggest_keys
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
 from fcn.data.transforms import normalize
@@ -158,6 +159,7 @@ def _write(result: dict, out_dir: str | Path) -> dict:
     return result
 
 
+@suggest_keys("benchmark")  # a mistyped key: "did you mean ...?"
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="benchmark")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from fcn.cli import CONFIG_DIR
 from fcn.cli.compose import check_data_config, data_layout, mask_decoder, prepare_data_root
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.suggest import suggest_keys
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.data.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.splits import shown
@@ -113,6 +114,7 @@ def _print_summary(data, reports: list[SplitReport], layout_errors: list[str], r
     print(f"\nverdict: {verdict}\nreport: {path}")
 
 
+@suggest_keys("check_data")  # a mistyped key: "did you mean ...?"
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="check_data")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -22,6 +22,7 @@ from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
 from fcn.cli.compose import build_dataset, eval_config, inference_fn, prepare_data_root, scan_data
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.suggest import suggest_keys
 from fcn.cli.validate import validate_eval_config
 from fcn.data.loader import make_loader
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
@@ -125,11 +126,13 @@ def _log_tensorboard(out_dir: Path, step: int, metrics: dict, confusion_picture:
             masks = torch.stack([m[:height, :width] for _, _, m, _ in ranked])
             preds = torch.stack([p[:height, :width] for _, _, _, p in ranked])
             logger.log_image("eval/worst_images", comparison_grid(images, masks, preds, palette, ignore_index), step)
-            logger.log_text("eval/worst_images", ", ".join(f"{100 * m:.1f}" for m, *_ in ranked), step)
+            scores = ", ".join(f"{100 * m:.1f}" for m, *_ in ranked)
+            logger.log_text("eval/worst_images", f"mIoU (%) of each: {scores}", step)
     finally:
         logger.close()
 
 
+@suggest_keys("evaluate")  # a mistyped key: "did you mean ...?"
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:

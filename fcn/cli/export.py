@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from fcn.checkpoint import load_model, offline_model_settings
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.suggest import suggest_keys
 from fcn.errors import UserError
 from fcn.export import check_onnx, export_onnx, save_safetensors
 
@@ -58,6 +59,7 @@ def run_export(cfg: DictConfig) -> Path:
     return output
 
 
+@suggest_keys("export")  # a mistyped key: "did you mean ...?"
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

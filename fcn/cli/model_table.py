@@ -36,6 +36,7 @@ from fcn import benchmark
 from fcn.cli import CONFIG_DIR
 from fcn.cli.compose import build_dataset, build_model, loader_options, prepare_data_root
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.suggest import suggest_keys
 from fcn.cli.train import train
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
@@ -100,7 +101,7 @@ def format_markdown(rows: list[dict], crop: list[int], flops_size: list[int]) ->
     """The table as the README shows it."""
     lines = [
         f"| model | backbone | variant | parameters | GFLOPs at {flops_size[0]}x{flops_size[1]} | "
-        f"train img/s at {crop[0]}x{crop[1]} | val mIoU |",
+        f"train img/s at {crop[0]}x{crop[1]} | val mIoU (0-1) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -151,6 +152,7 @@ def run_table(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]) -
     return rows
 
 
+@suggest_keys("model_table")  # a mistyped key: "did you mean ...?"
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="model_table")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -22,6 +22,7 @@ from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
 from fcn.cli.compose import eval_config, inference_fn
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.suggest import suggest_keys
 from fcn.cli.validate import validate_eval_config
 from fcn.data.folder import IMAGE_EXTENSIONS, read_image
 from fcn.data.labels import exif_orientation, image_to_rgb
@@ -121,6 +122,7 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
     return written, failed
 
 
+@suggest_keys("predict")  # a mistyped key: "did you mean ...?"
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

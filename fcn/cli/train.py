@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcn.cli import CONFIG_DIR, hydra_run_dir, multirun  # hydra_run_dir registers ${fcn.claim_dir:...}
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.suggest import suggest_keys
 from fcn.errors import UserError
 from fcn.signals import GracefulStop, TrainingInterrupted
 
@@ -50,6 +51,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
         scan_data,
         with_class_weights,
     )
+    from fcn.cli.console import log_config_changes, run_name
     from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
     from fcn.data.loader import make_loader
     from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
@@ -57,7 +59,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     from fcn.device import maybe_compile, resolve_device, resolve_precision, set_deterministic
     from fcn.engine import NonFiniteLossError
     from fcn.errors import cause
-    from fcn.fit import Checkpointer, DataInfo, FitSettings, TrainState, fit, plan_epochs
+    from fcn.fit import Checkpointer, DataInfo, FitSettings, TrainState, fit, log_run_start, plan_epochs
     from fcn.loggers import NullLogger
     from fcn.optim import build_optimizer
     from fcn.resume import agreed_resume_checkpoint, check_same_run_shape, init_weights, restore_training_state
@@ -76,6 +78,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", out_dir.resolve())
+    if main_rank:
+        log_config_changes(cfg)  # the overrides and what they changed; the path of the full config
     # A setting left without a value (data.num_classes: ???) is named here, before any file is read.
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     for key in ("epochs", "batch_size", "val_every", "accumulate_grad_batches"):
@@ -215,7 +219,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     # On resume the logger drops whatever the interrupted run logged after its checkpoint.
     logger.open(out_dir, purge_step=state.step + 1 if resumed else None)
     if not resumed:
-        logger.log_text("model/summary", "  \n".join(f"{k}: {v}" for k, v in summary.items()), 0)
+        log_run_start(logger, summary, OmegaConf.to_yaml(cfg, resolve=True))  # layout, summary, config
     try:
         state = fit(
             model,
@@ -252,7 +256,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     finally:
         logger.close()
     if state.best is not None:
-        logger.log_hparams(_hparams(cfg), {"hparam/best_val_miou": state.best["miou"]})
+        best = {"hparam/best_val_miou": state.best["miou"], "hparam/best_pixel_acc": state.best["pixel_acc"]}
+        logger.log_hparams(_hparams(cfg), best, run_name=run_name())
     return _report(state.best, out_dir, data, write=main_rank)
 
 
@@ -283,19 +288,24 @@ def _report(best: dict, out_dir: Path, data: DictConfig, write: bool = True) -> 
 
 
 def _hparams(cfg: DictConfig) -> dict:
-    """The run's main settings, shown beside its best val mIoU (TensorBoard's HPARAMS tab)."""
+    """The run's main settings, shown beside its best val mIoU (TensorBoard's HPARAMS tab).
+
+    The tab shows five settings until more are ticked: those that differ between the runs first,
+    then by name. The five main ones sort first by name; the others are named ``setup.*`` to sort
+    after them.
+    """
     return {
         "model": f"{cfg.model.backbone}-fcn{cfg.model.variant}",
-        "width": cfg.model.width,
-        "learnable_upsampling": str(cfg.model.learnable_upsampling),  # true, false or intermediate
-        "scaled_skips": bool(cfg.model.get("scaled_skips", False)),
-        "init_from": str(cfg.init_from or ""),  # staged training: which stage this one started from
         "optimizer": cfg.optim._target_.rsplit(".", 1)[-1],
         "lr": cfg.optim.lr,
         "batch_size": cfg.trainer.batch_size,
         "epochs": cfg.trainer.epochs,
-        "data": cfg.data.name,
-        "seed": cfg.seed,
+        "setup.data": cfg.data.name,
+        "setup.width": cfg.model.width,
+        "setup.learnable_upsampling": str(cfg.model.learnable_upsampling),  # true, false or intermediate
+        "setup.scaled_skips": bool(cfg.model.get("scaled_skips", False)),
+        "setup.init_from": str(cfg.init_from or ""),  # staged training: which stage this one started from
+        "setup.seed": cfg.seed,
         **multirun.override_hparams(),  # the keys a sweep or search set, so its rows differ visibly
     }
 
@@ -311,6 +321,7 @@ def _out_of_memory_message(cfg: DictConfig, device, amp_dtype) -> str:
     )
 
 
+@suggest_keys("train")  # a mistyped key: "did you mean ...?"
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error
 def hydra_main(cfg: DictConfig) -> float:

@@ -1,0 +1,115 @@
+""" "Did you mean ...?" for a mistyped key on the command line (``trainer.epoch=3``).
+
+Hydra reports a key that is not in the config itself (``Could not override 'trainer.epoch'``)
+and exits with code 1. :func:`suggest_keys` wraps an entry point's ``@hydra.main`` function: only
+when Hydra has failed, it composes the config again with the compose API, finds the override
+Hydra refused and adds one line naming the closest keys of the composed config, exit code 2.
+Group options (``model=fcn9s``) need nothing: Hydra lists the available ones itself.
+
+Nothing here imports torch: ``--help`` and ``--cfg`` still answer before torch loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import sys
+from collections.abc import Callable
+
+# The messages of Hydra 1.3's ConfigCompositionException that name an unknown key.
+_UNKNOWN_KEY = (
+    re.compile(r"Could not override '([^']+)'"),
+    re.compile(r"Could not delete from config\. '([^']+)' does not exist"),
+)
+
+
+def suggest_keys(config_name: str) -> Callable[[Callable], Callable]:
+    """Decorate the ``@hydra.main`` function of the entry point whose primary config is ``config_name``.
+
+    When Hydra ends the command with exit code 1 and an override names a key the composed config
+    does not have, prints ``error: no key 'trainer.epoch' in the config; did you mean trainer.epochs?``
+    to stderr and exits with code 2. Any other exit passes through unchanged.
+    """
+
+    def decorate(hydra_main: Callable) -> Callable:
+        @functools.wraps(hydra_main)
+        def wrapper(*args, **kwargs):
+            try:
+                return hydra_main(*args, **kwargs)
+            except SystemExit as exc:
+                if exc.code != 1:
+                    raise
+                hint = unknown_key_hint(config_name, sys.argv[1:])
+                if hint is None:
+                    raise
+                print(hint, file=sys.stderr)
+                sys.exit(2)
+
+        return wrapper
+
+    return decorate
+
+
+def unknown_key_hint(config_name: str, argv: list[str]) -> str | None:
+    """The one line for an override of ``argv`` whose key is not in the composed ``config_name``
+    config (with the closest keys), or None when the overrides compose (Hydra failed otherwise)."""
+    from hydra.errors import ConfigCompositionException
+
+    overrides = [a for a in argv if not a.startswith("-")]  # flags (-m, --multirun) are not overrides
+    try:
+        _compose(config_name, overrides)
+        return None
+    except ConfigCompositionException as exc:
+        key = next((m.group(1) for p in _UNKNOWN_KEY if (m := p.search(str(exc)))), None)
+    except Exception:  # noqa: BLE001 - any other composition error: Hydra has said it already
+        return None
+    if key is None:
+        return None
+    # The keys of the config composed without the refused override (group choices kept).
+    rest = [o for o in overrides if _override_key(o) != key]
+    try:
+        keys = _dotted_keys(_compose(config_name, rest))
+    except Exception:  # noqa: BLE001 - a second bad override: Hydra's own message is all there is
+        return None
+    candidates = keys if key.startswith("hydra.") else [k for k in keys if not k.startswith("hydra")]
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not close:
+        parent = key.rpartition(".")[0]
+        siblings = sorted(k.rpartition(".")[2] for k in candidates if k.rpartition(".")[0] == parent and parent)
+        where = f"; {parent} has: {', '.join(siblings)}" if siblings else ""
+        return f"error: no key '{key}' in the {config_name} config{where}"
+    return f"error: no key '{key}' in the {config_name} config; did you mean {close[0]}?"
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def _compose(config_name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fcn.cli import CONFIG_DIR
+
+    GlobalHydra.instance().clear()  # hydra.main leaves its own instance behind
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
+
+
+def _dotted_keys(cfg) -> list[str]:
+    """Every key of ``cfg`` as a dotted path, inner nodes too (``trainer``, ``trainer.epochs``)."""
+    from omegaconf import DictConfig
+
+    keys = []
+
+    def walk(node, prefix: str) -> None:
+        for name in node.keys():
+            path = f"{prefix}{name}"
+            keys.append(path)
+            child = node._get_node(name)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                walk(child, f"{path}.")
+
+    walk(cfg, "")
+    return keys
