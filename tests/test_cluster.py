@@ -222,10 +222,16 @@ def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_to_the_un
 def _hparams_keys(run_dir: Path) -> set[str]:
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    return set(HParamsPluginData.FromString(content).session_start_info.hparams)
+    # the HPARAMS record is a sub-run of tensorboard/ named by the run's overrides
+    for folder in sorted({p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        try:
+            content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        except KeyError:  # no HPARAMS record in this folder's events
+            continue
+        return set(HParamsPluginData.FromString(content).session_start_info.hparams)
+    raise AssertionError(f"no HPARAMS record under {run_dir / 'tensorboard'}")
 
 
 @pytest.mark.slow

@@ -31,13 +31,19 @@ _MADE_BEFORE_HYDRA: set[str] = set()  # pinned run directories that did not exis
 _HYDRA_FILES_BEFORE: dict[Path, bytes] = {}  # a pinned existing run's .hydra/ files, put back if this command fails
 
 
-_PRINT_ONLY: list[bool] = []  # set by print_only(): --help, --cfg ... run no job and claim nothing
+_PRINT_ONLY: list[bool] = []  # non-empty inside print_only(): --help, --cfg ... run no job and claim nothing
 
 
-def print_only() -> None:
-    """This command only prints (``--help``, ``--cfg hydra --resolve``, ...): the resolver then
-    names the run directory without making it."""
+@contextlib.contextmanager
+def print_only() -> Iterator[None]:
+    """Within this block the command only prints (``--help``, ``--cfg hydra --resolve``, ...): the
+    resolver names the run directory without making it. The flag ends with the block, so a later
+    command in the same process (a test, a notebook) claims its directory as usual."""
     _PRINT_ONLY.append(True)
+    try:
+        yield
+    finally:
+        _PRINT_ONLY.pop()
 
 
 def claim_run_dir(path: str) -> str:

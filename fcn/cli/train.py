@@ -381,8 +381,8 @@ def main() -> None:
     """
     argv = sys.argv[1:]
     if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
-        hydra_run_dir.print_only()  # no run directory is made for a command that only prints
-        hydra_main()  # before importing torch (fcn.distributed): --help answers in a second
+        with hydra_run_dir.print_only():  # no run directory is made for a command that only prints
+            hydra_main()  # before importing torch (fcn.distributed): --help answers in a second
         return
     hydra_run_dir.check_pinned_run_dir(argv)  # a fresh run never takes a directory holding checkpoints
     from fcn import distributed
