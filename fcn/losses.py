@@ -25,8 +25,9 @@ class CrossEntropy(nn.CrossEntropyLoss):
         label_smoothing: as in ``CrossEntropyLoss``.
     """
 
-    def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
-                 label_smoothing: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self, ignore_index: int = 255, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0
+    ) -> None:
         tensor = torch.tensor(list(class_weights), dtype=torch.float32) if class_weights is not None else None
         super().__init__(weight=tensor, ignore_index=ignore_index, label_smoothing=label_smoothing)
 

@@ -83,8 +83,16 @@ def format_table(metrics: dict) -> str:
     Scores are printed in percent and labelled so (``IoU (%)``); ``metrics`` holds fractions 0-1,
     as ``metrics.json`` and TensorBoard do.
     """
-    columns = [(k, f"{label} (%)") for k, label in (("per_class_iou", "IoU"), ("per_class_dice", "Dice"),
-               ("per_class_precision", "Prec"), ("per_class_recall", "Recall")) if k in metrics]  # fmt: skip
+    columns = [
+        (k, f"{label} (%)")
+        for k, label in (
+            ("per_class_iou", "IoU"),
+            ("per_class_dice", "Dice"),
+            ("per_class_precision", "Prec"),
+            ("per_class_recall", "Recall"),
+        )
+        if k in metrics
+    ]
     names = list(metrics["per_class_iou"])
     width = max(16, *(len(n) + 1 for n in names))
     column = max(len(label) for _, label in columns) + 2
@@ -98,8 +106,13 @@ def format_table(metrics: dict) -> str:
     for name in names:
         lines.append(f"{name:<{width}}" + "".join(cell(metrics[key][name]) for key, _ in columns))
     lines.append(rule)
-    summary = (("miou", "mean IoU (%)"), ("mean_dice", "mean Dice (%)"), ("pixel_acc", "pixel acc (%)"),
-               ("mean_acc", "mean acc (%)"), ("fwiou", "fw IoU (%)"))  # fmt: skip
+    summary = (
+        ("miou", "mean IoU (%)"),
+        ("mean_dice", "mean Dice (%)"),
+        ("pixel_acc", "pixel acc (%)"),
+        ("mean_acc", "mean acc (%)"),
+        ("fwiou", "fw IoU (%)"),
+    )
     for key, label in summary:
         if key in metrics:
             lines.append(f"{label:<{width}}{cell(metrics[key])}")

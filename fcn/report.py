@@ -46,8 +46,10 @@ def write_metrics(out_dir: Path, metrics: dict, confusion: torch.Tensor, class_n
         writer.writerow(["class", "iou", "dice", "precision", "recall", "pixels"])
         pixels = confusion.sum(1).tolist()
         for k, name in enumerate(class_names):
-            row = [metrics[key][name] for key in ("per_class_iou", "per_class_dice", "per_class_precision",
-                                                   "per_class_recall")]  # fmt: skip
+            row = [
+                metrics[key][name]
+                for key in ("per_class_iou", "per_class_dice", "per_class_precision", "per_class_recall")
+            ]
             writer.writerow([name, *("" if v is None else f"{v:.6f}" for v in row), pixels[k]])
     with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -103,8 +105,9 @@ def output_names(paths: Sequence[Path]) -> list[str]:
     seen: dict[str, Path] = {}
     for name, path in zip(names, paths):
         if name in seen:
-            raise UserError(f"{seen[name]} and {path} would both be written as {name}.png; "
-                            "rename one or move it to another folder")  # fmt: skip
+            raise UserError(
+                f"{seen[name]} and {path} would both be written as {name}.png; rename one or move it to another folder"
+            )
         seen[name] = path
     return names
 

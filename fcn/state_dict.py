@@ -49,8 +49,10 @@ def unwrap(obj: object, source: str) -> dict[str, torch.Tensor]:
         obj = obj[inner]
     keys = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else []
     what = f"a dict with keys {keys}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
-    raise UserError(f"{source} holds {what}, not a state dict (names -> tensors, possibly under one of "
-                    f"{list(CONTAINER_KEYS)}); save it with torch.save(model.state_dict(), PATH)")  # fmt: skip
+    raise UserError(
+        f"{source} holds {what}, not a state dict (names -> tensors, possibly under one of "
+        f"{list(CONTAINER_KEYS)}); save it with torch.save(model.state_dict(), PATH)"
+    )
 
 
 def strip_wrapper_prefixes(state: dict[str, torch.Tensor], expected: set[str], source: str) -> dict[str, torch.Tensor]:
@@ -73,8 +75,11 @@ def mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Ten
     first ``show`` keys missing, unexpected and of another shape; "" when it fits."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     parts = []
     for name, items in (("missing", missing), ("unexpected", unexpected), ("of another shape (file vs model)", shapes)):
         if items:
@@ -105,6 +110,7 @@ def load_into(model: nn.Module, state: object, source: str, fix: str = "") -> No
     weights = match_keys(state, model, source)
     problem = mismatch(model.state_dict(), weights)
     if problem:
-        raise UserError(f"{source}: cannot be loaded into this {type(model).__name__}: {problem}"
-                        + (f"; {fix}" if fix else ""))  # fmt: skip
+        raise UserError(
+            f"{source}: cannot be loaded into this {type(model).__name__}: {problem}" + (f"; {fix}" if fix else "")
+        )
     model.load_state_dict(weights)

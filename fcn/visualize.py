@@ -52,8 +52,9 @@ def overlay(
 ) -> torch.Tensor:
     """The ``3 x H x W`` uint8 image with each class painted over it in its palette colour."""
     classes = torch.arange(len(palette), device=mask.device)[:, None, None]
-    return draw_segmentation_masks(image.cpu(), (mask.cpu() == classes.cpu()), alpha=alpha,
-                                   colors=[tuple(c) for c in palette])  # fmt: skip
+    return draw_segmentation_masks(
+        image.cpu(), (mask.cpu() == classes.cpu()), alpha=alpha, colors=[tuple(c) for c in palette]
+    )
 
 
 def index_png(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:

@@ -181,16 +181,22 @@ def test_init_from_still_refuses_another_backbone(tmp_path):
     model = FCN(num_classes=3, variant="32s", width=4)
     _fake_checkpoint(model, {"backbone": "tiny", "width": 4, "num_classes": 3, "variant": "32s"}, tmp_path / "a.pt")
     with pytest.raises(UserError, match="model.backbone: checkpoint 'tiny', config 'resnet18'"):
-        init_weights(model, tmp_path / "a.pt", {"backbone": "resnet18", "width": 64, "num_classes": 3,
-                                                 "variant": "16s"})  # fmt: skip
+        init_weights(
+            model, tmp_path / "a.pt", {"backbone": "resnet18", "width": 64, "num_classes": 3, "variant": "16s"}
+        )
 
 
 @pytest.mark.slow
 def test_staged_experiments_chain_32s_16s_8s_through_init_from(shapes_root, tmp_path, caplog):
     from fcn.cli.train import train
 
-    common = [*tiny_train_overrides(shapes_root), "model.width=4", "logger=none", "trainer.epochs=1",
-              f"staged.dir={tmp_path}"]  # fmt: skip
+    common = [
+        *tiny_train_overrides(shapes_root),
+        "model.width=4",
+        "logger=none",
+        "trainer.epochs=1",
+        f"staged.dir={tmp_path}",
+    ]
     before = {"16s": "fcn32s", "8s": "fcn16s"}
     for variant in ("32s", "16s", "8s"):
         cfg = compose_config("train", [*common, f"experiment=staged_fcn{variant}"])
@@ -210,9 +216,20 @@ def test_model_table_measures_each_row_with_the_same_overrides(shapes_root, tmp_
     from fcn.cli import CONFIG_DIR
     from fcn.cli.model_table import run_table
 
-    overrides = [*tiny_train_overrides(shapes_root), "logger=none", "trainer.epochs=1", "model.width=4",
-                 "model=fcn16s", "table.models=[fcn8s]", "table.variants=[32s,4s]", "table.steps=1",
-                 "table.repeats=1", "table.warmup=1", "table.min_seconds=0", "table.flops_size=[64,64]"]  # fmt: skip
+    overrides = [
+        *tiny_train_overrides(shapes_root),
+        "logger=none",
+        "trainer.epochs=1",
+        "model.width=4",
+        "model=fcn16s",
+        "table.models=[fcn8s]",
+        "table.variants=[32s,4s]",
+        "table.steps=1",
+        "table.repeats=1",
+        "table.warmup=1",
+        "table.min_seconds=0",
+        "table.flops_size=[64,64]",
+    ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         rows = run_table(compose("model_table", overrides), tmp_path, overrides)
     assert [(r["backbone"], r["variant"]) for r in rows] == [("tiny", "32s"), ("tiny", "4s")]

@@ -75,10 +75,21 @@ def test_slurm_node_lists_expand_like_scontrol_show_hostnames():
 
 
 def test_slurm_tasks_get_torchrun_variables_with_rank_0_on_the_first_host():
-    env = {"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-           "SLURM_JOB_NODELIST": "gpu[12-15]", "SLURM_JOB_ID": "4321987"}  # fmt: skip
-    assert slurm_environment(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu12",
-                                      "MASTER_PORT": str(20000 + 4321987 % 20000)}  # fmt: skip
+    env = {
+        "SLURM_NTASKS": "8",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[12-15]",
+        "SLURM_JOB_ID": "4321987",
+    }
+    assert slurm_environment(env) == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu12",
+        "MASTER_PORT": str(20000 + 4321987 % 20000),
+    }
     # the step's own node list first; an address or port the user set is kept
     env |= {"SLURM_STEP_NODELIST": "gpu[14-15]", "MASTER_PORT": "29500"}
     assert slurm_environment(env)["MASTER_ADDR"] == "gpu14" and slurm_environment(env)["MASTER_PORT"] == "29500"
@@ -115,8 +126,13 @@ def _free_slurm_job_id() -> str:
 @pytest.mark.slow
 def test_two_simulated_slurm_tasks_train_to_the_weights_of_torchrun(torchrun_run, shapes_root, tmp_path):  # noqa: F811
     job_id = _free_slurm_job_id()
-    common = {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "localhost",
-              "SLURM_JOB_ID": job_id, "SLURM_STEP_ID": "0"}  # fmt: skip
+    common = {
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_ID": job_id,
+        "SLURM_STEP_ID": "0",
+    }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -129,7 +145,7 @@ def test_two_simulated_slurm_tasks_train_to_the_weights_of_torchrun(torchrun_run
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for r in range(2)
     ]
     outputs = [t.communicate(timeout=600) for t in tasks]
@@ -147,8 +163,16 @@ def test_two_simulated_slurm_tasks_train_to_the_weights_of_torchrun(torchrun_run
 def test_a_two_task_job_of_the_launcher_trains_with_ddp_to_the_weights_of_torchrun(torchrun_run, shapes_root, tmp_path):  # noqa: F811
     # the launcher's own path: submitit starts two tasks, each runs the Hydra job and joins the group
     sweep = tmp_path / "sweep"
-    proc = _train(["-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}",
-                   *_entry_point_overrides(shapes_root)], tmp_path)  # fmt: skip
+    proc = _train(
+        [
+            "-m",
+            "hydra/launcher=local",
+            "hydra.launcher.tasks_per_node=2",
+            f"hydra.sweep.dir={sweep}",
+            *_entry_point_overrides(shapes_root),
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = sweep / "0"
     assert "2 process(es) x batch 2" in (run / "train.log").read_text()
@@ -172,8 +196,16 @@ def local_sweep(shapes_root, tmp_path_factory) -> tuple[Path, subprocess.Complet
     """Two jobs (two model variants) through hydra/launcher=local."""
     cwd = tmp_path_factory.mktemp("local_sweep")
     sweep = cwd / "sweep"
-    proc = _train(["-m", "hydra/launcher=local", "model.variant=32s,8s", f"hydra.sweep.dir={sweep}",
-                   *_launcher_overrides(shapes_root)], cwd)  # fmt: skip
+    proc = _train(
+        [
+            "-m",
+            "hydra/launcher=local",
+            "model.variant=32s,8s",
+            f"hydra.sweep.dir={sweep}",
+            *_launcher_overrides(shapes_root),
+        ],
+        cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sweep, proc
 
@@ -200,9 +232,19 @@ def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_to_the_un
     # job 0 of the sweep above trained model.variant=32s uninterrupted; this one gets SIGUSR2 in step 4
     sweep = tmp_path / "sweep"
     marker = tmp_path / "signalled"
-    proc = _train(["-m", "hydra/launcher=local", "model.variant=32s", f"hydra.sweep.dir={sweep}",
-                   "loss._target_=tests.test_cluster.SignalOnce", "+loss.at=4", f"+loss.marker={marker}",
-                   *_launcher_overrides(shapes_root)], tmp_path)  # fmt: skip
+    proc = _train(
+        [
+            "-m",
+            "hydra/launcher=local",
+            "model.variant=32s",
+            f"hydra.sweep.dir={sweep}",
+            "loss._target_=tests.test_cluster.SignalOnce",
+            "+loss.at=4",
+            f"+loss.marker={marker}",
+            *_launcher_overrides(shapes_root),
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists()
     run = sweep / "0"
@@ -260,8 +302,9 @@ def test_an_optuna_search_records_failed_trials_goes_on_and_continues_from_its_s
 
     # continued: two more trials in the same study, in a new sweep directory
     second = tmp_path / "second"
-    proc = _train([*search, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={second}",
-                   f"hydra.sweeper.storage={storage}"], tmp_path)  # fmt: skip
+    proc = _train(
+        [*search, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={second}", f"hydra.sweeper.storage={storage}"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(optuna.load_study(study_name="fcn", storage=storage).trials) == 5
     assert len(_summary(second)) == 2
@@ -304,8 +347,14 @@ def test_the_slurm_preset_becomes_an_sbatch_script_with_one_task_per_gpu_and_the
     (tmp_path / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit checks that SLURM is there
     (tmp_path / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=lab",
-                 "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    overrides = [
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=lab",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.gpus_per_node=4",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         config = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     launcher = Plugins.instance()._instantiate(config.hydra.launcher)
@@ -316,6 +365,16 @@ def test_the_slurm_preset_becomes_an_sbatch_script_with_one_task_per_gpu_and_the
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in init_keys})
     script = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
-    for line in ("--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=8", "--mem=64GB",
-                 "--time=240", "--partition=gpu", "--account=lab", "--signal=USR2@120", "--requeue"):  # fmt: skip
+    for line in (
+        "--nodes=2",
+        "--gpus-per-node=4",
+        "--ntasks-per-node=4",
+        "--cpus-per-task=8",
+        "--mem=64GB",
+        "--time=240",
+        "--partition=gpu",
+        "--account=lab",
+        "--signal=USR2@120",
+        "--requeue",
+    ):
         assert f"#SBATCH {line}\n" in script, line

@@ -36,8 +36,9 @@ def test_every_option_composes_and_builds(group, option):
     optimizer.step()
     scheduler.step()
     # class_weights=auto is resolved from the train split's scan first, as the entry point does
-    scan = SimpleNamespace(split="train", class_pixels=[1] * cfg.data.num_classes,
-                           class_image_pixels=[2] * cfg.data.num_classes)  # fmt: skip
+    scan = SimpleNamespace(
+        split="train", class_pixels=[1] * cfg.data.num_classes, class_image_pixels=[2] * cfg.data.num_classes
+    )
     loss = instantiate(with_class_weights(cfg.loss, cfg.data, scan))
     assert loss.ignore_index == cfg.data.ignore_index
     transform = instantiate(cfg.aug)
@@ -204,8 +205,13 @@ def test_train_script_with_a_mistyped_key_exits_2_with_did_you_mean(tmp_path):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "scripts" / "train.py"), "trainer.epoch=3"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(root / "scripts" / "train.py"), "trainer.epoch=3"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last == "error: no key 'trainer.epoch' in the train config; did you mean trainer.epochs?"

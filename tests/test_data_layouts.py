@@ -174,13 +174,32 @@ def test_mixed_sizes_train_and_are_scored_one_image_at_a_time_at_their_own_size(
         return real_evaluate(model, loader, **kwargs)
 
     monkeypatch.setattr(fcn.fit, "evaluate", spy)
-    cfg = compose_config("train", ["data=folder", f"data.root={root}", "data.num_classes=2", "data.class_names=[x,y]",
-                                   "data.crop_size=16", "trainer=debug", "trainer.epochs=1", "trainer.batch_size=2",
-                                   "logger=none", "model.width=4"])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.num_classes=2",
+            "data.class_names=[x,y]",
+            "data.crop_size=16",
+            "trainer=debug",
+            "trainer.epochs=1",
+            "trainer.batch_size=2",
+            "logger=none",
+            "model.width=4",
+        ],
+    )
     train(cfg, tmp_path / "run")
     assert seen == [(1, 3, 30, 20), (1, 3, 17, 41), (1, 3, 24, 32)]  # each val image alone, unpadded
-    ecfg = compose_config("evaluate", [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "num_workers=0",
-                                       "tensorboard=false", "eval.save_predictions=true"])  # fmt: skip
+    ecfg = compose_config(
+        "evaluate",
+        [
+            f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}",
+            "num_workers=0",
+            "tensorboard=false",
+            "eval.save_predictions=true",
+        ],
+    )
     report = run_evaluation(ecfg, tmp_path / "eval", overrides=[])
     assert report["images"] == 3
     predicted = {p.stem: Image.open(p).size for p in (tmp_path / "eval" / "predictions").glob("?.png")}

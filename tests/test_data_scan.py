@@ -153,11 +153,24 @@ def test_exif_orientation_is_ignored_and_reported(tmp_path, caplog):
 def test_training_on_bad_data_stops_before_the_first_step_and_writes_no_checkpoint(tmp_path):
     from fcn.cli.train import train
 
-    root = write_folder(tmp_path / "data", names=("a", "b", "c", "d"), values=(0, 1, 2),
-                        split_lists={"train": ["a", "b", "c"], "val": ["d"]})  # fmt: skip
+    root = write_folder(
+        tmp_path / "data",
+        names=("a", "b", "c", "d"),
+        values=(0, 1, 2),
+        split_lists={"train": ["a", "b", "c"], "val": ["d"]},
+    )
     save(mask_array(24, 32, [0, 9]), root / "masks" / "b.png")
-    cfg = compose_config("train", ["data=folder", f"data.root={root}", "data.num_classes=3",
-                                   "data.class_names=[a,b,c]", "trainer=debug", "data.crop_size=16"])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.num_classes=3",
+            "data.class_names=[a,b,c]",
+            "trainer=debug",
+            "data.crop_size=16",
+        ],
+    )
     with pytest.raises(UserError, match="9 in 1 masks"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -203,8 +216,16 @@ def test_median_frequency_weights_match_a_hand_computation(tmp_path):
 
 def test_doctor_reports_usable_data_with_frequencies_and_weights(tmp_path):
     root = write_folder(tmp_path / "d", values=(0, 1, 2), split_lists={"train": ["a", "b"], "val": ["c"]})
-    cfg = compose_config("check_data", ["data=folder", f"data.root={root}", "data.num_classes=3",
-                                        "data.class_names=[a,b,c]", f"report={tmp_path / 'r.json'}"])  # fmt: skip
+    cfg = compose_config(
+        "check_data",
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.num_classes=3",
+            "data.class_names=[a,b,c]",
+            f"report={tmp_path / 'r.json'}",
+        ],
+    )
     report, usable = run_check(cfg, tmp_path)
     assert usable and report == json.loads((tmp_path / "r.json").read_text())
     train = report["splits"]["train"]
@@ -218,10 +239,19 @@ def test_doctor_exits_non_zero_on_bad_data_and_lists_every_problem(tmp_path):
     save(mask_array(24, 32, [0, 5]), root / "masks" / "a.png")
     (root / "images" / "c.jpg").write_bytes(b"not an image")
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "check_data.py"), "data=folder", f"data.root={root}",
-         "data.num_classes=3", "data.class_names=[a,b,c]", f"hydra.run.dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "check_data.py"),
+            "data=folder",
+            f"data.root={root}",
+            "data.num_classes=3",
+            "data.class_names=[a,b,c]",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stderr
     assert "ERROR mask values outside [0, 3)" in result.stdout and "a.png" in result.stdout
     assert "ERROR 1 images cannot be decoded" in result.stdout and "c.jpg" in result.stdout
@@ -266,8 +296,9 @@ def test_12_bit_images_warn_and_16_bit_masks_beyond_the_table_are_collected_not_
     (tmp_path / "masks" / "b.png").rename(tmp_path / "masks" / "b_old.png")
     report = scan_split(tmp_path, "train", {"split_file": None, "image_glob": "a.*"}, MaskDecoder(3), cache=False)
     assert [p.kind for p in report.warnings][:1] == ["dark_16_bit_images"]
-    masks = scan_split(tmp_path, "train", {"split_file": None, "mask_suffix": ".tif", "image_glob": "b.*"},
-                       MaskDecoder(3), cache=False)  # fmt: skip
+    masks = scan_split(
+        tmp_path, "train", {"split_file": None, "mask_suffix": ".tif", "image_glob": "b.*"}, MaskDecoder(3), cache=False
+    )
     assert [p.kind for p in masks.errors] == ["bad_mask"] and "outside 0-65535" in masks.errors[0].message
 
 
@@ -275,7 +306,8 @@ def test_the_doctor_prepares_the_built_in_dataset_like_training(tmp_path, shapes
     from tests.conftest import TINY_SHAPES
 
     gen = ",".join(f"{k}:{v}" for k, v in TINY_SHAPES.items())
-    cfg = compose_config("check_data", [f"data.root={tmp_path / 'fresh'}", f"data.generate={{{gen}}}",
-                                        f"report={tmp_path / 'r.json'}"])  # fmt: skip
+    cfg = compose_config(
+        "check_data", [f"data.root={tmp_path / 'fresh'}", f"data.generate={{{gen}}}", f"report={tmp_path / 'r.json'}"]
+    )
     report, usable = run_check(cfg, tmp_path)
     assert usable and report["splits"]["train"]["pairs"] == TINY_SHAPES["num_train"]

@@ -68,9 +68,20 @@ def test_training_step_on_void_batch_is_not_counted_as_non_finite(name):
     model = _Tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    result = train_one_epoch(model, _batches(void_first=True), optimizer, scheduler, LOSSES[name](),
-                             device=torch.device("cpu"), mean=[0.5] * 3, std=[0.5] * 3, step=0, epoch=0,
-                             skip_nonfinite=0, progress=False)  # fmt: skip
+    result = train_one_epoch(
+        model,
+        _batches(void_first=True),
+        optimizer,
+        scheduler,
+        LOSSES[name](),
+        device=torch.device("cpu"),
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        step=0,
+        epoch=0,
+        skip_nonfinite=0,
+        progress=False,
+    )
     assert result.step == 2 and math.isfinite(result.loss)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -78,8 +89,15 @@ def test_training_step_on_void_batch_is_not_counted_as_non_finite(name):
 def test_val_loss_averages_over_batches_with_labels_only():
     model = _Tiny()
     loss_fn = CrossEntropy(ignore_index=IGNORE)
-    common = dict(num_classes=3, ignore_index=IGNORE, device=torch.device("cpu"), mean=[0.5] * 3, std=[0.5] * 3,
-                  loss_fn=loss_fn, progress=False)  # fmt: skip
+    common = dict(
+        num_classes=3,
+        ignore_index=IGNORE,
+        device=torch.device("cpu"),
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        loss_fn=loss_fn,
+        progress=False,
+    )
     with_void = evaluate(model, _batches(void_first=False), **common)
     labelled_only = evaluate(model, _batches(void_first=False)[:1], **common)
     assert math.isfinite(with_void.loss)
@@ -254,9 +272,13 @@ def test_negative_learning_rate_ends_in_one_line_and_exit_code_2(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo)}
-    proc = subprocess.run([sys.executable, str(repo / "scripts" / "train.py"), "optim.lr=-1",
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=240,
-                          env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "train.py"), "optim.lr=-1", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and "optim.lr=-1" in errors[0] and "Traceback" not in proc.stderr

@@ -161,8 +161,12 @@ def test_sigterm_inside_an_accumulation_window_finishes_the_step_and_resumes_exa
     progress = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]
     assert (progress["step"], progress["epoch"], progress["epoch_batches"]) == (4, 2, 2)
     # the same settings (a changed loss is refused on resume); its calls count afresh: no second signal
-    train(_plain(shapes_root, *ACCUMULATE, "loss._target_=tests.test_distributed.SignalAtCall", "+loss.at=7",
-                 "resume=auto"), tmp_path)  # fmt: skip
+    train(
+        _plain(
+            shapes_root, *ACCUMULATE, "loss._target_=tests.test_distributed.SignalAtCall", "+loss.at=7", "resume=auto"
+        ),
+        tmp_path,
+    )
     assert _losses(tmp_path) == _losses(accumulated_run)
     ours, theirs = _weights(tmp_path), _weights(accumulated_run)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -183,10 +187,21 @@ def test_logged_gradient_norm_is_the_norm_of_the_gradient_before_clipping():
     expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
     seen = {}
     for clip in (None, 1e-3):
-        train_one_epoch(model, [(images, masks)], optimizer, constant(optimizer, 1), loss_fn,
-                        device=torch.device("cpu"), mean=[0.5] * 3, std=[0.2] * 3, step=0, epoch=1,
-                        grad_clip_norm=clip, grad_norm_every=1,
-                        on_step=lambda step, loss, lr, norm, clip=clip: seen.update({clip: norm}))  # fmt: skip
+        train_one_epoch(
+            model,
+            [(images, masks)],
+            optimizer,
+            constant(optimizer, 1),
+            loss_fn,
+            device=torch.device("cpu"),
+            mean=[0.5] * 3,
+            std=[0.2] * 3,
+            step=0,
+            epoch=1,
+            grad_clip_norm=clip,
+            grad_norm_every=1,
+            on_step=lambda step, loss, lr, norm, clip=clip: seen.update({clip: norm}),
+        )
     assert seen[None] == pytest.approx(expected, rel=1e-5) and seen[1e-3] == pytest.approx(expected, rel=1e-5)
 
 
@@ -224,10 +239,20 @@ def _two_rank_job(rank: int, shapes_root: Path, out: Path) -> None:
     val_set = build_dataset(data, data.val_split, None)
     torch.manual_seed(0)
     model = FCN(num_classes=data.num_classes, width=4).eval()
-    loader = make_loader(val_set, batch_size=1, num_workers=0, ignore_index=data.ignore_index,
-                         sampler=distributed.shard(len(val_set)))  # fmt: skip
-    result = combine_ranks(evaluate(model, loader, num_classes=data.num_classes, ignore_index=data.ignore_index,
-                                    device=torch.device("cpu"), mean=data.mean, std=data.std))  # fmt: skip
+    loader = make_loader(
+        val_set, batch_size=1, num_workers=0, ignore_index=data.ignore_index, sampler=distributed.shard(len(val_set))
+    )
+    result = combine_ranks(
+        evaluate(
+            model,
+            loader,
+            num_classes=data.num_classes,
+            ignore_index=data.ignore_index,
+            device=torch.device("cpu"),
+            mean=data.mean,
+            std=data.std,
+        )
+    )
     report["images"], report["confusion"] = result.images, result.confusion.tolist()
     report["shard"] = list(distributed.shard(len(val_set)))
     # SyncBatchNorm needs NCCL: on gloo the model is left as it is
@@ -282,10 +307,18 @@ def test_distributed_evaluation_of_an_odd_split_equals_one_process_exactly(two_r
     data = compose_config("train", tiny_train_overrides(shapes_root)).data
     torch.manual_seed(0)
     model = FCN(num_classes=data.num_classes, width=4).eval()
-    loader = make_loader(build_dataset(data, data.val_split, None), batch_size=1, num_workers=0,
-                         ignore_index=data.ignore_index)  # fmt: skip
-    single = evaluate(model, loader, num_classes=data.num_classes, ignore_index=data.ignore_index,
-                      device=torch.device("cpu"), mean=data.mean, std=data.std)  # fmt: skip
+    loader = make_loader(
+        build_dataset(data, data.val_split, None), batch_size=1, num_workers=0, ignore_index=data.ignore_index
+    )
+    single = evaluate(
+        model,
+        loader,
+        num_classes=data.num_classes,
+        ignore_index=data.ignore_index,
+        device=torch.device("cpu"),
+        mean=data.mean,
+        std=data.std,
+    )
     assert single.images == 5
     for report in reports:  # every rank ends with the whole split's counts
         assert report["images"] == 5 and torch.equal(torch.tensor(report["confusion"]), single.confusion)
@@ -334,16 +367,34 @@ def _torchrun(args: list[str], cwd: Path, *launcher: str, watch: Path | None = N
     audit.mkdir(exist_ok=True)
     (audit / "sitecustomize.py").write_text(AUDIT)
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: restarts under --standalone need it (see the README)
-    env = {**os.environ, "PYTHONPATH": f"{audit}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1",
-           "FCN_TEST_WATCH": str(watch or cwd / "outputs"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher,
-               str(REPO / "scripts" / "train.py"), *args]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{audit}{os.pathsep}{REPO}",
+        "OMP_NUM_THREADS": "1",
+        "FCN_TEST_WATCH": str(watch or cwd / "outputs"),
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *launcher,
+        str(REPO / "scripts" / "train.py"),
+        *args,
+    ]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _entry_point_overrides(shapes_root) -> list[str]:
-    return [*tiny_train_overrides(shapes_root), "trainer.batch_size=2", "trainer.device=cpu", "trainer.threads=1",
-            "trainer.checkpoint_every_n_steps=1"]  # fmt: skip
+    return [
+        *tiny_train_overrides(shapes_root),
+        "trainer.batch_size=2",
+        "trainer.device=cpu",
+        "trainer.threads=1",
+        "trainer.checkpoint_every_n_steps=1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -371,8 +422,13 @@ def test_torchrun_shares_one_run_directory_and_only_rank_0_writes_to_it(torchrun
 def test_torchrun_max_restarts_resumes_the_restarted_job_from_last_pt(torchrun_run, shapes_root, tmp_path):
     reference = next((torchrun_run[0] / "outputs" / "train").iterdir())
     run = tmp_path / "run"
-    args = [*_entry_point_overrides(shapes_root), f"hydra.run.dir={run}", "resume=auto",
-            "loss._target_=tests.test_distributed.DieOnceAtStep", "+loss.die_at=5"]  # fmt: skip
+    args = [
+        *_entry_point_overrides(shapes_root),
+        f"hydra.run.dir={run}",
+        "resume=auto",
+        "loss._target_=tests.test_distributed.DieOnceAtStep",
+        "+loss.die_at=5",
+    ]
     proc = _torchrun(args, tmp_path, "--max-restarts=1", watch=tmp_path / "none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (run / "train.log").read_text()

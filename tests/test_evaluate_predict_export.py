@@ -34,8 +34,17 @@ def test_evaluation_writes_every_report(trained_run, tmp_path):
     )
     report = run_evaluation(cfg, tmp_path, overrides=[])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("miou", "pixel_acc", "mean_acc", "fwiou", "mean_dice", "per_class_dice", "per_class_precision",
-                "per_class_recall", "absent_classes"):  # fmt: skip
+    for key in (
+        "miou",
+        "pixel_acc",
+        "mean_acc",
+        "fwiou",
+        "mean_dice",
+        "per_class_dice",
+        "per_class_precision",
+        "per_class_recall",
+        "absent_classes",
+    ):
         assert key in metrics, key
     rows = list(csv.DictReader(open(tmp_path / "per_class.csv")))
     assert [r["class"] for r in rows] == list(report["per_class_iou"])
@@ -89,8 +98,16 @@ def _images(folder: Path) -> None:
 
 def test_predict_writes_masks_and_overlays_and_reports_bad_files(trained_run, tmp_path):
     _images(tmp_path / "in")
-    cfg = compose_config("predict", [f"checkpoint={_best(trained_run)}", f"input={tmp_path / 'in'}",
-                                     f"output={tmp_path / 'out'}", "save_probs=true", "batch_size=2"])  # fmt: skip
+    cfg = compose_config(
+        "predict",
+        [
+            f"checkpoint={_best(trained_run)}",
+            f"input={tmp_path / 'in'}",
+            f"output={tmp_path / 'out'}",
+            "save_probs=true",
+            "batch_size=2",
+        ],
+    )
     written, failed = run_prediction(cfg)
     assert [p.name for p in written] == ["a.png", "b.jpg", "c.png"]
     assert [p.name for p, _ in failed] == ["broken.jpg"]
@@ -106,10 +123,18 @@ def test_predict_writes_masks_and_overlays_and_reports_bad_files(trained_run, tm
 def test_predict_cli_exit_code_says_some_failed(trained_run, tmp_path):
     _images(tmp_path / "in")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "predict.py"), f"checkpoint={_best(trained_run)}",
-         f"input={tmp_path / 'in' / '*'}", f"output={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "predict.py"),
+            f"checkpoint={_best(trained_run)}",
+            f"input={tmp_path / 'in' / '*'}",
+            f"output={tmp_path / 'out'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 1
     assert "wrote 3 predictions" in proc.stdout and "broken.jpg" in proc.stdout
     assert (tmp_path / "out" / "c.png").is_file()
@@ -170,7 +195,8 @@ def test_predict_refuses_inputs_that_would_overwrite_each_other(trained_run, tmp
     (tmp_path / "a").mkdir()
     for ext in ("png", "jpg"):
         Image.new("RGB", (8, 8)).save(tmp_path / "a" / f"x.{ext}")
-    cfg = compose_config("predict", [f"checkpoint={_best(trained_run)}", f"input={tmp_path}/a/x.*",
-                                     f"output={tmp_path / 'out'}"])  # fmt: skip
+    cfg = compose_config(
+        "predict", [f"checkpoint={_best(trained_run)}", f"input={tmp_path}/a/x.*", f"output={tmp_path / 'out'}"]
+    )
     with pytest.raises(UserError, match="would both be written as x.png"):
         run_prediction(cfg)

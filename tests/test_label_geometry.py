@@ -67,8 +67,10 @@ def test_predict_mirrors_the_subfolders_of_inputs_with_the_same_name(trained_run
         (tmp_path / "in" / cam).mkdir(parents=True)
         Image.new("RGB", (40, 32), (40, 80, 120)).save(tmp_path / "in" / cam / "0001.png")
     out = tmp_path / "out"
-    cfg = compose_config("predict", [f"checkpoint={trained_run / 'checkpoints' / 'best.pt'}",
-                                     f"input={tmp_path}/in/*/0001.png", f"output={out}"])  # fmt: skip
+    cfg = compose_config(
+        "predict",
+        [f"checkpoint={trained_run / 'checkpoints' / 'best.pt'}", f"input={tmp_path}/in/*/0001.png", f"output={out}"],
+    )
     written, failed = run_prediction(cfg)
     assert len(written) == 2 and not failed
     assert (out / "cam1" / "0001.png").is_file() and (out / "cam2" / "0001.png").is_file()
@@ -90,8 +92,11 @@ def test_predict_warns_for_each_photo_with_an_exif_orientation_and_can_apply_it(
     Image.new("RGB", (40, 24)).save(tmp_path / "in" / "plain.jpg")
     ckpt = trained_run / "checkpoints" / "best.pt"
     with caplog.at_level(logging.WARNING):
-        run_prediction(compose_config("predict", [f"checkpoint={ckpt}", f"input={tmp_path / 'in'}",
-                                                  f"output={tmp_path / 'stored'}"]))  # fmt: skip
+        run_prediction(
+            compose_config(
+                "predict", [f"checkpoint={ckpt}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'stored'}"]
+            )
+        )
     warned = [r.getMessage() for r in caplog.records if "EXIF orientation" in r.getMessage()]
     assert len(warned) == 2 and any("turned.jpg" in m for m in warned) and not any("plain" in m for m in warned)
     assert Image.open(tmp_path / "stored" / "turned.png").size == (40, 24)  # as stored
@@ -112,8 +117,15 @@ def test_evaluate_saves_predictions_mirroring_the_dataset_subfolders(trained_run
         Image.new("RGB", (32, 24), (10, 20, 30)).save(root / "images" / cam / "0001.png")
         Image.fromarray(np.zeros((24, 32), np.uint8)).save(root / "masks" / cam / "0001.png")
     (root / "splits" / "val.txt").write_text("cam1/0001\ncam2/0001\ncam3/0001\n")
-    overrides = ["data=folder", f"data.root={root}", "data.recursive=true", "data.num_classes=6",
-                 "data.class_names=[a,b,c,d,e,f]", "data.split=val", "eval.save_predictions=true"]  # fmt: skip
+    overrides = [
+        "data=folder",
+        f"data.root={root}",
+        "data.recursive=true",
+        "data.num_classes=6",
+        "data.class_names=[a,b,c,d,e,f]",
+        "data.split=val",
+        "eval.save_predictions=true",
+    ]
     cfg = compose_config("evaluate", [f"checkpoint={trained_run / 'checkpoints' / 'best.pt'}", *overrides])
     assert run_evaluation(cfg, tmp_path / "eval", overrides=overrides)["images"] == 3
     for cam in ("cam1", "cam2", "cam3"):

@@ -34,8 +34,11 @@ def test_miou_equals_torchmetrics_jaccard_with_ignored_pixels(seed):
     num_classes, ignore = 5, 255
     target = torch.randint(0, num_classes, (4, 32, 32), generator=g)
     target[torch.rand(target.shape, generator=g) < 0.2] = ignore
-    pred = torch.where(torch.rand(target.shape, generator=g) < 0.6, target.clamp(max=num_classes - 1),
-                       torch.randint(0, num_classes, target.shape, generator=g))  # fmt: skip
+    pred = torch.where(
+        torch.rand(target.shape, generator=g) < 0.6,
+        target.clamp(max=num_classes - 1),
+        torch.randint(0, num_classes, target.shape, generator=g),
+    )
     ours = scores(confusion_matrix(pred, target, num_classes, ignore))
     oracle = MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore, average="none")(pred, target)
     assert ours["miou"] == pytest.approx(oracle.mean().item(), abs=1e-6)
@@ -107,8 +110,11 @@ def test_scores_match_fcn_score_py_and_torchmetrics_dice_precision_recall(seed):
         (acc, acc_cls, mean_iu, fwavacc), abs=1e-9
     )
     kwargs = {"num_classes": num_classes, "ignore_index": ignore, "average": "none"}
-    for key, oracle in (("per_class_dice", MulticlassF1Score), ("per_class_precision", MulticlassPrecision),
-                        ("per_class_recall", MulticlassRecall)):  # fmt: skip
+    for key, oracle in (
+        ("per_class_dice", MulticlassF1Score),
+        ("per_class_precision", MulticlassPrecision),
+        ("per_class_recall", MulticlassRecall),
+    ):
         expected = oracle(**kwargs)(pred, target).tolist()
         assert list(ours[key].values()) == pytest.approx(expected, abs=1e-6), key
 

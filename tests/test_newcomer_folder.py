@@ -33,9 +33,17 @@ def write_newcomer_folder(root, n=10, resized=(0, 1)):
 
 
 def _doctor(root, tmp_path):
-    cfg = compose_config("check_data", ["data=folder", f"data.root={root}", "data.num_classes=2",
-                                        "data.class_names=[bg,fg]", f"report={tmp_path / 'r.json'}",
-                                        "cache=false"])  # fmt: skip
+    cfg = compose_config(
+        "check_data",
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.num_classes=2",
+            "data.class_names=[bg,fg]",
+            f"report={tmp_path / 'r.json'}",
+            "cache=false",
+        ],
+    )
     return run_check(cfg, tmp_path)
 
 

@@ -133,8 +133,18 @@ def test_init_from_with_other_classes_resets_only_the_class_layers(shapes_root, 
     target = tmp_path / "target"
     init = f"init_from={source / 'checkpoints' / 'last.pt'}"
     # 7 classes instead of 6 (the masks only use 0-5, which is fine for this check)
-    train(_cfg(shapes_root, init, "data.num_classes=7", "data.class_names=[a,b,c,d,e,f,g]",
-               "data.palette=null", "trainer.epochs=1", "logger=none"), target)  # fmt: skip
+    train(
+        _cfg(
+            shapes_root,
+            init,
+            "data.num_classes=7",
+            "data.class_names=[a,b,c,d,e,f,g]",
+            "data.palette=null",
+            "trainer.epochs=1",
+            "logger=none",
+        ),
+        target,
+    )
     assert "start from their initialisation: score_out.bias, score_out.weight" in caplog.text
     before, after = _weights(source), load_checkpoint(target / "checkpoints" / "best.pt")["model"]
     assert after["score_out.weight"].shape[0] == 7
@@ -152,8 +162,13 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(shapes_root
 
 @pytest.mark.slow
 def test_skip_nonfinite_skips_bad_steps_and_finishes(shapes_root, tmp_path, caplog):
-    cfg = _cfg(shapes_root, "loss._target_=tests.test_reliability.NaNAtSteps", "+loss.bad=[2,3]",
-               "trainer.skip_nonfinite=2", "logger=none")  # fmt: skip
+    cfg = _cfg(
+        shapes_root,
+        "loss._target_=tests.test_reliability.NaNAtSteps",
+        "+loss.bad=[2,3]",
+        "trainer.skip_nonfinite=2",
+        "logger=none",
+    )
     train(cfg, tmp_path)
     assert "batch skipped (2/2 in a row)" in caplog.text
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 6
@@ -223,10 +238,19 @@ def test_signal_finishes_the_step_saves_and_exits_with_the_conventional_code(sha
     run = tmp_path / "run"
     args = [a for a in tiny_train_overrides(shapes_root) if not a.startswith("trainer=")]
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *args, "trainer.epochs=1000",
-         "trainer.num_workers=0", f"hydra.run.dir={run}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            *args,
+            "trainer.epochs=1000",
+            "trainer.num_workers=0",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (run / "checkpoints" / "last.pt").exists():  # training is under way
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
@@ -264,14 +288,28 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path, monkey
 @pytest.mark.slow
 def test_periodic_mid_epoch_checkpoint_resumes_exactly_after_a_crash(shapes_root, tmp_path, uninterrupted):
     # A NaN at step 5 ends the run (as a crash would); last.pt is the one saved after step 4.
-    crashing = _cfg(shapes_root, "trainer.checkpoint_every_n_steps=1", "trainer.num_workers=0",
-                    "loss._target_=tests.test_reliability.NaNAtSteps", "+loss.bad=[5]")  # fmt: skip
+    crashing = _cfg(
+        shapes_root,
+        "trainer.checkpoint_every_n_steps=1",
+        "trainer.num_workers=0",
+        "loss._target_=tests.test_reliability.NaNAtSteps",
+        "+loss.bad=[5]",
+    )
     with pytest.raises(UserError, match="at step 5"):
         train(crashing, tmp_path)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 4
     # the same settings (a changed loss is refused on resume); its calls count afresh, so step 5 is not bad again
-    train(_cfg(shapes_root, "trainer.checkpoint_every_n_steps=1", "trainer.num_workers=0", "resume=auto",
-               "loss._target_=tests.test_reliability.NaNAtSteps", "+loss.bad=[5]"), tmp_path)  # fmt: skip
+    train(
+        _cfg(
+            shapes_root,
+            "trainer.checkpoint_every_n_steps=1",
+            "trainer.num_workers=0",
+            "resume=auto",
+            "loss._target_=tests.test_reliability.NaNAtSteps",
+            "+loss.bad=[5]",
+        ),
+        tmp_path,
+    )
     assert _losses(tmp_path) == _losses(uninterrupted[0])
     ours, theirs = _weights(tmp_path), _weights(uninterrupted[0])
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -299,10 +337,20 @@ def test_ctrl_c_to_the_whole_process_group_with_workers_still_saves(shapes_root,
     run = tmp_path / "run"
     args = [a for a in tiny_train_overrides(shapes_root) if not a.startswith("trainer=")]
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *args, "trainer.epochs=1000",
-         "trainer.num_workers=2", f"hydra.run.dir={run}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            *args,
+            "trainer.epochs=1000",
+            "trainer.num_workers=2",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not (run / "checkpoints" / "last.pt").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
@@ -346,9 +394,13 @@ def test_a_flipped_bit_anywhere_in_a_checkpoint_is_reported_as_corrupt(tmp_path,
     path = _small_checkpoint(tmp_path / "best.pt")
     size = path.stat().st_size
     # float32 little-endian: byte 3 holds the sign and the top exponent bits (-0.00112 -> -3.8e35)
-    offsets = {"tensor-byte": [_tensor_offset(path) + 17], "exponent-bit": [_tensor_offset(path) + 4 * 10 + 3],
-               "zip-directory": [size - 150], "digest-record": [size - 30],
-               "every-100th-byte": range(0, size, 97)}[where]  # fmt: skip
+    offsets = {
+        "tensor-byte": [_tensor_offset(path) + 17],
+        "exponent-bit": [_tensor_offset(path) + 4 * 10 + 3],
+        "zip-directory": [size - 150],
+        "digest-record": [size - 30],
+        "every-100th-byte": range(0, size, 97),
+    }[where]
     original = path.read_bytes()
     for offset in offsets:
         path.write_bytes(original)
@@ -388,8 +440,9 @@ def test_evaluate_refuses_a_best_checkpoint_with_a_flipped_exponent_bit_in_one_l
 
 
 def _run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=240)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args], cwd=cwd, capture_output=True, text=True, timeout=240
+    )
 
 
 # --- files that are not checkpoints: say what they are ------------------------------------------
@@ -529,7 +582,7 @@ def test_disk_full_writing_metrics_json_ends_in_one_line_with_exit_2(shapes_root
         RuntimeError(
             "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
             "file write failed, No space left on device"
-        ),  # fmt: skip
+        ),
     ],
     ids=["tensorboard-quota", "torch-writer-text"],
 )
@@ -583,12 +636,30 @@ def _epoch(loss_fn, clip=None, skip=1, max_steps=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=generator),
-                torch.randint(0, 4, (2, 8, 8), generator=generator)) for _ in range(5)]  # fmt: skip
+    batches = [
+        (
+            torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 4, (2, 8, 8), generator=generator),
+        )
+        for _ in range(5)
+    ]
     try:
-        return model, train_one_epoch(model, batches, optimizer, scheduler, loss_fn, device=torch.device("cpu"),
-                                      mean=[0.5] * 3, std=[0.5] * 3, step=0, epoch=0, skip_nonfinite=skip,
-                                      grad_clip_norm=clip, max_steps=max_steps, progress=False)  # fmt: skip
+        return model, train_one_epoch(
+            model,
+            batches,
+            optimizer,
+            scheduler,
+            loss_fn,
+            device=torch.device("cpu"),
+            mean=[0.5] * 3,
+            std=[0.5] * 3,
+            step=0,
+            epoch=0,
+            skip_nonfinite=skip,
+            grad_clip_norm=clip,
+            max_steps=max_steps,
+            progress=False,
+        )
     except NonFiniteLossError as exc:
         return model, exc
 
@@ -614,8 +685,7 @@ def test_nan_gradients_without_skipping_stop_before_the_update(clip):
 
 @pytest.mark.slow
 def test_nan_gradients_in_training_name_the_step_and_the_gradients(shapes_root, tmp_path):
-    cfg = _cfg(shapes_root, "loss._target_=tests.test_reliability.NaNGradientAtSteps", "+loss.bad=[5]",
-               "logger=none")  # fmt: skip
+    cfg = _cfg(shapes_root, "loss._target_=tests.test_reliability.NaNGradientAtSteps", "+loss.bad=[5]", "logger=none")
     with pytest.raises(UserError, match=r"gradients became non-finite \(global norm nan, loss finite\) at step 5"):
         train(cfg, tmp_path)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
@@ -650,10 +720,23 @@ def test_file_made_unreadable_after_a_cached_scan_is_still_caught(tmp_path, monk
 
 def test_training_with_a_warm_scan_cache_stops_before_the_first_step_on_an_unreadable_file(tmp_path, monkeypatch):
     monkeypatch.setenv("FCN_CACHE_DIR", str(tmp_path / "cache"))
-    root = write_folder(tmp_path / "data", names=("a", "b", "c", "d"), values=(0, 1, 2),
-                        split_lists={"train": ["a", "b", "c"], "val": ["d"]})  # fmt: skip
-    cfg = compose_config("train", ["data=folder", f"data.root={root}", "data.num_classes=3",
-                                   "data.class_names=[a,b,c]", "trainer=debug", "data.crop_size=16"])  # fmt: skip
+    root = write_folder(
+        tmp_path / "data",
+        names=("a", "b", "c", "d"),
+        values=(0, 1, 2),
+        split_lists={"train": ["a", "b", "c"], "val": ["d"]},
+    )
+    cfg = compose_config(
+        "train",
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.num_classes=3",
+            "data.class_names=[a,b,c]",
+            "trainer=debug",
+            "data.crop_size=16",
+        ],
+    )
     scan_data(cfg.data, ["train", "val"])
     assert [r.rescanned for r in scan_data(cfg.data, ["train", "val"])] == [0, 0]  # the cache is warm
     locked = (root / "images" / "b.jpg").resolve()

@@ -56,9 +56,16 @@ def _fake_checkpoint(path: Path, config: dict) -> Path:
 
 @pytest.mark.parametrize(
     "key, value",
-    [("optim.lr", 0.001), ("optim._target_", "torch.optim.SGD"), ("seed", 1), ("trainer.batch_size", 2),
-     ("trainer.epochs", 3), ("data.crop_size", 64), ("data.mean", [0.4, 0.5, 0.5])],
-)  # fmt: skip
+    [
+        ("optim.lr", 0.001),
+        ("optim._target_", "torch.optim.SGD"),
+        ("seed", 1),
+        ("trainer.batch_size", 2),
+        ("trainer.epochs", 3),
+        ("data.crop_size", 64),
+        ("data.mean", [0.4, 0.5, 0.5]),
+    ],
+)
 def test_resume_refuses_every_setting_that_changes_the_trajectory_naming_both_values(key, value, tmp_path):
     source = tmp_path / "last.pt"
     old = rundir.flatten(CONFIG)[key]
@@ -79,8 +86,16 @@ def test_resume_refusal_lists_one_line_per_changed_key():
 
 
 def test_resume_applies_settings_that_cannot_change_the_result_and_lists_them():
-    now = _with(CONFIG, **{"trainer.num_workers": 2, "logger.log_every_n_steps": 1, "data.root": "/moved",
-                           "trainer.device": "cpu", "resume": "auto"})  # fmt: skip
+    now = _with(
+        CONFIG,
+        **{
+            "trainer.num_workers": 2,
+            "logger.log_every_n_steps": 1,
+            "data.root": "/moved",
+            "trainer.device": "cpu",
+            "resume": "auto",
+        },
+    )
     applied = rundir.check_resume_config(CONFIG, now, Path("x.pt"))
     assert applied == [
         "data.root: checkpoint 'data/shapes', now '/moved'",
@@ -279,8 +294,12 @@ def _train_args(shapes_root: Path) -> list[str]:
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def test_resuming_with_another_learning_rate_is_refused_before_training(shapes_root, tmp_path):
@@ -344,9 +363,13 @@ def test_cli_interrupted_run_prints_the_command_that_resumes_it_and_resume_auto_
 
     def start(*extra: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, str(REPO / "scripts" / "train.py"), *args, *extra], cwd=tmp_path, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-        )  # fmt: skip
+            [sys.executable, str(REPO / "scripts" / "train.py"), *args, *extra],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
 
     def interrupt(proc: subprocess.Popen, ready) -> str:
         deadline = time.time() + 120
@@ -372,8 +395,10 @@ def test_cli_interrupted_run_prints_the_command_that_resumes_it_and_resume_auto_
     log = run / "train.log"
     out = interrupt(proc, lambda: "resumed from" in log.read_text())
     assert f"continuing the newest unfinished run of this config, {run}" in out
-    assert re.search(rf"resumed from {re.escape(str(run))}/checkpoints/last.pt at epoch \d+, batch \d, step {step}\n",
-                     log.read_text())  # fmt: skip
+    assert re.search(
+        rf"resumed from {re.escape(str(run))}/checkpoints/last.pt at epoch \d+, batch \d, step {step}\n",
+        log.read_text(),
+    )
     assert list((tmp_path / "outputs" / "train").iterdir()) == [run]
 
 

@@ -100,8 +100,16 @@ def test_one_folder_without_split_file_warns_in_training_that_val_is_train(tmp_p
 
 def test_a_val_list_inside_the_train_list_is_counted_in_the_doctor(tmp_path):
     root = write_folder(tmp_path / "d", split_lists={"train": ["a", "b", "c"], "val": ["c"]})
-    cfg = compose_config("check_data", ["data=folder", f"data.root={root}", "data.num_classes=2",
-                                        "data.class_names=[a,b]", f"report={tmp_path / 'r.json'}"])  # fmt: skip
+    cfg = compose_config(
+        "check_data",
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.num_classes=2",
+            "data.class_names=[a,b]",
+            f"report={tmp_path / 'r.json'}",
+        ],
+    )
     report, usable = run_check(cfg, tmp_path)
     problems = report["splits"]["val"]["problems"]
     overlap = next(p for p in problems if p["kind"] == "split_overlap")
@@ -111,8 +119,16 @@ def test_a_val_list_inside_the_train_list_is_counted_in_the_doctor(tmp_path):
 
 def test_a_val_list_equal_to_the_train_list_is_said_loudly(tmp_path, capsys):
     root = write_folder(tmp_path / "d", split_lists={"train": ["a", "b"], "val": ["b", "a"]})
-    cfg = compose_config("check_data", ["data=folder", f"data.root={root}", "data.num_classes=2",
-                                        "data.class_names=[a,b]", f"report={tmp_path / 'r.json'}"])  # fmt: skip
+    cfg = compose_config(
+        "check_data",
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.num_classes=2",
+            "data.class_names=[a,b]",
+            f"report={tmp_path / 'r.json'}",
+        ],
+    )
     run_check(cfg, tmp_path)
     out = capsys.readouterr().out
     assert "WARNING splits 'train' and 'val' are the same 2 images: validation scores measure training images" in out
@@ -123,7 +139,15 @@ def test_file_names_with_unprintable_characters_are_shown_with_repr_in_the_docto
     root = write_folder(tmp_path / "d", split_lists={"train": ["a"], "val": ["b"]})
     (root / "images" / "a.jpg").rename(root / "images" / "a\tx.jpg")
     (root / "splits" / "train.txt").write_text("a\tx\n")
-    cfg = compose_config("check_data", ["data=folder", f"data.root={root}", "data.num_classes=2",
-                                        "data.class_names=[a,b]", f"report={tmp_path / 'r.json'}"])  # fmt: skip
+    cfg = compose_config(
+        "check_data",
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.num_classes=2",
+            "data.class_names=[a,b]",
+            f"report={tmp_path / 'r.json'}",
+        ],
+    )
     run_check(cfg, tmp_path)
     assert "'a\\tx'" in capsys.readouterr().out  # the image without a mask, named unambiguously

@@ -116,8 +116,15 @@ def test_cli_missing_checkpoint_is_one_clear_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_cli_missing_data_root_names_the_path(tmp_path):
-    proc = _run("train.py", "data=folder", "data.num_classes=2", "data.class_names=[a,b]",
-                f"data.root={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
+    proc = _run(
+        "train.py",
+        "data=folder",
+        "data.num_classes=2",
+        "data.class_names=[a,b]",
+        f"data.root={tmp_path / 'missing'}",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert f"dataset root not found: {tmp_path / 'missing'}" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -143,8 +150,16 @@ def test_cli_multirun_sweep_trains_each_variant(shapes_root, tmp_path):
     # the tiny dataset is already on disk
     overrides = [o for o in tiny_train_overrides(shapes_root) if not o.startswith("data.generate")]
     overrides.append("data.generate=null")
-    proc = _run("train.py", "-m", "model=fcn32s,fcn16s", "trainer.epochs=1", "logger=none", *overrides,
-                f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)  # fmt: skip
+    proc = _run(
+        "train.py",
+        "-m",
+        "model=fcn32s,fcn16s",
+        "trainer.epochs=1",
+        "logger=none",
+        *overrides,
+        f"hydra.sweep.dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     for job in ("0", "1"):
         assert (tmp_path / job / "metrics.json").is_file()
@@ -204,8 +219,15 @@ def test_camvid_layout_trains_and_evaluates_with_no_code_change(tmp_path):
             Image.fromarray(rng.integers(0, 255, (36, 48, 3), dtype=np.uint8)).save(root / split / f"f{i}.jpg")
             mask = rng.integers(0, 12, (36, 48), dtype=np.uint8)  # 11 = void, ignored
             Image.fromarray(mask).save(root / f"{split}annot" / f"f{i}.png")
-    overrides = ["experiment=camvid", f"data.root={root}", "data.crop_size=32", "trainer.epochs=1",
-                 "trainer.batch_size=2", "trainer.num_workers=0", "logger=none"]  # fmt: skip
+    overrides = [
+        "experiment=camvid",
+        f"data.root={root}",
+        "data.crop_size=32",
+        "trainer.epochs=1",
+        "trainer.batch_size=2",
+        "trainer.num_workers=0",
+        "logger=none",
+    ]
     report = train(compose_config("train", overrides), tmp_path / "run")
     assert list(report["per_class_iou"])[:2] == ["Sky", "Building"] and len(report["per_class_iou"]) == 11
     cfg = compose_config("evaluate", [f"checkpoint={report['checkpoint']}", "num_workers=0", "tensorboard=false"])

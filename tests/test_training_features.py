@@ -44,9 +44,19 @@ def test_gradient_clipping_bounds_the_update():
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     batch = [(torch.full((1, 3, 4, 4), 255, dtype=torch.uint8), torch.zeros(1, 4, 4, dtype=torch.long))]
     loss = torch.nn.CrossEntropyLoss()
-    train_one_epoch(model, batch, optimizer, constant(optimizer, 1), lambda x, y: 1000 * loss(x, y),
-                    device=torch.device("cpu"), mean=[0] * 3, std=[1] * 3, step=0, epoch=1,
-                    grad_clip_norm=0.5)  # fmt: skip
+    train_one_epoch(
+        model,
+        batch,
+        optimizer,
+        constant(optimizer, 1),
+        lambda x, y: 1000 * loss(x, y),
+        device=torch.device("cpu"),
+        mean=[0] * 3,
+        std=[1] * 3,
+        step=0,
+        epoch=1,
+        grad_clip_norm=0.5,
+    )
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (after - before).norm() == pytest.approx(0.5, rel=1e-4)  # lr 1 x gradient clipped to norm 0.5
 
@@ -71,8 +81,13 @@ def test_decoder_drift_is_zero_at_start_and_grows_when_learned():
 
 @pytest.mark.slow
 def test_early_stopping_and_tensorboard_entries(shapes_root, tmp_path):
-    overrides = [*tiny_train_overrides(shapes_root), "trainer.epochs=6", "optim.lr=0", "sched=constant",
-                 "trainer.early_stopping_patience=2"]  # fmt: skip
+    overrides = [
+        *tiny_train_overrides(shapes_root),
+        "trainer.epochs=6",
+        "optim.lr=0",
+        "sched=constant",
+        "trainer.early_stopping_patience=2",
+    ]
     report = train(compose_config("train", overrides), tmp_path)
     assert report["epoch"] == 1  # lr 0: nothing improves after epoch 1, so epochs 2 and 3 run, then stop
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})

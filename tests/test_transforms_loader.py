@@ -38,8 +38,12 @@ def test_pad_collate_pads_images_with_zero_and_masks_with_ignore():
 def test_loader_with_workers_yields_padded_batches(tmp_path):
     write_pair(tmp_path, "a", size=(20, 16))
     write_pair(tmp_path, "b", size=(12, 18))
-    loader = make_loader(SegmentationFolder(find_pairs(tmp_path, "train", split_file=None)),
-                         batch_size=2, num_workers=1, ignore_index=255)  # fmt: skip
+    loader = make_loader(
+        SegmentationFolder(find_pairs(tmp_path, "train", split_file=None)),
+        batch_size=2,
+        num_workers=1,
+        ignore_index=255,
+    )
     images, masks = next(iter(loader))
     assert images.shape == (2, 3, 18, 20) and masks.shape == (2, 18, 20)
 

@@ -37,8 +37,15 @@ def run_check(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, bool]:
     prepare_data_root(data)  # as training would: generate the built-in set, or download when asked
     splits = list(cfg.splits) if cfg.splits else _default_splits(data)
     decoder = mask_decoder(data)
-    report: dict = {"dataset": data.name, "root": str(Path(data.root).resolve()), "num_classes": data.num_classes,
-                    "ignore_index": data.ignore_index, "splits": {}, "skipped": {}, "suggestions": []}  # fmt: skip
+    report: dict = {
+        "dataset": data.name,
+        "root": str(Path(data.root).resolve()),
+        "num_classes": data.num_classes,
+        "ignore_index": data.ignore_index,
+        "splits": {},
+        "skipped": {},
+        "suggestions": [],
+    }
     reports: list[SplitReport] = []
     layout_errors = []
     for split in splits:

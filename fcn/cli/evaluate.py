@@ -82,11 +82,19 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
             writer(images, masks, preds)
 
     result = evaluate(
-        model, loader, num_classes=data.num_classes, ignore_index=data.ignore_index, device=device,
-        mean=ckpt["mean"], std=ckpt["std"], channels_last=cfg.channels_last,
-        amp_dtype=resolve_precision(cfg.precision, device), infer=inference_fn(eval_cfg, data.num_classes),
-        on_batch=on_batch, desc=data.split,
-    )  # fmt: skip
+        model,
+        loader,
+        num_classes=data.num_classes,
+        ignore_index=data.ignore_index,
+        device=device,
+        mean=ckpt["mean"],
+        std=ckpt["std"],
+        channels_last=cfg.channels_last,
+        amp_dtype=resolve_precision(cfg.precision, device),
+        infer=inference_fn(eval_cfg, data.num_classes),
+        on_batch=on_batch,
+        desc=data.split,
+    )
     metrics = scores(result.confusion, class_names)
     report = metrics | {
         "checkpoint": str(cfg.checkpoint),
@@ -106,8 +114,15 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
     return report
 
 
-def _log_tensorboard(out_dir: Path, step: int, metrics: dict, confusion_picture: Image.Image, worst: WorstImages,
-                     palette, ignore_index: int) -> None:  # fmt: skip
+def _log_tensorboard(
+    out_dir: Path,
+    step: int,
+    metrics: dict,
+    confusion_picture: Image.Image,
+    worst: WorstImages,
+    palette,
+    ignore_index: int,
+) -> None:
     logger = TensorBoardLogger()
     logger.open(out_dir)
     try:

@@ -53,8 +53,7 @@ ROW_KEYS = ("model", "model.variant", "model.pretrained")
 
 def row_overrides(task_overrides: list[str], model: str, variant: str) -> list[str]:
     """The training overrides of one row: the command line's, then the row's model and variant."""
-    keep = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in ROW_KEYS
-            and not o.startswith("table.")]  # fmt: skip
+    keep = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") not in ROW_KEYS and not o.startswith("table.")]
     return [*keep, f"model={model}", f"model.variant={variant}", "model.pretrained=false"]
 
 
@@ -106,8 +105,10 @@ def format_markdown(rows: list[dict], crop: list[int], flops_size: list[int]) ->
     ]
     for r in rows:
         miou = f"{r['miou']:.3f}" if isinstance(r.get("miou"), float) else (r.get("miou") or "not measured")
-        lines.append(f"| `{r['model']}` | {r['backbone']} | {r['variant']} | {r['parameters'] / 1e6:.2f}M | "
-                     f"{r['gflops']:.1f} | {r['train_img_s']:.1f} | {miou} |")  # fmt: skip
+        lines.append(
+            f"| `{r['model']}` | {r['backbone']} | {r['variant']} | {r['parameters'] / 1e6:.2f}M | "
+            f"{r['gflops']:.1f} | {r['train_img_s']:.1f} | {miou} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -121,9 +122,15 @@ def run_table(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]) -
     # A few real training batches (uint8, as the loader yields them), shared by every row's timing.
     prepare_data_root(data)
     train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
-    loader = make_loader(train_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
-                         sampler=ResumableSampler(len(train_set), cfg.seed), drop_last=True, seed=cfg.seed,
-                         **loader_options(trainer))  # fmt: skip
+    loader = make_loader(
+        train_set,
+        batch_size=trainer.batch_size,
+        ignore_index=data.ignore_index,
+        sampler=ResumableSampler(len(train_set), cfg.seed),
+        drop_last=True,
+        seed=cfg.seed,
+        **loader_options(trainer),
+    )
     held = list(islice(iter(loader), 2))
     batches = [held[i % len(held)] for i in range(max(table.warmup, 1))]
     crop = list(held[0][0].shape[-2:])
@@ -133,8 +140,12 @@ def run_table(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]) -
             row_cfg = compose(config_name="train", overrides=row_overrides(task_overrides, model_option, variant))
             name = f"{model_option}-{variant}"
             log.info("%s: parameters, FLOPs and training throughput", name)
-            row = {"model": model_option, "backbone": row_cfg.model.backbone, "variant": variant,
-                   **measure_row(row_cfg, batches, flops_size, timing)}  # fmt: skip
+            row = {
+                "model": model_option,
+                "backbone": row_cfg.model.backbone,
+                "variant": variant,
+                **measure_row(row_cfg, batches, flops_size, timing),
+            }
             if table.train:
                 log.info("%s: training for the mIoU column", name)
                 try:
@@ -143,9 +154,15 @@ def run_table(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]) -
                     log.warning("%s: %s", name, exc)
                     row["miou"] = f"failed: {str(exc).split(';')[0]}"
             rows.append(row)
-            meta = {"crop": crop, "batch_size": trainer.batch_size, "flops_size": list(flops_size),
-                    "overrides": task_overrides, "device": benchmark.device_name(torch.device("cpu")),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip
+            meta = {
+                "crop": crop,
+                "batch_size": trainer.batch_size,
+                "flops_size": list(flops_size),
+                "overrides": task_overrides,
+                "device": benchmark.device_name(torch.device("cpu")),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            }
             (out_dir / "model_table.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
             (out_dir / "model_table.md").write_text(format_markdown(rows, crop, list(flops_size)))
     print(format_markdown(rows, crop, list(flops_size)))

@@ -60,9 +60,13 @@ def read_oriented(path: Path, apply_exif: bool) -> np.ndarray:
             return array
         if apply_exif:
             return image_to_rgb(ImageOps.exif_transpose(image), path)
-    log.warning("%s carries EXIF orientation %d (a viewer shows it turned); predicted as stored, so the mask "
-                "is aligned with the stored pixels: set apply_exif_orientation=true to predict the upright "
-                "picture", path, orientation)  # fmt: skip
+    log.warning(
+        "%s carries EXIF orientation %d (a viewer shows it turned); predicted as stored, so the mask "
+        "is aligned with the stored pixels: set apply_exif_orientation=true to predict the upright "
+        "picture",
+        path,
+        orientation,
+    )
     return array
 
 

@@ -29,8 +29,12 @@ def validate_train_config(cfg: DictConfig) -> None:
     """Check a composed training config before anything is built; raises UserError on the first bad value."""
     if any(OmegaConf.is_missing(cfg.data, k) for k in ("num_classes", "class_names")):
         return  # Hydra's own "missing value" error names the key when it is read
-    check_classes(cfg.data.num_classes, _plain(cfg.data.get("class_names")), _plain(cfg.data.get("palette")),
-                  cfg.data.ignore_index)  # fmt: skip
+    check_classes(
+        cfg.data.num_classes,
+        _plain(cfg.data.get("class_names")),
+        _plain(cfg.data.get("palette")),
+        cfg.data.ignore_index,
+    )
     crop = check_crop(cfg.data.crop_size, "data.crop_size")
     trainer = cfg.trainer
     for key in ("epochs", "batch_size", "val_every", "accumulate_grad_batches"):
@@ -70,14 +74,19 @@ def check_classes(num_classes: Any, class_names: Sequence | None, palette: Seque
             "background + foreground: data.num_classes=2, with data.label_map={255:1} for 0/255 masks)"
         )
     if class_names is not None and not isinstance(class_names, str) and len(class_names) != num_classes:
-        raise UserError(f"data.class_names has {len(class_names)} names but data.num_classes={num_classes}: "
-                        "give one name per class")  # fmt: skip
+        raise UserError(
+            f"data.class_names has {len(class_names)} names but data.num_classes={num_classes}: give one name per class"
+        )
     if palette and len(palette) != num_classes:
-        raise UserError(f"data.palette has {len(palette)} colours for data.num_classes={num_classes}: "
-                        "give one [r, g, b] per class or null")  # fmt: skip
+        raise UserError(
+            f"data.palette has {len(palette)} colours for data.num_classes={num_classes}: "
+            "give one [r, g, b] per class or null"
+        )
     if 0 <= ignore_index < num_classes:
-        raise UserError(f"data.ignore_index={ignore_index} is one of the classes 0..{num_classes - 1}: "
-                        "choose a value outside them (255 is usual)")  # fmt: skip
+        raise UserError(
+            f"data.ignore_index={ignore_index} is one of the classes 0..{num_classes - 1}: "
+            "choose a value outside them (255 is usual)"
+        )
 
 
 def check_crop(crop_size: Any, key: str) -> tuple[int, int]:
@@ -180,8 +189,10 @@ def check_loss(loss: dict, key: str, num_classes: int) -> None:
         weights = node.get("class_weights")
         if isinstance(weights, list):
             if len(weights) != num_classes:
-                raise UserError(f"{path}.class_weights has {len(weights)} weights for data.num_classes={num_classes}: "
-                                "give one per class, or auto")  # fmt: skip
+                raise UserError(
+                    f"{path}.class_weights has {len(weights)} weights for data.num_classes={num_classes}: "
+                    "give one per class, or auto"
+                )
             if not all(_number(w) and math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
                 raise UserError(f"{path}.class_weights={_show(weights)}: give finite weights >= 0, not all 0")
         if "losses" in node and isinstance(node.get("weights"), list):
@@ -201,8 +212,10 @@ def check_eval(eval_cfg: Any) -> None:
         if window is None:
             raise UserError("eval.stride needs eval.window")
         if stride[0] > window[0] or stride[1] > window[1]:
-            raise UserError(f"eval.stride={list(stride)} is larger than eval.window={list(window)}: pixels between "
-                            "windows would never be predicted")  # fmt: skip
+            raise UserError(
+                f"eval.stride={list(stride)} is larger than eval.window={list(window)}: pixels between "
+                "windows would never be predicted"
+            )
     scales = eval_cfg.get("scales")
     if scales is not None and (not scales or not all(_number(s) and 0 < s < math.inf for s in scales)):
         raise UserError(f"eval.scales={_show(scales)}: give one or more positive scales")
@@ -241,8 +254,9 @@ def _at_least(value: Any, low: float, key: str, hint: str = "") -> None:
         raise UserError(f"{key}={value}: must be at least {low}" + (f" ({hint})" if hint else ""))
 
 
-def _in_range(value: Any, low: float, high: float, key: str, *, lower_open: bool = False,
-              upper_open: bool = False) -> None:  # fmt: skip
+def _in_range(
+    value: Any, low: float, high: float, key: str, *, lower_open: bool = False, upper_open: bool = False
+) -> None:
     ok = (
         _number(value)
         and (low < value if lower_open else low <= value)

@@ -23,17 +23,25 @@ from pathlib import Path
 KNOWN_MASK_SUFFIXES = {
     "_gtFine_labelTrainIds.png": ("Cityscapes train ids (0-18, 255 ignored)", "data=cityscapes"),
     "_gtFine_labelIds.png": ("Cityscapes label ids (0-33)", "data=cityscapes_labelids"),
-    "_gtCoarse_labelTrainIds.png": ("Cityscapes coarse train ids",
-                                    "data=cityscapes data.mask_suffix=_gtCoarse_labelTrainIds.png"),
-    "_gtCoarse_labelIds.png": ("Cityscapes coarse label ids",
-                               "data=cityscapes_labelids data.mask_suffix=_gtCoarse_labelIds.png"),
+    "_gtCoarse_labelTrainIds.png": (
+        "Cityscapes coarse train ids",
+        "data=cityscapes data.mask_suffix=_gtCoarse_labelTrainIds.png",
+    ),
+    "_gtCoarse_labelIds.png": (
+        "Cityscapes coarse label ids",
+        "data=cityscapes_labelids data.mask_suffix=_gtCoarse_labelIds.png",
+    ),
     "_gtFine_color.png": ("Cityscapes colour renderings, for viewing only", None),
     "_gtFine_instanceIds.png": ("Cityscapes instance ids, not classes", None),
-    "_gtFine_polygons.json": ("Cityscapes polygons (make *_labelTrainIds.png with cityscapesscripts' "
-                              "createTrainIdLabelImgs)", None),
-    "_seg.png": ("full-ADE20K colour-coded masks, not the SceneParsing index masks "
-                 "(use ADEChallengeData2016 with data=ade20k)", None),
-}  # fmt: skip
+    "_gtFine_polygons.json": (
+        "Cityscapes polygons (make *_labelTrainIds.png with cityscapesscripts' createTrainIdLabelImgs)",
+        None,
+    ),
+    "_seg.png": (
+        "full-ADE20K colour-coded masks, not the SceneParsing index masks (use ADEChallengeData2016 with data=ade20k)",
+        None,
+    ),
+}
 # Folders of known datasets that hold something else than the class masks the config expects.
 KNOWN_MASK_FOLDERS = {
     "SegmentationObject": "VOC instance masks (one value per object, not per class)",
@@ -43,8 +51,20 @@ KNOWN_MASK_FOLDERS = {
     "annotations": "class masks: data.mask_dir=annotations",
 }
 # Folder names people give their masks: a missing data.mask_dir beside one of them names it.
-COMMON_MASK_FOLDERS = ("labels", "label", "masks", "mask", "gt", "groundtruth", "ground_truth", "annotations",
-                       "annotation", "segmentation", "segmentations", "SegmentationClassPNG")  # fmt: skip
+COMMON_MASK_FOLDERS = (
+    "labels",
+    "label",
+    "masks",
+    "mask",
+    "gt",
+    "groundtruth",
+    "ground_truth",
+    "annotations",
+    "annotation",
+    "segmentation",
+    "segmentations",
+    "SegmentationClassPNG",
+)
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe")
 CITYSCAPES_TRAIN_CLASSES = 19
 CITYSCAPES_LABEL_IDS = 34  # label ids 0..33 (-1, license plate, is never stored)
@@ -105,9 +125,13 @@ def find_alternative_masks(
             lossy = suffix.lower().endswith(LOSSY_SUFFIXES)
             notes.append(
                 f"data.mask_suffix={suffix} reads them"
-                + (" (JPEG masks are lossy: compression blurs label values along every edge; save masks as "
-                   "PNG from the original labels)" if lossy else "")
-            )  # fmt: skip
+                + (
+                    " (JPEG masks are lossy: compression blurs label values along every edge; save masks as "
+                    "PNG from the original labels)"
+                    if lossy
+                    else ""
+                )
+            )
             if readable is None and suffixes[suffix] == len(keys):
                 readable = suffix
     return AlternativeMasks(masks_folder, {s: suffixes[s] for s in ordered}, len(keys), readable, expected, notes)
@@ -120,8 +144,11 @@ def folder_hint(missing: Path) -> str:
         return ""
     hints = [f"{name}/ holds {what}" for name, what in KNOWN_MASK_FOLDERS.items() if (parent / name).is_dir()]
     known = set(KNOWN_MASK_FOLDERS) | {missing.name}
-    hints += [f"if {n}/ holds the masks: data.mask_dir={n}" for n in COMMON_MASK_FOLDERS
-              if n not in known and (parent / n).is_dir()]  # fmt: skip
+    hints += [
+        f"if {n}/ holds the masks: data.mask_dir={n}"
+        for n in COMMON_MASK_FOLDERS
+        if n not in known and (parent / n).is_dir()
+    ]
     return ("; " + "; ".join(hints)) if hints else ""
 
 
@@ -168,10 +195,15 @@ def diagnose_values(
         in_id_range = raw - {ignore_index} <= set(range(CITYSCAPES_LABEL_IDS))
         beyond = max(raw - {ignore_index}, default=0) >= num_classes
         if cityscapes_ids or (cityscapes_files and in_id_range and beyond):
-            found.append(Diagnosis("cityscapes_label_ids", "error",
-                "masks hold Cityscapes label ids (0-33) where train ids (0-18) are expected: id 7 is road, "
-                "26 is car, and read as train ids they are other classes or dropped. Fix: data=cityscapes_labelids "
-                "(maps label ids to train ids); do not ignore these values, they are classes"))  # fmt: skip
+            found.append(
+                Diagnosis(
+                    "cityscapes_label_ids",
+                    "error",
+                    "masks hold Cityscapes label ids (0-33) where train ids (0-18) are expected: id 7 is road, "
+                    "26 is car, and read as train ids they are other classes or dropped. Fix: data=cityscapes_labelids "
+                    "(maps label ids to train ids); do not ignore these values, they are classes",
+                )
+            )
             return found
     lm = dict(label_map or {})
     # Values between 0 and 255 that are no class: two or more of them (one is a void value, see below).
@@ -180,25 +212,43 @@ def diagnose_values(
         share = _share(histogram, between)
         if share is None or share < 0.25:
             ignored = ignore_index == 255 and 255 not in lm
-            found.append(Diagnosis("interpolated_binary_masks", "error",
-                f"masks look like 0/255 binary masks with {len(between)} in-between values ({_values(between)}"
-                + (f", {100 * share:.1f}% of pixels" if share is not None else "")
-                + ") along the edges, as bilinear resizing or JPEG compression leaves them; "
-                + (f"255 is data.ignore_index={ignore_index}, so every foreground pixel would be ignored, and "
-                   if ignored else "")
-                + "the in-between values are no classes. Fix: re-export the masks as PNG with nearest-neighbour "
-                "resizing (or threshold them at 128), then data.label_map={255:1}"))  # fmt: skip
+            found.append(
+                Diagnosis(
+                    "interpolated_binary_masks",
+                    "error",
+                    f"masks look like 0/255 binary masks with {len(between)} in-between values ({_values(between)}"
+                    + (f", {100 * share:.1f}% of pixels" if share is not None else "")
+                    + ") along the edges, as bilinear resizing or JPEG compression leaves them; "
+                    + (
+                        f"255 is data.ignore_index={ignore_index}, so every foreground pixel would be ignored, and "
+                        if ignored
+                        else ""
+                    )
+                    + "the in-between values are no classes. Fix: re-export the masks as PNG with nearest-neighbour "
+                    "resizing (or threshold them at 128), then data.label_map={255:1}",
+                )
+            )
             return found
     if not mapped and raw and raw <= {0, 255} and 255 in raw and ignore_index == 255:
-        found.append(Diagnosis("binary_masks_ignored", "error",
-            "masks hold only 0 and 255, and 255 is data.ignore_index: every foreground pixel would be ignored. "
-            "Fix: for 0/255 binary masks data.label_map={255:1}"))  # fmt: skip
+        found.append(
+            Diagnosis(
+                "binary_masks_ignored",
+                "error",
+                "masks hold only 0 and 255, and 255 is data.ignore_index: every foreground pixel would be ignored. "
+                "Fix: for 0/255 binary masks data.label_map={255:1}",
+            )
+        )
         return found
     grey = _grey_palette(raw - {ignore_index}, palette, num_classes)
     if grey and not mapped:
-        found.append(Diagnosis("grey_colour_masks", "error",
-            "mask values are the grey levels of data.palette's colours (colour masks converted to grayscale): "
-            "re-save them as index masks, or data.label_map=" + _map_text(grey)))  # fmt: skip
+        found.append(
+            Diagnosis(
+                "grey_colour_masks",
+                "error",
+                "mask values are the grey levels of data.palette's colours (colour masks converted to grayscale): "
+                "re-save them as index masks, or data.label_map=" + _map_text(grey),
+            )
+        )
         return found
     if outside:
         found.append(

@@ -39,6 +39,8 @@ def too_many_pixels_message(path: str | Path, exc: Exception) -> str:
     limit = Image.MAX_IMAGE_PIXELS
     allowed = f"{2 * limit:,}" if limit else "any number of"
     suggestion = f"data.max_image_pixels={pixels}" if pixels is not None else "a larger data.max_image_pixels"
-    return (f"{path} has {size}, more than the {allowed} pixels Pillow's decompression-bomb guard allows "
-            f"(PIL.Image.MAX_IMAGE_PIXELS={limit}); the file is not corrupt: if you trust it, set "
-            f"{suggestion} (or null for no limit)")  # fmt: skip
+    return (
+        f"{path} has {size}, more than the {allowed} pixels Pillow's decompression-bomb guard allows "
+        f"(PIL.Image.MAX_IMAGE_PIXELS={limit}); the file is not corrupt: if you trust it, set "
+        f"{suggestion} (or null for no limit)"
+    )

@@ -38,9 +38,18 @@ log = logging.getLogger(__name__)
 
 _UNREADABLE = ("PermissionError", "IsADirectoryError", "FileNotFoundError", "NotADirectoryError")
 SCAN_VERSION = 1  # bump when what a file's entry holds changes: old cache entries are then rescanned
-MODE_NAMES = {"L": "grayscale", "LA": "grayscale+alpha", "P": "palette", "RGBA": "RGBA (alpha dropped)",
-              "CMYK": "CMYK", "1": "1-bit", "I;16": "16-bit", "I;16B": "16-bit", "I": "32-bit integer",
-              "YCbCr": "YCbCr"}  # fmt: skip
+MODE_NAMES = {
+    "L": "grayscale",
+    "LA": "grayscale+alpha",
+    "P": "palette",
+    "RGBA": "RGBA (alpha dropped)",
+    "CMYK": "CMYK",
+    "1": "1-bit",
+    "I;16": "16-bit",
+    "I;16B": "16-bit",
+    "I": "32-bit integer",
+    "YCbCr": "YCbCr",
+}
 
 
 @dataclass
@@ -285,10 +294,13 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "error",
             f"{len(files.images_without_mask)} images in {files.images_folder}: "
             + files.alternative.message()
-            + (f" (the checks below read them as '<name>{files.alternative.readable_suffix}')"
-               if files.alternative.readable_suffix and not files.pairs else ""),
+            + (
+                f" (the checks below read them as '<name>{files.alternative.readable_suffix}')"
+                if files.alternative.readable_suffix and not files.pairs
+                else ""
+            ),
             files.images_without_mask,
-        )  # fmt: skip
+        )
     elif files.images_without_mask:
         add(
             "image_without_mask",
@@ -300,8 +312,13 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
     for note in files.list_notes:
         add("split_list_format", "warning", f"split list {files.split_list} {note}", [])
     for written_split, path in files.default_lists.items():
-        add("default_split_written", "warning", f"no split lists: wrote the default {written_split!r} list {path} "
-            "(seeded 80/20 train/val split of the images; edit it to choose your own)", [str(path)])  # fmt: skip
+        add(
+            "default_split_written",
+            "warning",
+            f"no split lists: wrote the default {written_split!r} list {path} "
+            "(seeded 80/20 train/val split of the images; edit it to choose your own)",
+            [str(path)],
+        )
     if files.masks_without_image:
         add(
             "mask_without_image",
@@ -344,15 +361,24 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
         )
     dark = [e["image"] for e in entries if 0 < e.get("wide_max", 65535) <= 4095]
     if dark:
-        add("dark_16_bit_images", "warning", f"{len(dark)} 16-bit images use at most 12 bits (maximum <= 4095): "
+        add(
+            "dark_16_bit_images",
+            "warning",
+            f"{len(dark)} 16-bit images use at most 12 bits (maximum <= 4095): "
             "scaled by 1/257 they are nearly black; rescale them to the 16-bit range (or to 8 bits) first",
-            dark)  # fmt: skip
+            dark,
+        )
     shifted = decoder.ignore_index + 1
     if decoder.reduce_zero_label and shifted in raw_values and shifted not in decoder.label_map:
         masks = [e["mask"] for e in entries if shifted in e.get("raw_values", [])]
-        add("reduce_zero_label_collision", "error", f"stored value {shifted} becomes data.ignore_index="
+        add(
+            "reduce_zero_label_collision",
+            "error",
+            f"stored value {shifted} becomes data.ignore_index="
             f"{decoder.ignore_index} after reduce_zero_label and would be silently ignored; choose another "
-            "data.ignore_index or map it with data.label_map", masks)  # fmt: skip
+            "data.ignore_index or map it with data.label_map",
+            masks,
+        )
     if mismatched:
         add(
             "size_mismatch",
@@ -441,8 +467,10 @@ def _encoding_problems(entries: list[dict], raw_values: set[int], outside: dict,
         if found.kind == "values_out_of_range":
             values = sorted(outside)
             listing = "; ".join(f"{v} in {len(outside[v])} masks (e.g. {outside[v][0]})" for v in values[:8])
-            message = (f"mask values outside [0, {decoder.num_classes}) that are not data.ignore_index="
-                       f"{decoder.ignore_index}: {listing}. {message}")  # fmt: skip
+            message = (
+                f"mask values outside [0, {decoder.num_classes}) that are not data.ignore_index="
+                f"{decoder.ignore_index}: {listing}. {message}"
+            )
             paths = sorted({p for v in values for p in outside[v]})
         else:
             paths = [e["mask"] for e in entries if "raw_values" in e]
@@ -451,10 +479,17 @@ def _encoding_problems(entries: list[dict], raw_values: set[int], outside: dict,
         problems.extend(_palette_order_problems(entries, raw_values, decoder))
     index_masks = [e["mask"] for e in entries if "raw_values" in e]
     if decoder.ignore_colors and index_masks and len(index_masks) == len(entries):
-        problems.append(Problem("ignore_colors_unused", "warning", "data.ignore_colors is set, but the masks are "
-                                "index masks (a value per pixel, no colours): it changes nothing; to ignore a value "
-                                f"use data.label_map={{value:{decoder.ignore_index}}}", index_masks[:20],
-                                len(index_masks)))  # fmt: skip
+        problems.append(
+            Problem(
+                "ignore_colors_unused",
+                "warning",
+                "data.ignore_colors is set, but the masks are "
+                "index masks (a value per pixel, no colours): it changes nothing; to ignore a value "
+                f"use data.label_map={{value:{decoder.ignore_index}}}",
+                index_masks[:20],
+                len(index_masks),
+            )
+        )
     return problems
 
 

@@ -163,9 +163,12 @@ def write_default_splits(
         log.warning(
             "no split lists found: wrote a default split of the %d images of %s (seed %d, %d%% val): %s; "
             "edit these lists to choose your own split",
-            len(keys), root, seed, round(100 * val_fraction), ", ".join(f"{p} ({len(lists[s])} names)"
-                                                                           for s, p in written.items()),
-        )  # fmt: skip
+            len(keys),
+            root,
+            seed,
+            round(100 * val_fraction),
+            ", ".join(f"{p} ({len(lists[s])} names)" for s, p in written.items()),
+        )
     return written
 
 

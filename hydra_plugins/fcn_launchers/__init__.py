@@ -57,8 +57,13 @@ class Requeueing:
         job = submitit.JobEnvironment()
         if job.cluster == "local" and job.num_tasks > 1 and "WORLD_SIZE" not in os.environ:
             # several tasks on this machine: torchrun's variables, as fcn.distributed reads them from SLURM's
-            os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank),
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + int(job.job_id) % 20000))  # fmt: skip
+            os.environ.update(
+                RANK=str(job.global_rank),
+                WORLD_SIZE=str(job.num_tasks),
+                LOCAL_RANK=str(job.local_rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(20000 + int(job.job_id) % 20000),
+            )
         rank = job.global_rank
         if rank:
             overrides += quiet_rank_overrides(rank)
