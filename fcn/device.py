@@ -9,6 +9,7 @@ import os
 import torch
 
 from fcn.errors import UserError, cause
+from fcn.threads import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -16,10 +17,14 @@ log = logging.getLogger(__name__)
 def resolve_device(name: str, threads: int | None = None) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; other names are passed to torch.
 
-    ``threads`` sets torch's CPU threads (None keeps torch's choice: one per physical core).
+    ``threads`` sets torch's CPU threads. None keeps torch's choice (one per physical core), capped
+    at the CPUs this process may use (affinity mask, cgroup CPU quota: :func:`fcn.threads.usable_cpus`),
+    since more threads than CPUs only wait for each other.
     """
     if threads:
         torch.set_num_threads(threads)
+    elif torch.get_num_threads() > usable_cpus():
+        torch.set_num_threads(usable_cpus())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

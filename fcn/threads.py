@@ -1,0 +1,55 @@
+"""CPU thread settings that must be in place before torch starts its OpenMP thread pool.
+
+The torch wheel runs its CPU kernels on GNU OpenMP (libgomp). By default a libgomp thread that
+reaches a barrier spins for a while (GOMP_SPINCOUNT, about 300k iterations) before it sleeps.
+On a quiet machine that saves a wake-up; on a shared one the spinning threads burn the CPU time
+that the thread they wait for needs, and training collapses: on the 2-core CPU with two other
+busy processes the tiny model trained at 1.5-2.4 img/s by default against 21-32 img/s with
+``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once), measured with the probe described in the
+README's Performance section. Passive waiting was not slower on the quiet-ish machine either.
+
+So the entry points call :func:`set_openmp_defaults` before torch is imported. Every variable is
+only a default: a value the user exported wins. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+
+# Defaults for variables read once, when libgomp / Intel OpenMP initialise (at `import torch`).
+OPENMP_DEFAULTS = {
+    "OMP_WAIT_POLICY": "PASSIVE",  # GNU and Intel OpenMP: waiting threads sleep instead of spinning
+    "KMP_BLOCKTIME": "0",  # Intel OpenMP (builds linked with libiomp): the same, in its own words
+}
+
+
+def set_openmp_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set :data:`OPENMP_DEFAULTS` in ``environ`` (``os.environ`` by default) where unset.
+
+    Returns the variables it set (empty when the user had set them all). It has no effect on a
+    process that has already imported torch, so call it first thing in an entry point.
+    """
+    environ = os.environ if environ is None else environ
+    added = {}
+    for name, value in OPENMP_DEFAULTS.items():
+        if name not in environ:
+            environ[name] = value
+            added[name] = value
+    return added
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (``taskset``, cgroup cpusets), further
+    capped by a cgroup v2 CPU quota (``docker --cpus``, Kubernetes limits) when one is set."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
