@@ -90,3 +90,31 @@ def maybe_compile(
         model.load_state_dict(saved)
     log.info("model compiled with torch.compile")
     return compiled
+
+
+# trainer.channels_last=auto on the CPU, per backbone: True where NHWC trained faster than NCHW.
+# Measured on the 2-core AMD EPYC, torch 2.14.1, 2 threads, batch 8, 128 px, in one process,
+# interleaved, medians, with `python scripts/measure_fast_paths.py --backbones tiny vgg16 --rounds 3`
+# (the ratio is the NCHW step time over the NHWC one; the README's Performance section has the run).
+CHANNELS_LAST_CPU = {
+    "tiny": True,  # 1.17x faster in NHWC
+    "vgg16": False,  # 0.86x: fc6, a 7x7 convolution on a small map, copies its 411 MB weight each step
+    "vgg16_bn": False,  # the same fc6 as vgg16
+}
+
+
+def resolve_channels_last(setting: bool | str, backbone: str, device: torch.device) -> bool:
+    """``trainer.channels_last``: ``true``/``false`` as given; ``auto`` picks the faster memory
+    format for ``backbone`` on ``device``: the measured choice in :data:`CHANNELS_LAST_CPU` on the
+    CPU (NHWC for a backbone not measured yet, the format oneDNN's convolutions prefer), and NHWC
+    on GPUs (what tensor-core convolutions read without a transpose; not measured here yet).
+
+    Raises UserError for any other value.
+    """
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise UserError(f"trainer.channels_last={setting!r}: choose auto, true or false")
+    if device.type == "cpu":
+        return CHANNELS_LAST_CPU.get(backbone, True)
+    return True

@@ -43,7 +43,7 @@ from fcn.cli.exit import exit_on_user_error
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
 from fcn.data.transforms import normalize
-from fcn.device import maybe_compile, resolve_device, resolve_precision, set_deterministic
+from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
 from fcn.optim import build_optimizer
 from fcn.rng import seed_everything
 
@@ -57,6 +57,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     set_deterministic(cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device, cfg.trainer.threads)
     data, trainer, bench = cfg.data, cfg.trainer, cfg.bench
+    trainer.channels_last = resolve_channels_last(trainer.channels_last, cfg.model.backbone, device)
     prepare_data_root(data)
     log.info("timing the dataset scan, cold and warm")
     splits = list(dict.fromkeys([data.train_split, data.val_split]))
