@@ -84,7 +84,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     seed_everything(cfg.seed)
     set_deterministic(trainer.deterministic)
     device = distributed.device_for_rank(resolve_device(trainer.device, trainer.threads))
-    trainer.channels_last = resolve_channels_last(trainer.channels_last, cfg.model.backbone, device)  # auto: per backbone
+    trainer.channels_last = resolve_channels_last(trainer.channels_last, cfg.model.backbone, device)  # auto: resolved
 
     # Data: files on disk through albumentations; uint8 until normalised on the device. Rank 0 goes
     # first: it generates the built-in dataset and fills the scan cache, the others reuse them.
