@@ -6,8 +6,12 @@ Prints one JSON object (also written to ``<run dir>/benchmark.json``):
 - ``train_img_s``: training with the real data loader from disk;
 - ``loader_img_s``: the data loader alone (decode, augment, collate);
 - ``eval_img_s``: evaluation at full resolution, confusion matrix included;
-- ``flops_per_img`` (forward + backward), ``achieved_flop_s``, ``peak_flop_s`` (a large matmul in
-  the same precision, measured in the same run) and their ratio ``mfu``;
+- ``flops_per_img`` (forward + backward), ``achieved_flop_s``, ``peak_flop_s`` and their ratio
+  ``mfu``. The peak is the best of a large matmul (``peak_flop_s_matmul``) and forward passes of
+  the model's own ``bench.peak_convs`` most expensive convolution shapes (``peak_flop_s_conv``), in
+  the same precision and memory format, each timed in turn with the training repeats so that both
+  sides of the ratio see the same load; ``mfu_matmul`` is the ratio against the matmul alone (the
+  figure reported before, which overstates the use of a CPU whose convolutions beat its matmul);
 - ``peak_mem_mb``, ``checkpoint_save_s``, ``resume_load_s``, and what was measured on;
 - ``scan``: seconds of the pre-training data scan, cold and warm (``bench.scan_only=true``: only this).
 """
@@ -83,10 +87,22 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     # A few real batches kept in memory (uint8, as the loader yields them) for the compute-only rate.
     held = list(islice(iter(train_loader), 4))
     in_memory = list(islice(cycle(held), bench.steps + bench.warmup))
-    log.info("timing training steps on batches in memory, and with the data loader, in turns")
+    # The peak for mfu: the best of a large matmul and the model's own dominant convolutions, in the
+    # same precision and memory format, timed in turns with the training steps (same moments, same load).
+    precision = amp_dtype or torch.float32
+    example = held[0][0].to(device).float()
+    if trainer.channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    convs = benchmark.dominant_convolutions(model, example, top=bench.peak_convs)
+    probes = {"peak_matmul": benchmark.matmul_probe(device, precision)}
+    probes |= {f"peak_conv{i}": benchmark.conv_probe(c, device, amp_dtype, trainer.channels_last)
+               for i, c in enumerate(convs)}  # fmt: skip
+    log.info("timing training steps on batches in memory, with the data loader, and the peak probes, in turns")
     rates = benchmark.training_rates(net, optimizer, loss_fn, {"compute": in_memory, "loader": train_loader},
-                                     steps=bench.steps, batch_size=trainer.batch_size, **timing, **common)  # fmt: skip
+                                     steps=bench.steps, batch_size=trainer.batch_size, probes=probes,
+                                     **timing, **common)  # fmt: skip
     compute, real = rates["compute"], rates["loader"]
+    conv_peaks = [rates[f"peak_conv{i}"] for i in range(len(convs))]
     log.info("timing the data loader alone")
     loader = benchmark.loader_rate(train_loader, batches=bench.steps, **timing)
     log.info("timing evaluation")
@@ -113,8 +129,8 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     if trainer.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     flops = benchmark.flops_per_image(model, images, masks.to(device), loss_fn, data.mean, data.std, amp_dtype)
-    precision = amp_dtype or torch.float32
-    peak = benchmark.matmul_peak(device, precision, bench.repeats)
+    matmul_peak = rates["peak_matmul"]
+    peak = max([matmul_peak, *conv_peaks])
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": {}}
     save_s, load_s = benchmark.checkpoint_times(state, model, optimizer, bench.checkpoint_repeats)
     result = {
@@ -138,7 +154,14 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "flops_per_img": flops,
         "achieved_flop_s": flops * compute,
         "peak_flop_s": peak,
+        "peak_source": "matmul" if peak == matmul_peak else "conv",
+        "peak_flop_s_matmul": matmul_peak,
+        "peak_flop_s_conv": [
+            {"flop_s": rate, **{k: c[k] for k in ("input", "out_channels", "kernel_size", "stride")}}
+            for rate, c in zip(conv_peaks, convs, strict=True)
+        ],
         "mfu": round(flops * compute / peak, 4),
+        "mfu_matmul": round(flops * compute / matmul_peak, 4),
         "peak_mem_mb": round(benchmark.peak_memory_mb(device), 1),
         "checkpoint_save_s": round(save_s, 4),
         "scan": scan,
