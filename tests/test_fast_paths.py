@@ -128,3 +128,28 @@ def test_an_optimizer_implementation_set_in_the_config_wins():
     assert implementation(functools.partial(torch.optim.AdamW, lr=1.0, fused=False), model) == {}
     assert implementation(functools.partial(torch.optim.AdamW, lr=1.0), model) == {"fused": True}
     assert implementation(functools.partial(torch.optim.RMSprop, lr=1.0), model) == {"foreach": True}
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18", "mobilenet_v3_large"])
+def test_folding_batch_norm_keeps_the_outputs_and_leaves_the_model_alone(backbone):
+    from fcn.models.fold import fold_batch_norm
+
+    torch.manual_seed(0)
+    model = FCN(num_classes=3, backbone=backbone, width=4 if backbone == "tiny" else None).train()
+    for p in model.parameters():  # non-zero score layers, so the outputs carry the encoder's values
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)  # running statistics away from 0 / 1, so folding has something to fold
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        expected, got = model(x), folded(x)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
