@@ -2,10 +2,12 @@
 ``python scripts/measure_fast_paths.py [--backbones tiny vgg16] [--crop 128] [--batch 8] [--rounds 2] [--steps 3]``.
 
 For each backbone it times training steps (forward, cross-entropy, backward, AdamW step) with
-channels-last on and off, and the AdamW update alone with torch's per-tensor, foreach and fused
-implementations, alternating the variants round by round so that a change in the machine's load
-hits all of them alike. Prints one JSON line per backbone with the median seconds and the ratios;
-the table in ``fcn/device.py`` (``CHANNELS_LAST_CPU``) records what it printed here.
+channels-last on and off, the AdamW update alone with torch's per-tensor, foreach and fused
+implementations, and inference (forward passes in eval mode, in the backbone's layout from
+``CHANNELS_LAST_CPU``) with batch norm as trained and folded into the convolutions. The variants
+alternate round by round, so that a change in the machine's load hits all of them alike. Prints
+one JSON line per backbone with the median seconds and the ratios; the table in ``fcn/device.py``
+(``CHANNELS_LAST_CPU``) records what it printed here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ set_openmp_defaults()  # before torch starts its thread pool, as the other entry
 
 import torch  # noqa: E402
 
+from fcn.device import CHANNELS_LAST_CPU  # noqa: E402
 from fcn.models import FCN  # noqa: E402
+from fcn.models.fold import fold_batch_norm  # noqa: E402
 
 
 def _timed(fn, steps: int) -> float:
@@ -60,15 +64,29 @@ def measure(backbone: str, crop: int, batch: int, rounds: int, steps: int, num_c
         "foreach": torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True),
         "fused": torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True),
     }
+    best_layout = "channels_last" if CHANNELS_LAST_CPU.get(backbone, True) else "contiguous"
+    eval_input = images.contiguous(memory_format=torch.channels_last) if best_layout == "channels_last" else images
+    plain = models[best_layout].eval()
+    inference = {"batch_norm": plain, "folded": fold_batch_norm(plain)}
+
+    def infer(net):
+        with torch.inference_mode():
+            net(eval_input)
+
     step_s = {k: [] for k in models}
     update_s = {k: [] for k in updates}
+    eval_s = {k: [] for k in inference}
     for _ in range(rounds):
         for layout in models:
+            models[layout].train()
             step_s[layout].append(_timed(lambda layout=layout: train_step(layout), steps))
         for name, opt in updates.items():
             update_s[name].append(_timed(opt.step, steps * 3))
+        for name, net in inference.items():
+            eval_s[name].append(_timed(lambda net=net: infer(net), steps * 2))
     step = {k: statistics.median(v) for k, v in step_s.items()}
     update = {k: statistics.median(v) for k, v in update_s.items()}
+    evaluation = {k: statistics.median(v) for k, v in eval_s.items()}
     return {
         "backbone": backbone,
         "crop": crop,
@@ -79,6 +97,9 @@ def measure(backbone: str, crop: int, batch: int, rounds: int, steps: int, num_c
         "adamw_update_s": {k: round(v, 5) for k, v in update.items()},
         "fused_speedup_vs_per_tensor": round(update["per_tensor"] / update["fused"], 3),
         "fused_saving_of_step": round((update["per_tensor"] - update["fused"]) / step["contiguous"], 3),
+        "eval_layout": best_layout,
+        "eval_img_s": {k: round(batch / v, 2) for k, v in evaluation.items()},
+        "fold_speedup": round(evaluation["batch_norm"] / evaluation["folded"], 3),
     }
 
 
