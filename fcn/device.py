@@ -93,13 +93,15 @@ def maybe_compile(
 
 
 # trainer.channels_last=auto on the CPU, per backbone: True where NHWC trained faster than NCHW.
-# Measured on the 2-core AMD EPYC, torch 2.14.1, 2 threads, batch 8, 128 px, in one process,
-# interleaved, medians, with `python scripts/measure_fast_paths.py --backbones tiny vgg16 --rounds 3`
-# (the ratio is the NCHW step time over the NHWC one; the README's Performance section has the run).
+# Measured on the 2-core AMD EPYC, torch 2.14.1, 2 threads, float32, batch 8, 128 px, in one process,
+# 3 interleaved rounds of 3 steps, medians, with other jobs on the machine (load average 1.8-5.3):
+#   python scripts/measure_fast_paths.py --backbones tiny vgg16 --rounds 3 --steps 3
+# NCHW step / NHWC step: tiny 0.290 s / 0.214 s (NHWC 1.36x faster); vgg16 11.28 s / 12.90 s (NHWC
+# 1.14x slower: fc6, a 7x7 convolution with a 411 MB weight on a 4x4 map, copies its weight).
 CHANNELS_LAST_CPU = {
-    "tiny": True,  # 1.17x faster in NHWC
-    "vgg16": False,  # 0.86x: fc6, a 7x7 convolution on a small map, copies its 411 MB weight each step
-    "vgg16_bn": False,  # the same fc6 as vgg16
+    "tiny": True,
+    "vgg16": False,
+    "vgg16_bn": False,  # not measured: the same fc6 as vgg16, which is what makes NHWC slower there
 }
 
 

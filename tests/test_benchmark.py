@@ -28,6 +28,7 @@ def test_benchmark_reports_every_figure_and_writes_json(shapes_root, tmp_path):
     conv_rates = [c["flop_s"] for c in result["peak_flop_s_conv"]]
     assert len(conv_rates) == 2 and result["peak_flop_s"] == max([result["peak_flop_s_matmul"], *conv_rates])
     assert result["mfu"] <= result["mfu_matmul"]
+    assert result["optimizer"] == "AdamW/fused" and result["channels_last"] is True  # auto: tiny on the CPU
     # forward + backward of the tiny FCN-8s at 40x40 is a few tens of MFLOPs per image
     assert 1e6 < result["flops_per_img"] < 1e9
     assert result["eval_img_s_tta"] > 0 and 0 < result["eval_metric_overhead"] < 1

@@ -141,6 +141,8 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "batch_size": trainer.batch_size,
         "num_workers": trainer.num_workers,
         "channels_last": trainer.channels_last,
+        "optimizer": type(optimizer).__name__
+        + ("/fused" if optimizer.defaults.get("fused") else "/foreach" if optimizer.defaults.get("foreach") else ""),
         "compile": net is not model,
         "train_img_s_compute": round(compute, 2),
         "train_img_s": round(real, 2),
