@@ -3,10 +3,10 @@
 The torch wheel runs its CPU kernels on GNU OpenMP (libgomp). By default a libgomp thread that
 reaches a barrier spins for a while (GOMP_SPINCOUNT, about 300k iterations) before it sleeps.
 On a quiet machine that saves a wake-up; on a shared one the spinning threads burn the CPU time
-that the thread they wait for needs, and training collapses: on the 2-core CPU with two other
-busy processes the tiny model trained at 1.5-2.4 img/s by default against 21-32 img/s with
-``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once), measured with the probe described in the
-README's Performance section. Passive waiting was not slower on the quiet-ish machine either.
+that the thread they wait for needs, and training collapses: on the 2-core CPU with other jobs
+running, the benchmark's training rate (tiny model, medians) went from 5.5 to 31.8 img/s with
+``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once), and from 5.4 to 18.1 img/s with two extra
+busy processes (README, Performance, "A busy CPU", with the commands and load averages).
 
 So the entry points call :func:`set_openmp_defaults` before torch is imported. Every variable is
 only a default: a value the user exported wins. This module must not import torch.
