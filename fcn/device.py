@@ -9,7 +9,7 @@ import os
 import torch
 
 from fcn.errors import UserError, cause
-from fcn.threads import usable_cpus
+from fcn.threads import spin_wait_warning, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,8 @@ def resolve_device(name: str, threads: int | None = None) -> torch.device:
         torch.set_num_threads(threads)
     elif torch.get_num_threads() > usable_cpus():
         torch.set_num_threads(usable_cpus())
+    if name in ("auto", "cpu") and (warning := spin_wait_warning(torch.get_num_threads())):
+        log.warning("%s", warning)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -15,7 +15,11 @@ only a default: a value the user exported wins. This module must not import torc
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import MutableMapping
+
+# Names set_openmp_defaults set in os.environ after torch had been imported: too late to take effect.
+_set_after_torch: set[str] = set()
 
 # Defaults for variables read once, when libgomp / Intel OpenMP initialise (at `import torch`).
 OPENMP_DEFAULTS = {
@@ -30,12 +34,15 @@ def set_openmp_defaults(environ: MutableMapping[str, str] | None = None) -> dict
     Returns the variables it set (empty when the user had set them all). It has no effect on a
     process that has already imported torch, so call it first thing in an entry point.
     """
+    real = environ is None
     environ = os.environ if environ is None else environ
     added = {}
     for name, value in OPENMP_DEFAULTS.items():
         if name not in environ:
             environ[name] = value
             added[name] = value
+    if real and "torch" in sys.modules:
+        _set_after_torch.update(added)
     return added
 
 
@@ -53,3 +60,29 @@ def usable_cpus() -> int:
     except (OSError, ValueError):
         pass
     return max(1, cpus)
+
+
+def spin_wait_warning(threads: int, environ: MutableMapping[str, str] | None = None) -> str | None:
+    """A warning with the fix when ``threads`` OpenMP threads will spin-wait on a machine that is
+    already busy: the 1-minute load average is at least the usable CPUs while OpenMP's wait policy
+    is not passive (the user exported another one, or torch was imported before the entry point
+    could set it). None when all is well. Cheap: reads the environment and ``os.getloadavg``."""
+    environ = os.environ if environ is None else environ
+    passive = environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    if threads < 2 or (passive and "OMP_WAIT_POLICY" not in _set_after_torch):
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cpus = usable_cpus()
+    if load < cpus:
+        return None
+    policy = environ.get("OMP_WAIT_POLICY", "unset")
+    if "OMP_WAIT_POLICY" in _set_after_torch:
+        policy = "libgomp's default (torch was imported before the entry point set it)"
+    return (
+        f"the machine is busy (load average {load:.1f} on {cpus} CPUs) and OpenMP's wait policy is {policy}: "
+        f"{threads} threads that spin-wait can train several times slower; "
+        "export OMP_WAIT_POLICY=PASSIVE before starting, or set trainer.threads=1"
+    )

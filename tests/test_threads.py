@@ -53,3 +53,18 @@ def test_torch_threads_are_capped_at_the_usable_cpus(monkeypatch):
 
 def test_usable_cpus_counts_the_affinity_mask():
     assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_spin_waiting_on_a_busy_machine_is_warned_with_the_fix(monkeypatch):
+    from fcn import threads
+
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    warning = threads.spin_wait_warning(2, {"OMP_WAIT_POLICY": "ACTIVE"})
+    assert "load average 5.0 on 2 CPUs" in warning and "export OMP_WAIT_POLICY=PASSIVE" in warning
+    assert "trainer.threads=1" in warning
+    assert threads.spin_wait_warning(2, {}) is not None  # unset: libgomp spins by default
+    assert threads.spin_wait_warning(2, {"OMP_WAIT_POLICY": "passive"}) is None
+    assert threads.spin_wait_warning(1, {"OMP_WAIT_POLICY": "ACTIVE"}) is None  # one thread waits for no one
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert threads.spin_wait_warning(2, {"OMP_WAIT_POLICY": "ACTIVE"}) is None  # a quiet machine
