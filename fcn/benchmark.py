@@ -165,6 +165,45 @@ def matmul_probe(device: torch.device, dtype: torch.dtype, size: int = 2048) -> 
     return lambda: _median_rate(run, device, 1)
 
 
+def bare_training_probe(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    device: torch.device,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channels_last: bool,
+    amp_dtype: torch.dtype | None = None,
+) -> Callable[[], float]:
+    """A callable that runs ``steps`` training steps as a bare PyTorch loop (no schedule, no
+    gradient-norm, no non-finite checks, no bookkeeping) on ``batches`` (uint8 images, masks) kept
+    in memory and returns images per second: the yardstick for ``train_one_epoch``'s overhead.
+    Same model, optimiser, loss, precision and memory format as the measured training."""
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def run() -> int:
+        model.train()
+        images_seen = 0
+        for i in range(steps):
+            images, masks = batches[i % len(batches)]
+            x = (images.to(device).float() / 255 - mean_t) / std_t
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(model(x), masks.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            images_seen += images.shape[0]
+        return images_seen
+
+    return lambda: _median_rate(run, device, 1)
+
+
 def dominant_convolutions(model: nn.Module, images: torch.Tensor, top: int = 2) -> list[dict]:
     """The ``top`` convolution shapes of ``model`` that take the most forward FLOPs on ``images``
     (N, 3, H, W): each a dict with ``input`` (N, C, H, W), ``out_channels``, ``kernel_size``,

@@ -18,7 +18,7 @@ FIELDS = {
 def test_benchmark_reports_every_figure_and_writes_json(shapes_root, tmp_path):
     overrides = [*tiny_train_overrides(shapes_root), "bench.steps=2", "bench.repeats=1", "bench.warmup=1",
                  "bench.eval_batches=1", "bench.checkpoint_repeats=1", "bench.large_image=[64,96]",
-                 "bench.window=[32,32]", "bench.stride=[24,24]"]  # fmt: skip
+                 "bench.window=[32,32]", "bench.stride=[24,24]", "bench.bare=true"]  # fmt: skip
     result = run_benchmark(compose_config("benchmark", overrides), tmp_path)
     assert FIELDS <= set(result)
     for key in ("train_img_s_compute", "train_img_s", "loader_img_s", "eval_img_s", "flops_per_img", "peak_flop_s"):
@@ -28,6 +28,9 @@ def test_benchmark_reports_every_figure_and_writes_json(shapes_root, tmp_path):
     conv_rates = [c["flop_s"] for c in result["peak_flop_s_conv"]]
     assert len(conv_rates) == 2 and result["peak_flop_s"] == max([result["peak_flop_s_matmul"], *conv_rates])
     assert result["mfu"] <= result["mfu_matmul"]
+    assert result["train_img_s_bare"] > 0 and result["bare_ratio"] == round(
+        result["train_img_s_compute"] / result["train_img_s_bare"], 3
+    )
     assert result["optimizer"] == "AdamW/fused" and result["channels_last"] is True  # auto: tiny on the CPU
     # forward + backward of the tiny FCN-8s at 40x40 is a few tens of MFLOPs per image
     assert 1e6 < result["flops_per_img"] < 1e9

@@ -4,6 +4,8 @@ Prints one JSON object (also written to ``<run dir>/benchmark.json``):
 
 - ``train_img_s_compute``: training steps on batches already in memory;
 - ``train_img_s``: training with the real data loader from disk;
+- with ``bench.bare=true``: ``train_img_s_bare``, the same steps as a bare PyTorch loop on the same
+  model and batches in memory (timed in turn), and ``bare_ratio`` = compute / bare;
 - ``loader_img_s``: the data loader alone (decode, augment, collate);
 - ``eval_img_s``: evaluation at full resolution, confusion matrix included;
 - ``flops_per_img`` (forward + backward), ``achieved_flop_s``, ``peak_flop_s`` and their ratio
@@ -97,6 +99,8 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     probes = {"peak_matmul": benchmark.matmul_probe(device, precision)}
     probes |= {f"peak_conv{i}": benchmark.conv_probe(c, device, amp_dtype, trainer.channels_last)
                for i, c in enumerate(convs)}  # fmt: skip
+    if bench.bare:  # the same steps as a bare PyTorch loop, for train_one_epoch's overhead
+        probes["bare"] = benchmark.bare_training_probe(net, optimizer, loss_fn, held, steps=bench.steps, **common)
     log.info("timing training steps on batches in memory, with the data loader, and the peak probes, in turns")
     rates = benchmark.training_rates(net, optimizer, loss_fn, {"compute": in_memory, "loader": train_loader},
                                      steps=bench.steps, batch_size=trainer.batch_size, probes=probes,
@@ -133,6 +137,9 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     peak = max([matmul_peak, *conv_peaks])
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": {}}
     save_s, load_s = benchmark.checkpoint_times(state, model, optimizer, bench.checkpoint_repeats)
+    bare = {}
+    if bench.bare:
+        bare = {"train_img_s_bare": round(rates["bare"], 2), "bare_ratio": round(compute / rates["bare"], 3)}
     result = {
         "model": f"{cfg.model.backbone}-fcn{cfg.model.variant}",
         "width": cfg.model.width,
@@ -146,6 +153,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "compile": net is not model,
         "train_img_s_compute": round(compute, 2),
         "train_img_s": round(real, 2),
+        **bare,
         "loader_img_s": round(loader, 2),
         "loader_ratio": round(real / compute, 3),
         "eval_img_s": round(evaluation, 2),
