@@ -63,10 +63,17 @@ def training_rates(
     std: Sequence[float],
     channels_last: bool,
     amp_dtype: torch.dtype | None = None,
+    probes: dict[str, Callable[[], float]] | None = None,
 ) -> dict[str, float]:
     """Images per second of full training steps drawing batches from each of ``sources`` (a list
     in memory, a data loader). The sources take turns within every repeat, so a slow spell of a
-    shared machine slows all of them alike and their ratio stays meaningful."""
+    shared machine slows all of them alike and their ratio stays meaningful.
+
+    ``probes`` (name: a callable returning a rate, e.g. a peak FLOP/s from :func:`matmul_probe`
+    or :func:`conv_probe`) take their turn in every repeat too; their medians come back under
+    their names, next to the sources'.
+    """
+    probes = probes or {}
     scheduler = constant(optimizer, total_steps=0)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
@@ -76,12 +83,16 @@ def training_rates(
                                  amp_dtype=amp_dtype, scaler=scaler)  # fmt: skip
         return result.batches * batch_size  # fewer than n when the loader runs out
 
-    rates: dict[str, list[float]] = {name: [] for name in sources}
+    rates: dict[str, list[float]] = {name: [] for name in [*sources, *probes]}
     for batches in sources.values():
         run(batches, warmup)
+    for probe in probes.values():
+        probe()  # warm-up: oneDNN primitive creation, first-touch of the buffers
     for _ in range(repeats):
         for name, batches in sources.items():
             rates[name].append(_median_rate(lambda b=batches: run(b, steps), device, 1))
+        for name, probe in probes.items():
+            rates[name].append(probe())
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
@@ -133,7 +144,15 @@ def flops_per_image(
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int, size: int = 2048) -> float:
-    """The machine's measured peak: FLOP/s of a large square matmul in ``dtype``."""
+    """The machine's measured peak: FLOP/s of a large square matmul in ``dtype`` (median of
+    ``repeats``; :func:`matmul_probe` is one repeat, for interleaving)."""
+    probe = matmul_probe(device, dtype, size)
+    probe()
+    return statistics.median(probe() for _ in range(repeats))
+
+
+def matmul_probe(device: torch.device, dtype: torch.dtype, size: int = 2048) -> Callable[[], float]:
+    """A callable that times a few ``size`` x ``size`` matmuls in ``dtype`` and returns FLOP/s."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     calls = 4 if device.type == "cpu" else 50
@@ -143,8 +162,105 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int, size: in
             torch.mm(a, b)
         return 2 * size**3 * calls
 
-    run()
-    return _median_rate(run, device, repeats)
+    return lambda: _median_rate(run, device, 1)
+
+
+def bare_training_probe(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    device: torch.device,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channels_last: bool,
+    amp_dtype: torch.dtype | None = None,
+) -> Callable[[], float]:
+    """A callable that runs ``steps`` training steps as a bare PyTorch loop (no schedule, no
+    gradient-norm, no non-finite checks, no bookkeeping) on ``batches`` (uint8 images, masks) kept
+    in memory and returns images per second: the yardstick for ``train_one_epoch``'s overhead.
+    Same model, optimiser, loss, precision and memory format as the measured training."""
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def run() -> int:
+        model.train()
+        images_seen = 0
+        for i in range(steps):
+            images, masks = batches[i % len(batches)]
+            x = (images.to(device).float() / 255 - mean_t) / std_t
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(model(x), masks.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            images_seen += images.shape[0]
+        return images_seen
+
+    return lambda: _median_rate(run, device, 1)
+
+
+def dominant_convolutions(model: nn.Module, images: torch.Tensor, top: int = 2) -> list[dict]:
+    """The ``top`` convolution shapes of ``model`` that take the most forward FLOPs on ``images``
+    (N, 3, H, W): each a dict with ``input`` (N, C, H, W), ``out_channels``, ``kernel_size``,
+    ``stride``, ``padding``, ``dilation``, ``groups`` and ``flops`` (of one forward call, all
+    layers of that shape together). Transposed convolutions are left out (a few percent of FCN's
+    FLOPs); so is everything that is not a convolution."""
+    shapes: dict[tuple, dict] = {}
+
+    def hook(module: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> None:
+        x = inputs[0]
+        key = (tuple(x.shape), module.out_channels, module.kernel_size, module.stride, module.padding,
+               module.dilation, module.groups)  # fmt: skip
+        kh, kw = module.kernel_size
+        flops = 2 * output.numel() * (module.in_channels // module.groups) * kh * kw
+        entry = shapes.setdefault(key, {"input": list(x.shape), "out_channels": module.out_channels,
+                                        "kernel_size": list(module.kernel_size), "stride": list(module.stride),
+                                        "padding": list(module.padding), "dilation": list(module.dilation),
+                                        "groups": module.groups, "flops": 0})  # fmt: skip
+        entry["flops"] += flops
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) is nn.Conv2d]
+    was_training = model.training
+    model.eval()  # leaves batch-norm statistics as they are
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return sorted(shapes.values(), key=lambda e: e["flops"], reverse=True)[:top]
+
+
+def conv_probe(
+    shape: dict, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, calls: int = 3
+) -> Callable[[], float]:
+    """A callable that times ``calls`` forward passes of one convolution of ``shape`` (from
+    :func:`dominant_convolutions`) in the model's precision (``amp_dtype`` under autocast, else
+    float32) and memory format, and returns FLOP/s."""
+    conv = nn.Conv2d(shape["input"][1], shape["out_channels"], shape["kernel_size"], shape["stride"],
+                     shape["padding"], shape["dilation"], shape["groups"], bias=True).to(device)  # fmt: skip
+    x = torch.randn(shape["input"], device=device)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out_elems = conv(x).numel()
+    kh, kw = shape["kernel_size"]
+    flops = 2 * out_elems * (shape["input"][1] // shape["groups"]) * kh * kw
+
+    def run() -> int:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            for _ in range(calls):
+                conv(x)
+        return flops * calls
+
+    return lambda: _median_rate(run, device, 1)
 
 
 def peak_memory_mb(device: torch.device) -> float:

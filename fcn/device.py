@@ -9,6 +9,7 @@ import os
 import torch
 
 from fcn.errors import UserError, cause
+from fcn.threads import spin_wait_warning, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -16,10 +17,16 @@ log = logging.getLogger(__name__)
 def resolve_device(name: str, threads: int | None = None) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; other names are passed to torch.
 
-    ``threads`` sets torch's CPU threads (None keeps torch's choice: one per physical core).
+    ``threads`` sets torch's CPU threads. None keeps torch's choice (one per physical core), capped
+    at the CPUs this process may use (affinity mask, cgroup CPU quota: :func:`fcn.threads.usable_cpus`),
+    since more threads than CPUs only wait for each other.
     """
     if threads:
         torch.set_num_threads(threads)
+    elif torch.get_num_threads() > usable_cpus():
+        torch.set_num_threads(usable_cpus())
+    if name in ("auto", "cpu") and (warning := spin_wait_warning(torch.get_num_threads())):
+        log.warning("%s", warning)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -85,3 +92,33 @@ def maybe_compile(
         model.load_state_dict(saved)
     log.info("model compiled with torch.compile")
     return compiled
+
+
+# trainer.channels_last=auto on the CPU, per backbone: True where NHWC trained faster than NCHW.
+# Measured on the 2-core AMD EPYC, torch 2.14.1, 2 threads, float32, batch 8, 128 px, in one process,
+# 3 interleaved rounds of 3 steps, medians, with other jobs on the machine (load average 1.8-5.3):
+#   python scripts/measure_fast_paths.py --backbones tiny vgg16 --rounds 3 --steps 3
+# NCHW step / NHWC step: tiny 0.290 s / 0.214 s (NHWC 1.36x faster); vgg16 11.28 s / 12.90 s (NHWC
+# 1.14x slower: fc6, a 7x7 convolution with a 411 MB weight on a 4x4 map, copies its weight).
+CHANNELS_LAST_CPU = {
+    "tiny": True,
+    "vgg16": False,
+    "vgg16_bn": False,  # not measured: the same fc6 as vgg16, which is what makes NHWC slower there
+}
+
+
+def resolve_channels_last(setting: bool | str, backbone: str, device: torch.device) -> bool:
+    """``trainer.channels_last``: ``true``/``false`` as given; ``auto`` picks the faster memory
+    format for ``backbone`` on ``device``: the measured choice in :data:`CHANNELS_LAST_CPU` on the
+    CPU (NHWC for a backbone not measured yet, the format oneDNN's convolutions prefer), and NHWC
+    on GPUs (what tensor-core convolutions read without a transpose; not measured here yet).
+
+    Raises UserError for any other value.
+    """
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise UserError(f"trainer.channels_last={setting!r}: choose auto, true or false")
+    if device.type == "cpu":
+        return CHANNELS_LAST_CPU.get(backbone, True)
+    return True

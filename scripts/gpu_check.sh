@@ -3,6 +3,7 @@
 # `pip install -e .`. About 5-10 minutes. Results (JSON) land under ${OUT:-outputs/gpu_check}:
 #   default.json        benchmark of the default model (tiny FCN-8s, 128 px), bf16 autocast
 #   vgg16_fcn8s.json    benchmark of VGG16 FCN-8s at 512x512, bf16, channels-last, torch.compile
+#   (both with trainer.channels_last=auto, NHWC on GPUs, and the fused AdamW: "optimizer" in the JSON)
 #   deterministic/      two short deterministic-mode runs that must give identical metrics
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,16 +13,25 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
 python scripts/benchmark.py trainer.device=cuda trainer.num_workers=6 trainer.batch_size=32 \
-  hydra.run.dir="$out/run_default"
+  trainer.channels_last=auto hydra.run.dir="$out/run_default"
 cp "$out/run_default/benchmark.json" "$out/default.json"
 
 # 512 px images for the 512 px benchmark: a small generated set, kept apart from data/shapes.
 python scripts/benchmark.py model=vgg16_fcn8s model.pretrained=false \
   data.root=data/shapes512 data.generate.size=512 data.generate.num_train=320 data.generate.num_val=32 \
-  data.crop_size=512 trainer.batch_size=16 trainer.precision=bf16 trainer.channels_last=true \
+  data.crop_size=512 trainer.batch_size=16 trainer.precision=bf16 trainer.channels_last=auto \
   trainer.compile=true trainer.num_workers=8 bench.steps=20 \
   hydra.run.dir="$out/run_vgg16_fcn8s"
 cp "$out/run_vgg16_fcn8s/benchmark.json" "$out/vgg16_fcn8s.json"
+
+python - "$out" <<'PY'
+import json, sys
+for name in ("default", "vgg16_fcn8s"):
+    r = json.load(open(f"{sys.argv[1]}/{name}.json"))
+    print(name, "channels_last:", r["channels_last"], "optimizer:", r["optimizer"], "mfu:", r["mfu"],
+          "mfu_matmul:", r["mfu_matmul"])
+    assert r["channels_last"] is True and r["optimizer"].endswith("/fused"), "auto/fused not taken on the GPU"
+PY
 
 for i in 1 2; do
   python scripts/train.py trainer.device=cuda trainer.deterministic=true trainer.epochs=1 \

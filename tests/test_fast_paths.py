@@ -1,5 +1,7 @@
 """The speed switches: precision, torch.compile with its fallback, channels-last."""
 
+import functools
+
 import pytest
 import torch
 
@@ -59,3 +61,95 @@ def test_bf16_autocast_trains_on_cpu(shapes_root, tmp_path):
                                    "trainer.epochs=1"])  # fmt: skip
     report = train(cfg, tmp_path)
     assert 0 <= report["miou"] <= 1
+
+
+def test_channels_last_auto_resolves_per_backbone_and_device():
+    from fcn.device import CHANNELS_LAST_CPU, resolve_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_channels_last("auto", "tiny", cpu) is True
+    assert resolve_channels_last("auto", "vgg16", cpu) is False  # fc6's weight copy makes NHWC slower
+    assert all(resolve_channels_last("auto", b, cpu) is v for b, v in CHANNELS_LAST_CPU.items())
+    assert resolve_channels_last("auto", "vgg16", cuda) is True
+    assert resolve_channels_last(False, "tiny", cpu) is False  # an explicit value wins
+    assert resolve_channels_last(True, "vgg16", cpu) is True
+    with pytest.raises(UserError, match="trainer.channels_last='yes': choose auto, true or false"):
+        resolve_channels_last("yes", "tiny", cpu)
+
+
+def test_trainer_channels_last_defaults_to_auto():
+    assert compose_config("train", []).trainer.channels_last == "auto"
+
+
+def _optimizer_run(factory, steps=5):
+    """``steps`` updates of the tiny model's weights with the same seeded gradients each time, so
+    only the optimiser's implementation can make two runs differ (through a network, Adam would
+    amplify a last-bit difference of a near-zero gradient into a whole step)."""
+    from fcn.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = FCN(num_classes=3, width=4)
+    optimizer = build_optimizer(factory, model)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    return optimizer, model
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        functools.partial(torch.optim.AdamW, lr=0.005, weight_decay=1e-4),
+        functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
+    ],
+    ids=["adamw", "sgd"],
+)
+def test_fused_optimizer_is_chosen_on_cpu_and_matches_the_per_tensor_update(factory):
+    fast, fast_model = _optimizer_run(factory)
+    assert fast.defaults.get("fused") is True  # torch has fused CPU kernels for AdamW and SGD
+    plain, plain_model = _optimizer_run(functools.partial(factory.func, **factory.keywords, foreach=False))
+    assert not plain.defaults.get("fused") and plain.defaults.get("foreach") is False
+    torch.manual_seed(0)
+    start = FCN(num_classes=3, width=4).state_dict()  # the same initial weights
+    moved = False
+    for name, a in fast_model.state_dict().items():
+        b = plain_model.state_dict()[name]
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item(), msg=f"{name} differs")
+        moved |= not torch.equal(a, start[name])
+    assert moved  # the updates did change the weights
+
+
+def test_an_optimizer_implementation_set_in_the_config_wins():
+    from fcn.optim import implementation
+
+    model = FCN(num_classes=3, width=4)
+    assert implementation(functools.partial(torch.optim.AdamW, lr=1.0, fused=False), model) == {}
+    assert implementation(functools.partial(torch.optim.AdamW, lr=1.0), model) == {"fused": True}
+    assert implementation(functools.partial(torch.optim.RMSprop, lr=1.0), model) == {"foreach": True}
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18", "mobilenet_v3_large"])
+def test_folding_batch_norm_keeps_the_outputs_and_leaves_the_model_alone(backbone):
+    from fcn.models.fold import fold_batch_norm
+
+    torch.manual_seed(0)
+    model = FCN(num_classes=3, backbone=backbone, width=4 if backbone == "tiny" else None).train()
+    for p in model.parameters():  # non-zero score layers, so the outputs carry the encoder's values
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)  # running statistics away from 0 / 1, so folding has something to fold
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        expected, got = model(x), folded(x)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

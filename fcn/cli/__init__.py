@@ -2,5 +2,11 @@
 
 from pathlib import Path
 
+from fcn.threads import set_openmp_defaults
+
+# Before any entry point imports torch: OpenMP threads that sleep at barriers instead of spinning
+# (fcn/threads.py says why; a variable the user exported wins).
+set_openmp_defaults()
+
 # The Hydra config folder every entry point reads (``configs/`` at the repository root).
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")

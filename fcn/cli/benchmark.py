@@ -4,10 +4,16 @@ Prints one JSON object (also written to ``<run dir>/benchmark.json``):
 
 - ``train_img_s_compute``: training steps on batches already in memory;
 - ``train_img_s``: training with the real data loader from disk;
+- with ``bench.bare=true``: ``train_img_s_bare``, the same steps as a bare PyTorch loop on the same
+  model and batches in memory (timed in turn), and ``bare_ratio`` = compute / bare;
 - ``loader_img_s``: the data loader alone (decode, augment, collate);
 - ``eval_img_s``: evaluation at full resolution, confusion matrix included;
-- ``flops_per_img`` (forward + backward), ``achieved_flop_s``, ``peak_flop_s`` (a large matmul in
-  the same precision, measured in the same run) and their ratio ``mfu``;
+- ``flops_per_img`` (forward + backward), ``achieved_flop_s``, ``peak_flop_s`` and their ratio
+  ``mfu``. The peak is the best of a large matmul (``peak_flop_s_matmul``) and forward passes of
+  the model's own ``bench.peak_convs`` most expensive convolution shapes (``peak_flop_s_conv``), in
+  the same precision and memory format, each timed in turn with the training repeats so that both
+  sides of the ratio see the same load; ``mfu_matmul`` is the ratio against the matmul alone (the
+  figure reported before, which overstates the use of a CPU whose convolutions beat its matmul);
 - ``peak_mem_mb``, ``checkpoint_save_s``, ``resume_load_s``, and what was measured on;
 - ``scan``: seconds of the pre-training data scan, cold and warm (``bench.scan_only=true``: only this).
 """
@@ -44,7 +50,7 @@ from fcn.cli.suggest import suggest_keys
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
 from fcn.data.transforms import normalize
-from fcn.device import maybe_compile, resolve_device, resolve_precision, set_deterministic
+from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
 from fcn.optim import build_optimizer
 from fcn.rng import seed_everything
 
@@ -58,6 +64,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     set_deterministic(cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device, cfg.trainer.threads)
     data, trainer, bench = cfg.data, cfg.trainer, cfg.bench
+    trainer.channels_last = resolve_channels_last(trainer.channels_last, cfg.model.backbone, device)
     prepare_data_root(data)
     log.info("timing the dataset scan, cold and warm")
     splits = list(dict.fromkeys([data.train_split, data.val_split]))
@@ -83,10 +90,24 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     # A few real batches kept in memory (uint8, as the loader yields them) for the compute-only rate.
     held = list(islice(iter(train_loader), 4))
     in_memory = list(islice(cycle(held), bench.steps + bench.warmup))
-    log.info("timing training steps on batches in memory, and with the data loader, in turns")
+    # The peak for mfu: the best of a large matmul and the model's own dominant convolutions, in the
+    # same precision and memory format, timed in turns with the training steps (same moments, same load).
+    precision = amp_dtype or torch.float32
+    example = held[0][0].to(device).float()
+    if trainer.channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    convs = benchmark.dominant_convolutions(model, example, top=bench.peak_convs)
+    probes = {"peak_matmul": benchmark.matmul_probe(device, precision)}
+    probes |= {f"peak_conv{i}": benchmark.conv_probe(c, device, amp_dtype, trainer.channels_last)
+               for i, c in enumerate(convs)}  # fmt: skip
+    if bench.bare:  # the same steps as a bare PyTorch loop, for train_one_epoch's overhead
+        probes["bare"] = benchmark.bare_training_probe(net, optimizer, loss_fn, held, steps=bench.steps, **common)
+    log.info("timing training steps on batches in memory, with the data loader, and the peak probes, in turns")
     rates = benchmark.training_rates(net, optimizer, loss_fn, {"compute": in_memory, "loader": train_loader},
-                                     steps=bench.steps, batch_size=trainer.batch_size, **timing, **common)  # fmt: skip
+                                     steps=bench.steps, batch_size=trainer.batch_size, probes=probes,
+                                     **timing, **common)  # fmt: skip
     compute, real = rates["compute"], rates["loader"]
+    conv_peaks = [rates[f"peak_conv{i}"] for i in range(len(convs))]
     log.info("timing the data loader alone")
     loader = benchmark.loader_rate(train_loader, batches=bench.steps, **timing)
     log.info("timing evaluation")
@@ -113,10 +134,13 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     if trainer.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     flops = benchmark.flops_per_image(model, images, masks.to(device), loss_fn, data.mean, data.std, amp_dtype)
-    precision = amp_dtype or torch.float32
-    peak = benchmark.matmul_peak(device, precision, bench.repeats)
+    matmul_peak = rates["peak_matmul"]
+    peak = max([matmul_peak, *conv_peaks])
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": {}}
     save_s, load_s = benchmark.checkpoint_times(state, model, optimizer, bench.checkpoint_repeats)
+    bare = {}
+    if bench.bare:
+        bare = {"train_img_s_bare": round(rates["bare"], 2), "bare_ratio": round(compute / rates["bare"], 3)}
     result = {
         "model": f"{cfg.model.backbone}-fcn{cfg.model.variant}",
         "width": cfg.model.width,
@@ -125,9 +149,12 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "batch_size": trainer.batch_size,
         "num_workers": trainer.num_workers,
         "channels_last": trainer.channels_last,
+        "optimizer": type(optimizer).__name__
+        + ("/fused" if optimizer.defaults.get("fused") else "/foreach" if optimizer.defaults.get("foreach") else ""),
         "compile": net is not model,
         "train_img_s_compute": round(compute, 2),
         "train_img_s": round(real, 2),
+        **bare,
         "loader_img_s": round(loader, 2),
         "loader_ratio": round(real / compute, 3),
         "eval_img_s": round(evaluation, 2),
@@ -138,7 +165,14 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "flops_per_img": flops,
         "achieved_flop_s": flops * compute,
         "peak_flop_s": peak,
+        "peak_source": "matmul" if peak == matmul_peak else "conv",
+        "peak_flop_s_matmul": matmul_peak,
+        "peak_flop_s_conv": [
+            {"flop_s": rate, **{k: c[k] for k in ("input", "out_channels", "kernel_size", "stride")}}
+            for rate, c in zip(conv_peaks, convs, strict=True)
+        ],
         "mfu": round(flops * compute / peak, 4),
+        "mfu_matmul": round(flops * compute / matmul_peak, 4),
         "peak_mem_mb": round(benchmark.peak_memory_mb(device), 1),
         "checkpoint_save_s": round(save_s, 4),
         "scan": scan,

@@ -21,6 +21,7 @@ from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
 from fcn.errors import UserError
 from fcn.export import check_onnx, export_onnx, save_safetensors
+from fcn.models.fold import fold_batch_norm
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def run_export(cfg: DictConfig) -> Path:
         raise UserError(f"output={output}: the .json name is taken by the sidecar; use model.safetensors")
     model, ckpt = load_model(cfg.checkpoint, torch.device("cpu"), channels_last=False)
     if cfg.format == "onnx":
-        export_onnx(model, output, cfg.opset)
+        export_onnx(fold_batch_norm(model), output, cfg.opset)  # batch norm folded into the convolutions
         diff = check_onnx(model, output, [list(s) for s in cfg.check_sizes])
         print(f"onnxruntime vs PyTorch on inputs {list(map(list, cfg.check_sizes))}: max abs difference {diff:.2e}")
         if diff > cfg.tolerance:

@@ -40,7 +40,7 @@ from fcn.cli.suggest import suggest_keys
 from fcn.cli.train import train
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
-from fcn.device import resolve_device, resolve_precision
+from fcn.device import resolve_channels_last, resolve_device, resolve_precision
 from fcn.errors import UserError
 from fcn.optim import build_optimizer
 from fcn.summary import model_summary
@@ -61,7 +61,8 @@ def measure_row(cfg: DictConfig, batches: list, flops_size: tuple[int, int], tim
     """Parameters, forward GFLOPs at ``flops_size`` and training images/s of the model ``cfg`` describes."""
     device = resolve_device(cfg.trainer.device, cfg.trainer.threads)
     trainer, data = cfg.trainer, cfg.data
-    model = build_model(cfg.model, device, trainer.channels_last)
+    channels_last = resolve_channels_last(trainer.channels_last, cfg.model.backbone, device)
+    model = build_model(cfg.model, device, channels_last)
     optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
     loss_fn = instantiate(cfg.loss)
     common = {
@@ -69,7 +70,7 @@ def measure_row(cfg: DictConfig, batches: list, flops_size: tuple[int, int], tim
         "device": device,
         "mean": data.mean,
         "std": data.std,
-        "channels_last": trainer.channels_last,
+        "channels_last": channels_last,
         "amp_dtype": resolve_precision(trainer.precision, device),
     }
     # Models differ ~100x in speed: a first rough rate (after warm-up) sets the steps per repeat so

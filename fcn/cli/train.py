@@ -56,7 +56,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     from fcn.data.loader import make_loader
     from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
     from fcn.data.sampler import ResumableSampler
-    from fcn.device import maybe_compile, resolve_device, resolve_precision, set_deterministic
+    from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
     from fcn.engine import NonFiniteLossError
     from fcn.errors import cause
     from fcn.fit import Checkpointer, DataInfo, FitSettings, TrainState, fit, log_run_start, plan_epochs
@@ -91,6 +91,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     seed_everything(cfg.seed)
     set_deterministic(trainer.deterministic)
     device = distributed.device_for_rank(resolve_device(trainer.device, trainer.threads))
+    trainer.channels_last = resolve_channels_last(trainer.channels_last, cfg.model.backbone, device)  # auto: resolved
 
     # Data: files on disk through albumentations; uint8 until normalised on the device. Rank 0 goes
     # first: it generates the built-in dataset and fills the scan cache, the others reuse them.
