@@ -78,9 +78,22 @@ def training_rates(
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     def run(batches: Iterable, n: int) -> int:
-        result = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, device=device, mean=mean,
-                                 std=std, step=0, epoch=0, max_steps=n, channels_last=channels_last,
-                                 amp_dtype=amp_dtype, scaler=scaler)  # fmt: skip
+        result = train_one_epoch(
+            model,
+            batches,
+            optimizer,
+            scheduler,
+            loss_fn,
+            device=device,
+            mean=mean,
+            std=std,
+            step=0,
+            epoch=0,
+            max_steps=n,
+            channels_last=channels_last,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+        )
         return result.batches * batch_size  # fewer than n when the loader runs out
 
     rates: dict[str, list[float]] = {name: [] for name in [*sources, *probes]}
@@ -214,14 +227,30 @@ def dominant_convolutions(model: nn.Module, images: torch.Tensor, top: int = 2) 
 
     def hook(module: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> None:
         x = inputs[0]
-        key = (tuple(x.shape), module.out_channels, module.kernel_size, module.stride, module.padding,
-               module.dilation, module.groups)  # fmt: skip
+        key = (
+            tuple(x.shape),
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+        )
         kh, kw = module.kernel_size
         flops = 2 * output.numel() * (module.in_channels // module.groups) * kh * kw
-        entry = shapes.setdefault(key, {"input": list(x.shape), "out_channels": module.out_channels,
-                                        "kernel_size": list(module.kernel_size), "stride": list(module.stride),
-                                        "padding": list(module.padding), "dilation": list(module.dilation),
-                                        "groups": module.groups, "flops": 0})  # fmt: skip
+        entry = shapes.setdefault(
+            key,
+            {
+                "input": list(x.shape),
+                "out_channels": module.out_channels,
+                "kernel_size": list(module.kernel_size),
+                "stride": list(module.stride),
+                "padding": list(module.padding),
+                "dilation": list(module.dilation),
+                "groups": module.groups,
+                "flops": 0,
+            },
+        )
         entry["flops"] += flops
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) is nn.Conv2d]
@@ -243,8 +272,16 @@ def conv_probe(
     """A callable that times ``calls`` forward passes of one convolution of ``shape`` (from
     :func:`dominant_convolutions`) in the model's precision (``amp_dtype`` under autocast, else
     float32) and memory format, and returns FLOP/s."""
-    conv = nn.Conv2d(shape["input"][1], shape["out_channels"], shape["kernel_size"], shape["stride"],
-                     shape["padding"], shape["dilation"], shape["groups"], bias=True).to(device)  # fmt: skip
+    conv = nn.Conv2d(
+        shape["input"][1],
+        shape["out_channels"],
+        shape["kernel_size"],
+        shape["stride"],
+        shape["padding"],
+        shape["dilation"],
+        shape["groups"],
+        bias=True,
+    ).to(device)
     x = torch.randn(shape["input"], device=device)
     if channels_last:
         conv = conv.to(memory_format=torch.channels_last)
@@ -303,8 +340,9 @@ def checkpoint_times(
     return statistics.median(saves), statistics.median(loads)
 
 
-def confusion_seconds_per_image(preds: torch.Tensor, masks: torch.Tensor, num_classes: int, ignore_index: int,
-                                repeats: int) -> float:  # fmt: skip
+def confusion_seconds_per_image(
+    preds: torch.Tensor, masks: torch.Tensor, num_classes: int, ignore_index: int, repeats: int
+) -> float:
     """Median seconds per image of the confusion-matrix update of one batch (to set against
     evaluation time: the metric overhead)."""
     device = preds.device
@@ -318,8 +356,9 @@ def confusion_seconds_per_image(preds: torch.Tensor, masks: torch.Tensor, num_cl
     return 1 / _median_rate(run, device, repeats)
 
 
-def _sliding_window_child(model_kwargs: dict, size: Sequence[int], window: Sequence[int],
-                          stride: Sequence[int], queue) -> None:  # fmt: skip
+def _sliding_window_child(
+    model_kwargs: dict, size: Sequence[int], window: Sequence[int], stride: Sequence[int], queue
+) -> None:
     model = FCN(**model_kwargs).eval()
     image = torch.randn(1, 3, *size)
     start = time.perf_counter()
@@ -329,19 +368,25 @@ def _sliding_window_child(model_kwargs: dict, size: Sequence[int], window: Seque
     queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, seconds, list(logits.shape)))
 
 
-def sliding_window_peak(model_kwargs: dict, size: Sequence[int], window: Sequence[int],
-                        stride: Sequence[int]) -> dict:  # fmt: skip
+def sliding_window_peak(model_kwargs: dict, size: Sequence[int], window: Sequence[int], stride: Sequence[int]) -> dict:
     """Peak resident memory (MB) and seconds of sliding-window inference on one ``size`` image on
     the CPU, measured in a fresh process so nothing else this process did counts."""
     context = mp.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_sliding_window_child, args=(model_kwargs, list(size), list(window),
-                                                                list(stride), queue))  # fmt: skip
+    child = context.Process(
+        target=_sliding_window_child, args=(model_kwargs, list(size), list(window), list(stride), queue)
+    )
     child.start()
     peak_mb, seconds, shape = queue.get(timeout=600)
     child.join()
-    return {"image": list(size), "window": list(window), "stride": list(stride), "peak_mem_mb": round(peak_mb, 1),
-            "seconds": round(seconds, 2), "output": shape}  # fmt: skip
+    return {
+        "image": list(size),
+        "window": list(window),
+        "stride": list(stride),
+        "peak_mem_mb": round(peak_mb, 1),
+        "seconds": round(seconds, 2),
+        "output": shape,
+    }
 
 
 def scan_times(root, splits: Sequence[str], layout: dict, decoder, repeats: int) -> dict:

@@ -82,8 +82,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
         tmp = None
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as exc:  # torch's zip writer turns a failed write into a RuntimeError
-        full = disk_full_error(exc, path=path, needed=_state_bytes(state),
-                               note="nothing was overwritten, the previous checkpoint (if any) is intact")  # fmt: skip
+        full = disk_full_error(
+            exc,
+            path=path,
+            needed=_state_bytes(state),
+            note="nothing was overwritten, the previous checkpoint (if any) is intact",
+        )
         if full is not None:
             raise full from exc
         raise

@@ -107,8 +107,13 @@ def train_one_epoch(
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel only
     total, count, batches, steps, bad_in_a_row, first_bad = 0.0, 0, 0, 0, 0, 0
     limit = None if max_steps is None else max_steps * accumulate
-    bar = tqdm(loader, desc=desc or f"epoch {epoch}", total=_num_batches(loader, limit), leave=False,
-               disable=None if progress else True)  # fmt: skip
+    bar = tqdm(
+        loader,
+        desc=desc or f"epoch {epoch}",
+        total=_num_batches(loader, limit),
+        leave=False,
+        disable=None if progress else True,
+    )
     if max_steps is not None and max_steps <= 0:
         return EpochResult(step=step, loss=0.0, batches=0)
     window_loss = 0.0
@@ -168,8 +173,7 @@ def train_one_epoch(
                 raise NonFiniteLossError(step, bad_value, bad_in_a_row, what, first_bad)
             skipped = "batch" if accumulate == 1 else f"step ({accumulate} batches)"
             bad = f"loss {bad_value}" if what == "loss" else f"gradients non-finite (norm {bad_value}, loss finite)"
-            log.warning("%s at step %d: %s skipped (%d/%d in a row)", bad, step, skipped, bad_in_a_row,
-                        skip_nonfinite)  # fmt: skip
+            log.warning("%s at step %d: %s skipped (%d/%d in a row)", bad, step, skipped, bad_in_a_row, skip_nonfinite)
         scheduler.step()
         # after the scheduler: a checkpoint written by on_step holds the state of the next step
         if finite and on_step is not None:
@@ -224,8 +228,9 @@ def evaluate(
     total, count, images_seen = 0.0, 0, 0
     if max_batches is not None and max_batches <= 0:
         return EvalResult(confusion=confusion.cpu(), loss=math.nan, images=0)
-    bar = tqdm(loader, desc=desc, total=_num_batches(loader, max_batches), leave=False,
-               disable=None if progress else True)  # fmt: skip
+    bar = tqdm(
+        loader, desc=desc, total=_num_batches(loader, max_batches), leave=False, disable=None if progress else True
+    )
     for i, (images, masks) in enumerate(bar):
         images_seen += images.shape[0]
         raw = images
@@ -247,8 +252,9 @@ def evaluate(
             raise UserError(f"{exc}: fix the masks or set data.num_classes / data.ignore_index") from exc
         if max_batches is not None and i + 1 >= max_batches:
             break  # checked last, so no batch is loaded only to be dropped
-    return EvalResult(confusion=confusion.cpu(), loss=total / count if count else math.nan, images=images_seen,
-                      loss_batches=count)  # fmt: skip
+    return EvalResult(
+        confusion=confusion.cpu(), loss=total / count if count else math.nan, images=images_seen, loss_batches=count
+    )
 
 
 def combine_ranks(result: EvalResult) -> EvalResult:
@@ -264,8 +270,12 @@ def combine_ranks(result: EvalResult) -> EvalResult:
     loss_sum = result.loss * result.loss_batches if result.loss_batches else 0.0
     totals = sum_across_ranks(torch.tensor([loss_sum, result.loss_batches, result.images], dtype=torch.float64))
     loss_sum, batches, images = totals.tolist()
-    return EvalResult(confusion=confusion, loss=loss_sum / batches if batches else math.nan, images=int(images),
-                      loss_batches=int(batches))  # fmt: skip
+    return EvalResult(
+        confusion=confusion,
+        loss=loss_sum / batches if batches else math.nan,
+        images=int(images),
+        loss_batches=int(batches),
+    )
 
 
 def _gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

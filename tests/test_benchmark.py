@@ -8,17 +8,42 @@ from fcn.cli.benchmark import run_benchmark
 from tests.conftest import compose_config, tiny_train_overrides
 
 FIELDS = {
-    "train_img_s_compute", "train_img_s", "loader_img_s", "eval_img_s", "flops_per_img", "achieved_flop_s",
-    "peak_flop_s", "mfu", "peak_mem_mb", "checkpoint_save_s", "resume_load_s", "device", "precision", "torch",
-    "threads", "peak_flop_s_matmul", "peak_flop_s_conv", "mfu_matmul", "peak_source",
-}  # fmt: skip
+    "train_img_s_compute",
+    "train_img_s",
+    "loader_img_s",
+    "eval_img_s",
+    "flops_per_img",
+    "achieved_flop_s",
+    "peak_flop_s",
+    "mfu",
+    "peak_mem_mb",
+    "checkpoint_save_s",
+    "resume_load_s",
+    "device",
+    "precision",
+    "torch",
+    "threads",
+    "peak_flop_s_matmul",
+    "peak_flop_s_conv",
+    "mfu_matmul",
+    "peak_source",
+}
 
 
 @pytest.mark.slow
 def test_benchmark_reports_every_figure_and_writes_json(shapes_root, tmp_path):
-    overrides = [*tiny_train_overrides(shapes_root), "bench.steps=2", "bench.repeats=1", "bench.warmup=1",
-                 "bench.eval_batches=1", "bench.checkpoint_repeats=1", "bench.large_image=[64,96]",
-                 "bench.window=[32,32]", "bench.stride=[24,24]", "bench.bare=true"]  # fmt: skip
+    overrides = [
+        *tiny_train_overrides(shapes_root),
+        "bench.steps=2",
+        "bench.repeats=1",
+        "bench.warmup=1",
+        "bench.eval_batches=1",
+        "bench.checkpoint_repeats=1",
+        "bench.large_image=[64,96]",
+        "bench.window=[32,32]",
+        "bench.stride=[24,24]",
+        "bench.bare=true",
+    ]
     result = run_benchmark(compose_config("benchmark", overrides), tmp_path)
     assert FIELDS <= set(result)
     for key in ("train_img_s_compute", "train_img_s", "loader_img_s", "eval_img_s", "flops_per_img", "peak_flop_s"):

@@ -57,8 +57,9 @@ def test_channels_last_gives_the_same_predictions():
 
 
 def test_bf16_autocast_trains_on_cpu(shapes_root, tmp_path):
-    cfg = compose_config("train", [*tiny_train_overrides(shapes_root), "trainer.precision=bf16", "logger=none",
-                                   "trainer.epochs=1"])  # fmt: skip
+    cfg = compose_config(
+        "train", [*tiny_train_overrides(shapes_root), "trainer.precision=bf16", "logger=none", "trainer.epochs=1"]
+    )
     report = train(cfg, tmp_path)
     assert 0 <= report["miou"] <= 1
 

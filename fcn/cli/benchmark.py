@@ -73,18 +73,30 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         return _write({"data": data.name, "scan": scan, "cpus": os.cpu_count(), "device": "cpu"}, out_dir)
     train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
     val_set = build_dataset(data, data.val_split, None)
-    train_loader = make_loader(train_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
-                               sampler=ResumableSampler(len(train_set), cfg.seed), drop_last=True, seed=cfg.seed,
-                               **loader_options(trainer))  # fmt: skip
-    val_loader = make_loader(val_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index,
-                             seed=cfg.seed, **loader_options(trainer))  # fmt: skip
+    train_loader = make_loader(
+        train_set,
+        batch_size=trainer.batch_size,
+        ignore_index=data.ignore_index,
+        sampler=ResumableSampler(len(train_set), cfg.seed),
+        drop_last=True,
+        seed=cfg.seed,
+        **loader_options(trainer),
+    )
+    val_loader = make_loader(
+        val_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index, seed=cfg.seed, **loader_options(trainer)
+    )
     model = build_model(cfg.model, device, trainer.channels_last)
     amp_dtype = resolve_precision(trainer.precision, device)
     net = maybe_compile(model, trainer.compile, trainer.batch_size, pair(data.crop_size), trainer.channels_last)
     optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
     loss_fn = instantiate(cfg.loss)
-    common = {"device": device, "mean": data.mean, "std": data.std, "channels_last": trainer.channels_last,
-              "amp_dtype": amp_dtype}  # fmt: skip
+    common = {
+        "device": device,
+        "mean": data.mean,
+        "std": data.std,
+        "channels_last": trainer.channels_last,
+        "amp_dtype": amp_dtype,
+    }
     timing = {"warmup": bench.warmup, "repeats": bench.repeats}
 
     # A few real batches kept in memory (uint8, as the loader yields them) for the compute-only rate.
@@ -98,34 +110,57 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         example = example.contiguous(memory_format=torch.channels_last)
     convs = benchmark.dominant_convolutions(model, example, top=bench.peak_convs)
     probes = {"peak_matmul": benchmark.matmul_probe(device, precision)}
-    probes |= {f"peak_conv{i}": benchmark.conv_probe(c, device, amp_dtype, trainer.channels_last)
-               for i, c in enumerate(convs)}  # fmt: skip
+    probes |= {
+        f"peak_conv{i}": benchmark.conv_probe(c, device, amp_dtype, trainer.channels_last) for i, c in enumerate(convs)
+    }
     if bench.bare:  # the same steps as a bare PyTorch loop, for train_one_epoch's overhead
         probes["bare"] = benchmark.bare_training_probe(net, optimizer, loss_fn, held, steps=bench.steps, **common)
     log.info("timing training steps on batches in memory, with the data loader, and the peak probes, in turns")
-    rates = benchmark.training_rates(net, optimizer, loss_fn, {"compute": in_memory, "loader": train_loader},
-                                     steps=bench.steps, batch_size=trainer.batch_size, probes=probes,
-                                     **timing, **common)  # fmt: skip
+    rates = benchmark.training_rates(
+        net,
+        optimizer,
+        loss_fn,
+        {"compute": in_memory, "loader": train_loader},
+        steps=bench.steps,
+        batch_size=trainer.batch_size,
+        probes=probes,
+        **timing,
+        **common,
+    )
     compute, real = rates["compute"], rates["loader"]
     conv_peaks = [rates[f"peak_conv{i}"] for i in range(len(convs))]
     log.info("timing the data loader alone")
     loader = benchmark.loader_rate(train_loader, batches=bench.steps, **timing)
     log.info("timing evaluation")
     evaluation = benchmark.evaluation_rate(
-        net, val_loader, batches=bench.eval_batches, repeats=bench.repeats,
-        num_classes=data.num_classes, ignore_index=data.ignore_index, **common,
-    )  # fmt: skip
-    tta = inference_fn(OmegaConf.create({"window": None, "stride": None, "scales": list(bench.tta_scales),
-                                         "hflip": True}), data.num_classes)  # fmt: skip
+        net,
+        val_loader,
+        batches=bench.eval_batches,
+        repeats=bench.repeats,
+        num_classes=data.num_classes,
+        ignore_index=data.ignore_index,
+        **common,
+    )
+    tta = inference_fn(
+        OmegaConf.create({"window": None, "stride": None, "scales": list(bench.tta_scales), "hflip": True}),
+        data.num_classes,
+    )
     evaluation_tta = benchmark.evaluation_rate(
-        net, val_loader, batches=bench.eval_batches, repeats=bench.repeats, infer=tta,
-        num_classes=data.num_classes, ignore_index=data.ignore_index, **common,
-    )  # fmt: skip
+        net,
+        val_loader,
+        batches=bench.eval_batches,
+        repeats=bench.repeats,
+        infer=tta,
+        num_classes=data.num_classes,
+        ignore_index=data.ignore_index,
+        **common,
+    )
     val_images, val_masks = next(iter(val_loader))
     with torch.no_grad():
         val_preds = net(normalize(val_images.to(device), data.mean, data.std)).argmax(1)
-    metric_s = benchmark.confusion_seconds_per_image(val_preds, val_masks.to(device), data.num_classes,
-                                                     data.ignore_index, bench.repeats)  # fmt: skip
+    metric_s = benchmark.confusion_seconds_per_image(
+        val_preds, val_masks.to(device), data.num_classes, data.ignore_index, bench.repeats
+    )
     model_kwargs = offline_model_settings(OmegaConf.to_container(cfg.model, resolve=True))
     log.info("sliding-window inference on a %s image in a fresh process", list(bench.large_image))
     sliding = benchmark.sliding_window_peak(model_kwargs, bench.large_image, bench.window, bench.stride)

@@ -74,8 +74,10 @@ def build_dataset(data: DictConfig, split: str, transform: Callable | None) -> S
 def check_data_config(data: DictConfig) -> None:
     """Settings that must agree with each other before any file is read."""
     if data.num_classes < 2:  # as fcn.cli.validate.check_classes says it for training
-        raise UserError(f"data.num_classes={data.num_classes}: segmentation needs at least 2 classes (binary "
-                        "segmentation is background + foreground: data.num_classes=2)")  # fmt: skip
+        raise UserError(
+            f"data.num_classes={data.num_classes}: segmentation needs at least 2 classes (binary "
+            "segmentation is background + foreground: data.num_classes=2)"
+        )
     if len(data.class_names) != data.num_classes:
         raise UserError(
             f"data.class_names has {len(data.class_names)} names but data.num_classes={data.num_classes}: "
@@ -104,8 +106,12 @@ def scan_data(data: DictConfig, splits: list[str]) -> list[SplitReport]:
         report = scan_split(data.root, split, data_layout(data), mask_decoder(data))
         log.info(
             "scanned %s split %r: %d pairs in %.1f s (%d files read, the rest cached)",
-            data.name, split, report.pairs, report.seconds, report.rescanned,
-        )  # fmt: skip
+            data.name,
+            split,
+            report.pairs,
+            report.seconds,
+            report.rescanned,
+        )
         for problem in report.warnings:
             log.warning("[%s] %s%s", split, problem.message, f" (e.g. {problem.files[0]})" if problem.files else "")
         reports.append(report)
@@ -204,8 +210,9 @@ def inference_fn(eval_cfg: DictConfig, num_classes: int) -> Callable | None:
     if window is None and stride is not None:
         raise UserError("eval.stride needs eval.window")
     if window is not None and stride is not None and any(s > w for s, w in zip(stride, window)):
-        raise UserError(f"eval.stride={stride} is larger than eval.window={window}: pixels between windows "
-                        "would never be predicted")  # fmt: skip
+        raise UserError(
+            f"eval.stride={stride} is larger than eval.window={window}: pixels between windows would never be predicted"
+        )
     if not eval_cfg.scales or any(s <= 0 for s in eval_cfg.scales):
         raise UserError(f"eval.scales={list(eval_cfg.scales)}: give one or more positive scales")
     plain = window is None and list(eval_cfg.scales) == [1.0] and not eval_cfg.hflip
