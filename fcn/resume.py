@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 SHAPE_NAMES = {
     "batch_size": "trainer.batch_size",
     "batches_per_epoch": "batches per epoch (data, trainer.batch_size, trainer.limit_train_batches)",
-    "total_steps": "schedule length (trainer.epochs)",
+    "total_steps": "schedule length in optimisation steps (trainer.epochs x steps per epoch)",
     "world_size": "processes (torchrun --nproc_per_node x nodes)",
     "accumulate_grad_batches": "trainer.accumulate_grad_batches",
 }

@@ -303,6 +303,8 @@ def acquire_lock(run_dir: Path) -> Path:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(lock)
+            if holder == (socket.gethostname(), os.getpid()):
+                return lock  # this process took it already (before Hydra, for a pinned directory)
             if holder is None or not _stale(*holder, lock):
                 who = f"process {holder[1]} on {holder[0]}" if holder else "another process"
                 raise UserError(

@@ -238,10 +238,19 @@ def test_simultaneous_claims_never_share_a_directory(tmp_path):
 
 def test_a_run_directory_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over(tmp_path):
     lock = rundir.acquire_lock(tmp_path)
-    with pytest.raises(UserError, match=f"{tmp_path} is in use by process {os.getpid()}"):
-        rundir.acquire_lock(tmp_path)
     rundir.release_lock(lock)
     assert not lock.exists()
+    import socket
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another run, still going
+    try:
+        lock.write_text(f"{socket.gethostname()} {alive.pid} -\n")
+        with pytest.raises(UserError, match=f"{tmp_path} is in use by process {alive.pid}"):
+            rundir.acquire_lock(tmp_path)
+    finally:
+        alive.kill()
+        alive.wait()
+    lock.unlink()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
 
@@ -266,6 +275,44 @@ def test_a_lock_left_on_another_node_by_an_earlier_run_of_the_same_slurm_job_is_
     lock.write_text("node-that-died 4242 777\n")  # outside SLURM nothing tells that holder is gone
     with pytest.raises(UserError, match="delete the lock file"):
         rundir.acquire_lock(tmp_path)
+
+
+def test_a_second_command_into_a_running_runs_directory_is_refused_before_touching_it(tmp_path, monkeypatch):
+    from fcn.cli import hydra_run_dir
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the first run's config\n")
+    (run / "train.log").write_text("the first run's log\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the first run, still going
+    try:
+        import socket
+
+        (run / rundir.LOCK_NAME).write_text(f"{socket.gethostname()} {holder.pid} -\n")
+        monkeypatch.delenv("RANK", raising=False)
+        with pytest.raises(SystemExit) as stopped:
+            hydra_run_dir.check_pinned_run_dir([f"hydra.run.dir={run}", "trainer.epochs=3"])
+        assert stopped.value.code == 2
+        # nothing of the first run was touched: its config, its log and its lock
+        assert (run / ".hydra" / "config.yaml").read_text() == "the first run's config\n"
+        assert (run / "train.log").read_text() == "the first run's log\n"
+        assert (run / rundir.LOCK_NAME).read_text().split()[1] == str(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_pinned_directory_is_locked_before_hydra_writes_and_the_run_keeps_that_lock(tmp_path, monkeypatch):
+    from fcn.cli import hydra_run_dir
+
+    run = tmp_path / "new_run"
+    monkeypatch.delenv("RANK", raising=False)
+    hydra_run_dir.check_pinned_run_dir([f"hydra.run.dir={run}"])
+    lock = run / rundir.LOCK_NAME
+    assert lock.read_text().split()[1] == str(os.getpid())
+    assert rundir.acquire_lock(run) == lock  # the same process may take it again (re-entrant)
+    rundir.release_lock(lock)
+    assert not lock.exists()
 
 
 # ---- failed commands leave nothing behind

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from omegaconf.errors import MissingMandatoryValue
 
 from fcn.errors import UserError, disk_full_error
 
 log = logging.getLogger(__name__)
+
+_STARTED = time.time()  # a run directory whose .hydra/ is older was not made by this command
 
 
 def exit_on_user_error(task: Callable) -> Callable:
@@ -37,9 +42,38 @@ def exit_on_user_error(task: Callable) -> Callable:
                 message = f"error: {_without_worker_traceback(str(cause))}"
         _log_to_files(message)  # the console gets the message once, from the print below
         print(message, file=sys.stderr)
+        _remove_empty_run_dir()
         sys.exit(2)
 
     return wrapper
+
+
+def _remove_empty_run_dir() -> None:
+    """A command that failed leaves nothing behind: the run directory Hydra made for it is removed
+    when it holds only what Hydra wrote (``.hydra/``, the job's log). A directory with anything
+    else, one a sweep's job runs in, or one whose ``.hydra/`` predates this command is kept."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    log_name = f"{HydraConfig.get().job.name}.log"
+    if not run_dir.is_dir() or any(p.name not in (".hydra", log_name) for p in run_dir.iterdir()):
+        return
+    hydra_dir = run_dir / ".hydra"
+    if hydra_dir.is_dir() and hydra_dir.stat().st_mtime < _STARTED - 1:
+        return
+    for handler in logging.getLogger().handlers:  # the log file is about to go
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in (run_dir.parent, run_dir.parent.parent):  # outputs/<job>/, outputs/ when now empty
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (other runs), or not ours to remove
+            break
 
 
 def _log_to_files(message: str) -> None:

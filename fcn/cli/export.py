@@ -19,6 +19,7 @@ from fcn.checkpoint import load_model, offline_model_settings
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
+from fcn.cli.validate import validate_export_config
 from fcn.errors import UserError
 from fcn.export import check_onnx, export_onnx, save_safetensors
 from fcn.models.fold import fold_batch_norm
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 def run_export(cfg: DictConfig) -> Path:
     """Export ``cfg.checkpoint`` as ``cfg.format`` to ``cfg.output``; returns the written file."""
+    validate_export_config(cfg)
     if cfg.checkpoint is None or cfg.output is None:
         raise UserError("pass checkpoint=PATH and output=FILE (and format=onnx or format=safetensors)")
     if cfg.format not in ("onnx", "safetensors"):

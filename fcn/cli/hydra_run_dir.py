@@ -12,8 +12,10 @@ of value. The rules themselves (plain arguments, no Hydra) are in :mod:`fcn.rund
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 _CLAIMED: dict[str, str] = {}  # the run directory this process made: {path asked for: path made}
 _MADE_BEFORE_HYDRA: set[str] = set()  # pinned run directories that did not exist before this command
 _HYDRA_FILES_BEFORE: dict[Path, bytes] = {}  # a pinned existing run's .hydra/ files, put back if this command fails
+_PINNED_LOCKS: dict[str, Path] = {}  # pinned run directory -> its lock, taken before Hydra writes there
 
 
 _PRINT_ONLY: list[bool] = []  # non-empty inside print_only(): --help, --cfg ... run no job and claim nothing
@@ -75,9 +78,19 @@ def check_pinned_run_dir(argv: list[str]) -> None:
     if not pinned or any(a in ("-m", "--multirun") for a in argv):
         return
     run_dir = Path(pinned[-1].strip("'\"")).expanduser()
-    if not run_dir.exists():
-        _MADE_BEFORE_HYDRA.add(str(run_dir.resolve()))
-    elif (run_dir / ".hydra").is_dir():  # Hydra rewrites them before our checks; a refused command puts them back
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    if rank == "0":  # one run per directory: locked before Hydra rewrites .hydra/ or opens the log there
+        made = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _PINNED_LOCKS[str(run_dir.resolve())] = rundir.acquire_lock(run_dir)
+        except (UserError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        atexit.register(rundir.release_lock, _PINNED_LOCKS[str(run_dir.resolve())])
+        if made:
+            _MADE_BEFORE_HYDRA.add(str(run_dir.resolve()))
+    if (run_dir / ".hydra").is_dir():  # Hydra rewrites them before our checks; a refused command puts them back
         _HYDRA_FILES_BEFORE.update({p: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")})
     resume = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("resume=")]
     if not resume or resume[-1] in ("", "null", "None"):
@@ -98,17 +111,23 @@ def run_directory(cfg: DictConfig, hydra_dir: Path, main_rank: bool) -> Iterator
     one it did not make) and puts back the ``.hydra/`` files of a pinned run it was refused;
     an interrupted run (exit 128 + signal) keeps everything.
     """
-    run_dir, lock = hydra_dir, None
+    run_dir, lock, held_by_other = hydra_dir, None, False
     try:
         if main_rank:
             run_dir = _run_dir_to_resume(cfg, hydra_dir)
-            lock = rundir.acquire_lock(run_dir)  # one run per directory
+            lock = _PINNED_LOCKS.pop(str(Path(run_dir).resolve()), None)  # taken in check_pinned_run_dir
+            if lock is None:
+                try:
+                    lock = rundir.acquire_lock(run_dir)  # one run per directory
+                except UserError:
+                    held_by_other = True  # that run's files are not this command's to clean up
+                    raise
         yield run_dir
     except BaseException as exc:
         interrupted = isinstance(exc, SystemExit) and exc.code not in (None, 0, 2)
-        if main_rank and not interrupted and created_here(run_dir):
+        if main_rank and not interrupted and not held_by_other and created_here(run_dir):
             rundir.remove_failed_run(run_dir)
-        if main_rank and not interrupted and not created_here(hydra_dir):
+        if main_rank and not interrupted and not held_by_other and not created_here(hydra_dir):
             for path, content in _HYDRA_FILES_BEFORE.items():  # the directory's config describes what ran
                 if path.parent.parent.resolve() == hydra_dir.resolve():
                     path.write_bytes(content)

@@ -284,7 +284,9 @@ def _report(best: dict, out_dir: Path, data: DictConfig, write: bool = True) -> 
     (out_dir / "metrics.json").write_text(to_json(report))
     print(f"\nbest checkpoint {best['checkpoint']} (epoch {best['epoch']}), {data.name} {data.val_split}:")
     print(format_table(report))
-    print(f"metrics: {out_dir / 'metrics.json'}\nTensorBoard: tensorboard --logdir {out_dir}")
+    print(f"metrics: {out_dir / 'metrics.json'}")
+    if (out_dir / "tensorboard").is_dir():  # logger=none writes no events
+        print(f"TensorBoard: tensorboard --logdir {out_dir}")
     return report
 
 

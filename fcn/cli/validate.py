@@ -57,12 +57,23 @@ def validate_train_config(cfg: DictConfig) -> None:
         check_eval(cfg.eval)
 
 
+def validate_export_config(cfg: DictConfig) -> None:
+    """Check the settings of export.py before the checkpoint is read."""
+    opset = cfg.get("opset")
+    if not isinstance(opset, int) or not 13 <= opset <= 24:
+        raise UserError(f"opset={_show(opset)}: give an ONNX opset between 13 and 24 (18 is the default)")
+    if cfg.get("tolerance") is not None and not (_number(cfg.tolerance) and cfg.tolerance > 0):
+        raise UserError(f"tolerance={_show(cfg.tolerance)}: must be a positive number (largest logit difference)")
+
+
 def validate_eval_config(cfg: DictConfig) -> None:
     """Check the settings of evaluate.py / predict.py before a checkpoint or image is read."""
     if "data" in cfg:
         check_max_image_pixels(cfg.data.get("max_image_pixels"))
     if "eval" in cfg:
         check_eval(cfg.eval)
+    if "batch_size" in cfg and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
+        raise UserError(f"batch_size={_show(cfg.batch_size)}: must be a whole number of images, at least 1")
 
 
 def check_classes(num_classes: Any, class_names: Sequence | None, palette: Sequence | None, ignore_index: int) -> None:

@@ -16,6 +16,7 @@ beside ``fcn/``; without hydra-submitit-launcher installed it defines nothing.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 try:
@@ -78,6 +79,27 @@ if SlurmLauncher is not None:
 
     class RequeueingSlurmLauncher(Requeueing, SlurmLauncher):
         """``submitit_slurm`` whose jobs resume when requeued."""
+
+        def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
+            import shutil
+            import sys
+
+            if shutil.which("sbatch") is None:  # submitit's own error is a traceback about srun
+                print(
+                    "error: hydra/launcher=slurm needs SLURM's sbatch, which is not on this machine's PATH: run on "
+                    "the cluster's login node, or use hydra/launcher=local to run the same jobs here",
+                    file=sys.stderr,
+                )
+                sweep_dir = Path(self.config.hydra.sweep.dir)
+                if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+                    shutil.rmtree(sweep_dir)  # nothing ran: leave nothing behind
+                    for parent in (sweep_dir.parent, sweep_dir.parent.parent):  # outputs/multirun/, outputs/
+                        try:
+                            parent.rmdir()
+                        except OSError:  # not empty: other runs
+                            break
+                sys.exit(2)
+            return super().launch(job_overrides, initial_job_idx)
 
     class RequeueingLocalLauncher(Requeueing, LocalLauncher):
         """``submitit_local`` (jobs as processes on this machine) whose jobs resume when requeued."""
