@@ -102,12 +102,35 @@ def compare_configs(saved: dict, now: dict) -> ConfigChanges:
     """Compare two plain config dicts key by key (dotted leaves), sorted by key."""
     old, new = flatten(saved), flatten(now)
     changes = ConfigChanges()
-    for key in sorted(old.keys() & new.keys()):
-        if key == "resume" or _same(old[key], new[key]):
+    changed = {key: (old[key], new[key]) for key in old.keys() & new.keys() if not _same(old[key], new[key])}
+    # A key on one side only is a setting added or removed by another version of the code (data.X:
+    # not compared), or an entry of a mapping-valued setting (data.label_map: null -> {1: 0}, or a
+    # label added to it): that setting is compared whole.
+    for key in old.keys() ^ new.keys():
+        parts = key.split(".")
+        for depth in range(2, len(parts)):
+            setting = ".".join(parts[:depth])
+            before, after = _value_at(saved, setting), _value_at(now, setting)
+            if before is not _MISSING and after is not _MISSING:
+                changed[setting] = (before, after)
+                break
+    for key in sorted(changed):
+        if key == "resume":
             continue
-        line = f"{key}: checkpoint {old[key]!r}, now {new[key]!r}"
+        line = f"{key}: checkpoint {changed[key][0]!r}, now {changed[key][1]!r}"
         (changes.applied if is_harmless(key) else changes.refused).append(line)
     return changes
+
+
+_MISSING = object()
+
+
+def _value_at(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return _MISSING
+        config = config[part]
+    return config
 
 
 def _same(a: Any, b: Any) -> bool:

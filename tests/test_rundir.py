@@ -315,6 +315,17 @@ def test_a_pinned_directory_is_locked_before_hydra_writes_and_the_run_keeps_that
     assert not lock.exists()
 
 
+def test_a_mapping_setting_that_gains_or_loses_entries_on_resume_is_refused():
+    saved = {"data": {"label_map": None, "root": "a"}, "optim": {"lr": 0.01}}
+    changes = rundir.compare_configs(saved, {"data": {"label_map": {1: 0}, "root": "a"}, "optim": {"lr": 0.01}})
+    assert changes.refused == ["data.label_map: checkpoint None, now {1: 0}"]
+    saved = {"data": {"label_map": {255: 1}}}
+    changes = rundir.compare_configs(saved, {"data": {"label_map": {255: 1, 128: 1}}})
+    assert changes.refused == ["data.label_map: checkpoint {255: 1}, now {255: 1, 128: 1}"]
+    # a setting that another version of the code added to a section is not a change of this run
+    assert rundir.compare_configs({"data": {"root": "a"}}, {"data": {"root": "a", "new_key": 3}}).refused == []
+
+
 # ---- failed commands leave nothing behind
 
 
