@@ -197,3 +197,26 @@ def test_ignore_colors_on_index_masks_are_named_as_unused(tmp_path):
     report = _scan(tmp_path, ignore_colors=[[0, 0, 0]])
     problem = next(p for p in report.warnings if p.kind == "ignore_colors_unused")
     assert problem.count == 3 and "data.label_map={value:255}" in problem.message
+
+
+@pytest.mark.parametrize("foreground", [1000, 128, 100, 65535])
+def test_binary_masks_stored_as_zero_and_another_value_get_the_label_map_that_keeps_the_foreground(foreground):
+    from fcn.data.mask_formats import _value_fix
+
+    hint = _value_fix([foreground], {0, foreground}, num_classes=2, ignore_index=255, mapped=False)
+    assert f"data.label_map={{{foreground}:1}}" in hint
+    assert "ignore_index" not in hint and "num_classes" not in hint  # never ignore or count the foreground
+
+
+def test_masks_that_are_entirely_void_are_not_taken_for_binary_0_255_masks():
+    from fcn.data.mask_formats import diagnose_values
+
+    assert diagnose_values({255}, [], num_classes=2, ignore_index=255) == []  # the scan warns: no labelled pixel
+    assert [d.kind for d in diagnose_values({0, 255}, [], num_classes=2, ignore_index=255)] == ["binary_masks_ignored"]
+
+
+def test_a_class_count_suggested_under_a_label_map_counts_the_mapped_values():
+    from fcn.data.mask_formats import _value_fix
+
+    hint = _value_fix([5], {0, 1}, num_classes=2, ignore_index=255, mapped=True)  # data.label_map={1:5}
+    assert "data.num_classes=6" in hint

@@ -229,7 +229,7 @@ def diagnose_values(
                 )
             )
             return found
-    if not mapped and raw and raw <= {0, 255} and 255 in raw and ignore_index == 255:
+    if not mapped and raw == {0, 255} and ignore_index == 255:  # (only 255: masks with no labelled pixel)
         found.append(
             Diagnosis(
                 "binary_masks_ignored",
@@ -315,13 +315,18 @@ def _value_fix(values: list[int], raw: set[int], num_classes: int, ignore_index:
             f"the {len(stored)} stored values are not class indices 0..{num_classes - 1}: map them, e.g. "
             f"data.label_map={_map_text({v: i for i, v in enumerate(stored)})} (check the order)"
         )
+    binary = sorted(raw - {0})
+    if not mapped and num_classes == 2 and 0 in raw and len(binary) == 1 and binary[0] >= 2:
+        hints.append(f"binary masks stored as 0/{binary[0]}: data.label_map={{{binary[0]}:1}}")
     structural = bool(hints)  # the values have a known shape: a class count would be wrong
     if len(values) == 1 and not structural:
         v = values[0]
         hints.append(f"if {v} marks void pixels: data.ignore_index={v} or data.label_map={{{v}:{ignore_index}}}")
     dense = stored and len(stored) >= 0.5 * (stored[-1] + 1) and stored[-1] < 1024
     if dense and not structural:
-        hints.append(f"if they are real classes: data.num_classes={max(stored[-1] + 1, 2)}")
+        # with a label map the offending values are the mapped ones, not those stored in the files
+        top = max(values) if mapped and values else stored[-1]
+        hints.append(f"if they are real classes: data.num_classes={max(top + 1, 2)}")
     if not hints:
         hints.append(
             f"the values are sparse ({len(stored)} values up to {stored[-1] if stored else '?'}), so they are no "
