@@ -53,6 +53,13 @@ def test_a_utf16_list_with_its_byte_order_mark_is_read(tmp_path, encoding):
     assert _names(tmp_path) == ["a", "c"]
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_a_utf16_list_without_a_byte_order_mark_is_read(tmp_path, encoding):
+    write_folder(tmp_path)
+    _write_list(tmp_path, "a\r\nc\r\n".encode(encoding))  # what some Windows tools save
+    assert _names(tmp_path) == ["a", "c"]
+
+
 def test_line_endings_blank_lines_spaces_and_comments_are_read(tmp_path):
     write_folder(tmp_path)
     _write_list(tmp_path, b"# my train split\r\n  a  \r\n\r\n\tb\rc \n\n")

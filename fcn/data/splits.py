@@ -47,6 +47,10 @@ def read_split_list(path: Path) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         encoding, note = "utf-16", "is UTF-16 text"
+    elif len(raw) >= 4 and raw[1::2].count(0) > 0.4 * len(raw) / 2 and raw[0::2].count(0) == 0:
+        encoding, note = "utf-16-le", "is UTF-16 (little-endian) text without a byte-order mark"
+    elif len(raw) >= 4 and raw[0::2].count(0) > 0.4 * len(raw) / 2 and raw[1::2].count(0) == 0:
+        encoding, note = "utf-16-be", "is UTF-16 (big-endian) text without a byte-order mark"
     elif raw.startswith(codecs.BOM_UTF8):
         encoding, note = "utf-8-sig", "starts with a UTF-8 byte-order mark"
     else:
@@ -154,9 +158,10 @@ def write_default_splits(
             continue
         except OSError as exc:
             raise UserError(
-                f"no split lists in {root} and the default split cannot be written ({exc}); write "
-                f"{split_file.format(split='train')} and {split_file.format(split='val')} (one name per line) "
-                "or set data.split_file=null to use every image for both"
+                f"no split lists in {root} and the default split cannot be written ({exc}); write train.txt and "
+                "val.txt (one image name per line, no name in both) in a folder you can write to and point "
+                "data.split_file at them, e.g. data.split_file=/path/to/lists/{split}.txt (an absolute path is "
+                "used as it is)"
             ) from exc
         written[split] = path
     if written:
