@@ -19,7 +19,12 @@ class UserError(Exception):
 
 
 def disk_full_error(
-    exc: BaseException, *, path: str | Path | None = None, needed: int | None = None, note: str = ""
+    exc: BaseException,
+    *,
+    path: str | Path | None = None,
+    needed: int | None = None,
+    note: str = "",
+    fallback_dir: str | Path | None = None,
 ) -> UserError | None:
     """A one-line :class:`UserError` when ``exc`` or an exception in its chain (``__cause__`` /
     ``__context__``) is a full disk or an exceeded quota, else None.
@@ -43,7 +48,8 @@ def disk_full_error(
     if reason is None:
         return None
     target = Path(path) if path is not None else Path(filename) if isinstance(filename, (str, Path)) else None
-    folder = target.parent if target is not None else Path.cwd()
+    # the folder written to: of the file, else the caller's guess (the run directory), else here
+    folder = target.parent if target is not None else Path(fallback_dir) if fallback_dir is not None else Path.cwd()
     parts = [f"{_size(needed)} needed"] if needed else []
     free = _free_bytes(folder)
     if free is not None:

@@ -753,3 +753,16 @@ def test_training_with_a_warm_scan_cache_stops_before_the_first_step_on_an_unrea
     assert "has problems" in str(caught.value)  # found by the scan before training, not by a loader mid-epoch
     assert "Permission denied" in str(caught.value) or "PermissionError" in str(caught.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_full_disk_while_hydra_writes_the_run_config_is_one_line_with_exit_2(capsys):
+    import hydra.core.utils as hydra_utils
+    from omegaconf import OmegaConf
+
+    import fcn.cli.exit  # noqa: F401  (every entry point imports it: it guards Hydra's config writer)
+
+    with pytest.raises(SystemExit) as stopped:  # /dev/full: every write fails with ENOSPC
+        hydra_utils._save_config(OmegaConf.create({"a": 1}), "full", Path("/dev"))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: disk full while writing /dev/full") and "\n" not in err

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +34,8 @@ def exit_on_user_error(task: Callable) -> Callable:
         try:
             return task(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised below unless it is the user's mistake
-            cause = _user_error_in_chain(exc) or disk_full_error(exc)  # a full disk: one line too
+            # a full disk: one line too, naming the run directory when the error names no file
+            cause = _user_error_in_chain(exc) or disk_full_error(exc, fallback_dir=_run_dir())
             if cause is None:
                 raise
             if isinstance(cause, MissingMandatoryValue):
@@ -48,6 +51,40 @@ def exit_on_user_error(task: Callable) -> Callable:
     return wrapper
 
 
+def _run_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def _guard_hydra_config_writes() -> None:
+    """Hydra writes ``.hydra/*.yaml`` before the task runs, outside :func:`exit_on_user_error`: a
+    full disk there would end in Hydra's traceback. Its writer is wrapped once so that it ends in
+    the same one line (directory, space free) with exit code 2, and no directory is left."""
+    import hydra.core.utils as hydra_utils
+
+    original = hydra_utils._save_config
+    if getattr(original, "fcn_guarded", False):
+        return
+
+    def save_config(cfg, filename: str, output_dir: Path) -> None:
+        try:
+            original(cfg, filename, output_dir)
+        except OSError as exc:
+            error = disk_full_error(exc, path=Path(output_dir) / filename)
+            if error is None:
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            _remove_empty_run_dir()
+            sys.exit(2)
+
+    save_config.fcn_guarded = True
+    hydra_utils._save_config = save_config
+
+
+_guard_hydra_config_writes()
+
+
 def _remove_empty_run_dir() -> None:
     """A command that failed leaves nothing behind: the run directory Hydra made for it is removed
     when it holds only what Hydra wrote (``.hydra/``, the job's log). A directory with anything
@@ -59,7 +96,8 @@ def _remove_empty_run_dir() -> None:
         return
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     log_name = f"{HydraConfig.get().job.name}.log"
-    if not run_dir.is_dir() or any(p.name not in (".hydra", log_name) for p in run_dir.iterdir()):
+    ours = (".hydra", log_name, ".run.lock") if _lock_is_ours(run_dir / ".run.lock") else (".hydra", log_name)
+    if not run_dir.is_dir() or any(p.name not in ours for p in run_dir.iterdir()):
         return
     hydra_dir = run_dir / ".hydra"
     if hydra_dir.is_dir() and hydra_dir.stat().st_mtime < _STARTED - 1:
@@ -74,6 +112,15 @@ def _remove_empty_run_dir() -> None:
             parent.rmdir()
         except OSError:  # not empty (other runs), or not ours to remove
             break
+
+
+def _lock_is_ours(lock: Path) -> bool:
+    # fcn.rundir's lock file: "host pid job" (read here without importing fcn.rundir, which needs torch)
+    try:
+        host, pid, *_ = lock.read_text().split()
+    except (OSError, ValueError):
+        return False
+    return host == socket.gethostname() and pid == str(os.getpid())
 
 
 def _log_to_files(message: str) -> None:
