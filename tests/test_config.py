@@ -126,6 +126,15 @@ def test_a_mistyped_key_is_answered_with_the_closest_key_of_the_composed_config(
     assert unknown_key_hint("train", ["model=fcn9s"]) is None  # Hydra lists the model options itself
 
 
+def test_a_key_named_as_other_tools_name_it_or_owned_by_another_option_is_pointed_to():
+    from fcn.cli.suggest import unknown_key_hint
+
+    assert "did you mean optim.lr?" in unknown_key_hint("train", ["optim.learning_rate=0.1"])
+    assert "did you mean trainer.epochs?" in unknown_key_hint("train", ["trainer.max_epochs=3"])
+    hint = unknown_key_hint("train", ["optim.momentum=0.9"])  # AdamW has none; SGD does
+    assert "optim=sgd has it" in hint
+
+
 def test_the_key_hint_leaves_every_other_exit_alone(monkeypatch):
     from fcn.cli.suggest import suggest_keys
 

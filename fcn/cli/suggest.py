@@ -16,6 +16,7 @@ import functools
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 # The messages of Hydra 1.3's ConfigCompositionException that name an unknown key.
 _UNKNOWN_KEY = (
@@ -73,13 +74,55 @@ def unknown_key_hint(config_name: str, argv: list[str]) -> str | None:
     except Exception:  # noqa: BLE001 - a second bad override: Hydra's own message is all there is
         return None
     candidates = keys if key.startswith("hydra.") else [k for k in keys if not k.startswith("hydra")]
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    parent, _, leaf = key.rpartition(".")
+    # names other tools use for the same setting: learning_rate is optim.lr here
+    alias = f"{parent}.{SYNONYMS[leaf]}" if parent and leaf in SYNONYMS else None
+    close = [alias] if alias in candidates else difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not close and (options := _options_with_key(parent, leaf)):
+        chosen = ", ".join(f"{parent}={o}" for o in options)
+        return f"error: no key '{key}' in the {config_name} config; {chosen} has it (choose that option first)"
     if not close:
         parent = key.rpartition(".")[0]
         siblings = sorted(k.rpartition(".")[2] for k in candidates if k.rpartition(".")[0] == parent and parent)
         where = f"; {parent} has: {', '.join(siblings)}" if siblings else ""
         return f"error: no key '{key}' in the {config_name} config{where}"
     return f"error: no key '{key}' in the {config_name} config; did you mean {close[0]}?"
+
+
+# Other tools' names for settings of this config (leaf name -> ours).
+SYNONYMS = {
+    "learning_rate": "lr",
+    "base_lr": "lr",
+    "epoch": "epochs",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "batchsize": "batch_size",
+    "bs": "batch_size",
+    "wd": "weight_decay",
+    "n_classes": "num_classes",
+    "classes": "num_classes",
+    "workers": "num_workers",
+}
+
+
+def _options_with_key(group: str, leaf: str) -> list[str]:
+    """The options of config group ``group`` (``configs/<group>/*.yaml``) whose own keys include ``leaf``."""
+    import yaml
+
+    from fcn.cli import CONFIG_DIR
+
+    folder = Path(CONFIG_DIR) / group
+    if not group or "." in group or not folder.is_dir():
+        return []
+    found = []
+    for option in sorted(folder.glob("*.yaml")):
+        try:
+            content = yaml.safe_load(option.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(content, dict) and leaf in content:
+            found.append(option.stem)
+    return found
 
 
 def _override_key(override: str) -> str:
