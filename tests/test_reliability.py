@@ -9,6 +9,7 @@ import builtins
 import errno
 import io
 import json
+import logging
 import os
 import signal
 import struct
@@ -325,11 +326,15 @@ def test_resume_with_another_schedule_or_batch_size_is_refused(shapes_root, tmp_
 
 
 @pytest.mark.slow
-def test_resume_from_another_run_reports_where_the_best_checkpoint_is(shapes_root, tmp_path):
+def test_resume_from_another_run_reports_where_the_best_checkpoint_is(shapes_root, tmp_path, caplog):
     first = tmp_path / "first"
     train(_cfg(shapes_root, "logger=none"), first)
-    report = train(_cfg(shapes_root, "logger=none", f"resume={first / 'checkpoints' / 'last.pt'}"), tmp_path / "second")
+    with caplog.at_level(logging.WARNING):
+        report = train(
+            _cfg(shapes_root, "logger=none", f"resume={first / 'checkpoints' / 'last.pt'}"), tmp_path / "second"
+        )
     assert Path(report["checkpoint"]).is_file()
+    assert "is a finished run" in caplog.text and "nothing to train" in caplog.text  # not silently a "run"
 
 
 @pytest.mark.slow

@@ -197,6 +197,16 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
             )
         state = TrainState.from_progress(restore_training_state(saved, model, optimizer, scheduler, scaler, rank))
         log.info("resumed from %s at epoch %d, batch %d, step %d", source, state.epoch, state.epoch_batches, state.step)
+        if state.step >= shape.total_steps:  # nothing left to train: say so rather than look like a run
+            log.warning(
+                "%s is a finished run (step %d of %d, trainer.epochs=%d): nothing to train; its best checkpoint's "
+                "scores follow. To train on, start a new run from it with init_from=%s",
+                source,
+                state.step,
+                shape.total_steps,
+                trainer.epochs,
+                source,
+            )
     # After the resume: DistributedDataParallel starts every rank from rank 0's weights and buffers.
     train_net = distributed.wrap(net, device)
 
