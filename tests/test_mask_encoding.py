@@ -220,3 +220,23 @@ def test_a_class_count_suggested_under_a_label_map_counts_the_mapped_values():
 
     hint = _value_fix([5], {0, 1}, num_classes=2, ignore_index=255, mapped=True)  # data.label_map={1:5}
     assert "data.num_classes=6" in hint
+
+
+def test_labels_kept_only_in_the_alpha_channel_of_rgba_masks_are_an_error_not_a_usable_dataset(tmp_path):
+    write_folder(tmp_path)
+    for name in ("a", "b", "c"):  # one colour everywhere; the labels are in the alpha channel
+        rgba = np.zeros((24, 32, 4), dtype=np.uint8)
+        rgba[..., 3] = mask_array(24, 32, [0, 255])
+        save(rgba, tmp_path / "masks" / f"{name}.png")
+    report = _scan(tmp_path)
+    problem = next(p for p in report.errors if p.kind == "alpha_channel_labels")
+    assert problem.count == 3 and "alpha channel" in problem.message and "index PNG" in problem.message
+
+
+def test_rgba_masks_with_a_constant_alpha_are_read_without_an_alpha_complaint(tmp_path):
+    write_folder(tmp_path)
+    for name in ("a", "b", "c"):
+        grey = mask_array(24, 32, [0, 1])
+        rgba = np.stack([grey, grey, grey, np.full_like(grey, 255)], axis=-1)
+        save(rgba, tmp_path / "masks" / f"{name}.png")
+    assert not {"alpha_channel_labels", "alpha_channel_dropped"} & _kinds(_scan(tmp_path))

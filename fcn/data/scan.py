@@ -37,7 +37,7 @@ from fcn.errors import UserError
 log = logging.getLogger(__name__)
 
 _UNREADABLE = ("PermissionError", "IsADirectoryError", "FileNotFoundError", "NotADirectoryError")
-SCAN_VERSION = 1  # bump when what a file's entry holds changes: old cache entries are then rescanned
+SCAN_VERSION = 2  # bump when what a file's entry holds changes: old cache entries are then rescanned
 MODE_NAMES = {
     "L": "grayscale",
     "LA": "grayscale+alpha",
@@ -171,6 +171,10 @@ def _pairs_to_scan(files: SplitFiles, root: str | Path, split: str, layout: dict
     return list_split(root, split, **{**layout, "mask_suffix": files.alternative.readable_suffix}).pairs
 
 
+def _alpha_values(entries: list[dict]) -> list[int]:
+    return sorted({v for e in entries for v in e.get("alpha_values", [])})[:8]
+
+
 def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dict:
     """Everything the scan needs from one image and its mask, as JSON-ready values."""
     entry: dict = {"image": str(image_path), "mask": str(mask_path), "errors": []}
@@ -188,6 +192,12 @@ def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dic
         with Image.open(mask_path) as mask:
             entry.update(mask_size=list(mask.size), mask_mode=mask.mode, mask_format=mask.format)
             values, is_index = decoder.raw_values(mask, mask_path)
+            if mask.mode == "RGBA":  # the alpha channel is dropped: it must not be where the labels are
+                alpha = np.asarray(mask.getchannel("A"))
+                if alpha.min() != alpha.max():
+                    rgb = np.asarray(mask.convert("RGB"))
+                    entry["alpha_labels"] = bool((rgb == rgb.reshape(-1, 3)[0]).all())  # colour says nothing
+                    entry["alpha_values"] = sorted(int(v) for v in np.unique(alpha)[:8])
     except UserError as exc:
         kind = "rgb_mask_no_palette" if not decoder.palette else "unknown_colours"
         entry["errors"].append([kind if entry.get("mask_mode") in RGB_MASK_MODES else "bad_mask", str(exc)])
@@ -240,6 +250,8 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
     outside: dict[int, list[str]] = defaultdict(list)
     converted: dict[str, list[str]] = defaultdict(list)
     rotated, mismatched, gray_rgb, lossy, unlabelled = [], [], [], [], []
+    alpha_only = [e["mask"] for e in entries if e.get("alpha_labels")]
+    alpha_too = [e["mask"] for e in entries if "alpha_labels" in e and not e["alpha_labels"]]
     for entry in entries:
         for kind, detail in entry["errors"]:
             of_image = kind in ("corrupt_image", "too_many_pixels_image")
@@ -411,6 +423,24 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             f"{len(unlabelled)} masks are entirely data.ignore_index={ignore_index}: they teach nothing and a batch "
             "of only such crops trains on loss 0; check their export, or leave them out of the split list",
             unlabelled,
+        )
+    if alpha_only:
+        add(
+            "alpha_channel_labels",
+            "error",
+            f"{len(alpha_only)} RGBA masks are one colour and keep their differences in the alpha channel "
+            f"(values {_alpha_values(entries)}), which is dropped: every "
+            "pixel would get one label. Save the labels as index PNGs (mode L or P, pixel value = class), e.g. "
+            "Image.fromarray(np.asarray(mask)[..., 3] // 255) for 0/255 alpha",
+            alpha_only,
+        )
+    if alpha_too:
+        add(
+            "alpha_channel_dropped",
+            "warning",
+            f"{len(alpha_too)} RGBA masks have an alpha channel that varies; it is dropped and only the colours "
+            "are read: check that no labels are in it",
+            alpha_too,
         )
     if gray_rgb:
         add(
