@@ -19,6 +19,7 @@ FIELDS = {
     "peak_mem_mb",
     "checkpoint_save_s",
     "resume_load_s",
+    "resume_load_s_unverified",
     "device",
     "precision",
     "torch",

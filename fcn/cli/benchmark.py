@@ -14,7 +14,8 @@ Prints one JSON object (also written to ``<run dir>/benchmark.json``):
   the same precision and memory format, each timed in turn with the training repeats so that both
   sides of the ratio see the same load; ``mfu_matmul`` is the ratio against the matmul alone (the
   figure reported before, which overstates the use of a CPU whose convolutions beat its matmul);
-- ``peak_mem_mb``, ``checkpoint_save_s``, ``resume_load_s``, and what was measured on;
+- ``peak_mem_mb``, ``checkpoint_save_s``, ``resume_load_s`` (digest verified; ``resume_load_s_unverified``
+  without), and what was measured on;
 - ``scan``: seconds of the pre-training data scan, cold and warm (``bench.scan_only=true``: only this).
 """
 
@@ -172,7 +173,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     matmul_peak = rates["peak_matmul"]
     peak = max([matmul_peak, *conv_peaks])
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": {}}
-    save_s, load_s = benchmark.checkpoint_times(state, model, optimizer, bench.checkpoint_repeats)
+    save_s, load_s, load_unverified_s = benchmark.checkpoint_times(state, model, optimizer, bench.checkpoint_repeats)
     bare = {}
     if bench.bare:
         bare = {"train_img_s_bare": round(rates["bare"], 2), "bare_ratio": round(compute / rates["bare"], 3)}
@@ -212,6 +213,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "checkpoint_save_s": round(save_s, 4),
         "scan": scan,
         "resume_load_s": round(load_s, 4),
+        "resume_load_s_unverified": round(load_unverified_s, 4),  # the digest check's cost: the difference
         "device": benchmark.device_name(device),
         "device_type": device.type,
         "precision": str(precision).removeprefix("torch."),
