@@ -430,8 +430,8 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "error",
             f"{len(alpha_only)} RGBA masks are one colour and keep their differences in the alpha channel "
             f"(values {_alpha_values(entries)}), which is dropped: every "
-            "pixel would get one label. Save the labels as index PNGs (mode L or P, pixel value = class), e.g. "
-            "Image.fromarray(np.asarray(mask)[..., 3] // 255) for 0/255 alpha",
+            "pixel would get one label. Save the labels as index PNGs (mode L or P, pixel value = class): take "
+            "the alpha channel (Image.getchannel('A')) and map its values to class indices",
             alpha_only,
         )
     if alpha_too:
