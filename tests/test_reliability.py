@@ -319,7 +319,11 @@ def test_periodic_mid_epoch_checkpoint_resumes_exactly_after_a_crash(shapes_root
 @pytest.mark.slow
 def test_resume_with_another_schedule_or_batch_size_is_refused(shapes_root, tmp_path):
     train(_cfg(shapes_root, "logger=none"), tmp_path)
-    with pytest.raises(UserError, match=r"schedule length \(trainer.epochs\): checkpoint 6, now 9.*init_from"):
+    with pytest.raises(
+        UserError,
+        match=r"schedule length in optimisation steps \(trainer.epochs x steps per epoch\): "
+        r"checkpoint 6, now 9.*init_from",
+    ):
         train(_cfg(shapes_root, "logger=none", "resume=auto", "trainer.epochs=3"), tmp_path)
     with pytest.raises(UserError, match="trainer.batch_size: checkpoint 4, now 3"):
         train(_cfg(shapes_root, "logger=none", "resume=auto", "trainer.batch_size=3"), tmp_path)
