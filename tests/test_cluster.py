@@ -284,7 +284,9 @@ def test_an_optuna_search_records_failed_trials_goes_on_and_continues_from_its_s
     fixed = [o for o in _launcher_overrides(shapes_root) if not o.startswith("trainer.batch_size=")]
     search = ["-m", "hparams_search=optuna", "trainer.batch_size=choice(4,0)", *fixed]
     first = tmp_path / "first"
-    proc = _train([*search, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={first}"], tmp_path)
+    # seeded, so that its 3 trials mix completed and failed ones (the preset's sampler is unseeded)
+    seeded = ["hydra.sweeper.sampler.seed=0"]
+    proc = _train([*search, *seeded, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={first}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     storage = f"sqlite:///{first / 'optuna.db'}"
     trials = optuna.load_study(study_name="fcn", storage=storage).trials
@@ -306,7 +308,11 @@ def test_an_optuna_search_records_failed_trials_goes_on_and_continues_from_its_s
         [*search, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={second}", f"hydra.sweeper.storage={storage}"], tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(optuna.load_study(study_name="fcn", storage=storage).trials) == 5
+    continued = optuna.load_study(study_name="fcn", storage=storage).trials
+    assert len(continued) == 5
+    # the continued search proposes new trials, not a replay of the first invocation's
+    first_lrs = {t.params["optim.lr"] for t in continued[:3]}
+    assert not first_lrs & {t.params["optim.lr"] for t in continued[3:]}
     assert len(_summary(second)) == 2
 
 
