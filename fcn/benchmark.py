@@ -217,6 +217,64 @@ def bare_training_probe(
     return lambda: _median_rate(run, device, 1)
 
 
+def evaluation_rates_against_bare(
+    model: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    repeats: int,
+    num_classes: int,
+    ignore_index: int,
+    device: torch.device,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channels_last: bool,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """Images per second of :func:`fcn.engine.evaluate` and of a bare PyTorch evaluation loop
+    (normalise, forward, argmax, one ``bincount`` confusion matrix as in torchvision's reference
+    scripts; no loss, no progress bar, no checks) on the same ``batches`` (uint8 images, masks) in
+    memory, timed in turns, medians of ``repeats``: the yardstick for ``evaluate``'s overhead."""
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def bare() -> int:
+        model.eval()
+        confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+        for images, masks in batches:
+            x = (images.to(device).float() / 255 - mean_t) / std_t
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                preds = model(x).argmax(1)
+            masks = masks.to(device)
+            valid = masks != ignore_index
+            confusion += torch.bincount(masks[valid] * num_classes + preds[valid], minlength=num_classes**2)
+        return sum(images.shape[0] for images, _ in batches)
+
+    def ours() -> int:
+        result = evaluate(
+            model,
+            batches,
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+            device=device,
+            mean=mean,
+            std=std,
+            channels_last=channels_last,
+            amp_dtype=amp_dtype,
+            progress=False,
+        )
+        return int(result.images)
+
+    ours(), bare()  # warm-up
+    rates: dict[str, list[float]] = {"ours": [], "bare": []}
+    for _ in range(repeats):
+        rates["ours"].append(_median_rate(ours, device, 1))
+        rates["bare"].append(_median_rate(bare, device, 1))
+    return statistics.median(rates["ours"]), statistics.median(rates["bare"])
+
+
 def dominant_convolutions(model: nn.Module, images: torch.Tensor, top: int = 2) -> list[dict]:
     """The ``top`` convolution shapes of ``model`` that take the most forward FLOPs on ``images``
     (N, 3, H, W): each a dict with ``input`` (N, C, H, W), ``out_channels``, ``kernel_size``,

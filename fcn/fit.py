@@ -31,6 +31,7 @@ from fcn.progress import RunClock, epoch_description, format_duration, validatio
 from fcn.rng import capture_rng_state
 from fcn.signals import GracefulStop, TrainingInterrupted
 from fcn.summary import decoder_drift, decoder_kernels
+from fcn.throughput import ThroughputWatch
 from fcn.visualize import comparison_grid, confusion_image
 
 log = logging.getLogger(__name__)
@@ -219,12 +220,14 @@ def fit(
     if state.epoch_batches >= shape.batches_per_epoch:  # the checkpoint closed its epoch
         state = dataclasses.replace(state, epoch=state.epoch + 1, epoch_batches=0)
     clock = RunClock(shape.total_steps, state.step)  # the bar's whole-run ETA
+    # Warns, with the fix, when a stretch of training runs at under half this run's best speed.
+    watch = ThroughputWatch(torch.get_num_threads(), device.type)
 
     while state.epoch <= settings.epochs:
         epoch = state.epoch
         # Train (the rest of) one epoch; a resumed epoch continues at the batch it stopped at.
         sampler.set_epoch(epoch, start=state.epoch_batches * shape.batch_size)
-        on_step = _StepHook(logger, checkpointer, state, settings.checkpoint_every_n_steps, accumulate)
+        on_step = _StepHook(logger, checkpointer, state, settings.checkpoint_every_n_steps, accumulate, watch)
         to_validate = validations_left(epoch, settings.epochs, settings.val_every)
 
         def run_eta(step: int, to_validate: int = to_validate) -> dict:
@@ -232,6 +235,7 @@ def fit(
             return {} if seconds is None else {"run_eta": format_duration(seconds)}
 
         clock.start_epoch()
+        watch.restart()  # validation and the epoch's end are not training
         result = train_one_epoch(
             train_net,
             train_loader,
@@ -331,14 +335,19 @@ def log_run_start(logger, summary: dict, config_yaml: str) -> None:
 
 
 class _StepHook:
-    """Called by :func:`fcn.engine.train_one_epoch` after each step: logs the step's numbers and
-    saves ``last.pt`` every ``checkpoint_every`` steps (epoch ends are saved after validation)."""
+    """Called by :func:`fcn.engine.train_one_epoch` after each step: logs the step's numbers,
+    saves ``last.pt`` every ``checkpoint_every`` steps (epoch ends are saved after validation) and
+    feeds the ``watch`` that warns when training slows down."""
 
-    def __init__(self, logger, checkpointer: Checkpointer, epoch_start: TrainState, checkpoint_every, accumulate):
+    def __init__(
+        self, logger, checkpointer: Checkpointer, epoch_start: TrainState, checkpoint_every, accumulate, watch=None
+    ):
         self.logger, self.checkpointer, self.epoch_start = logger, checkpointer, epoch_start
-        self.checkpoint_every, self.accumulate = checkpoint_every, accumulate
+        self.checkpoint_every, self.accumulate, self.watch = checkpoint_every, accumulate, watch
 
     def __call__(self, step: int, loss: float, lr: float, grad_norm: float | None) -> None:
+        if self.watch is not None and (slow := self.watch.step(self.checkpointer.shape.batch_size * self.accumulate)):
+            log.warning("%s", slow)
         every_log = self.logger.log_every_n_steps
         if every_log and step % every_log == 0:
             self.logger.log_scalar("train/loss", loss, step)
@@ -351,6 +360,8 @@ class _StepHook:
             if done < self.checkpointer.shape.batches_per_epoch:
                 now = dataclasses.replace(start, epoch_batches=done, step=step)
                 self.checkpointer.save(self.checkpointer.last, now)
+                if self.watch is not None:
+                    self.watch.restart()  # saving is not training
 
 
 def _validate(model, eval_net, val_loader, loss_fn, data: DataInfo, settings: FitSettings, device, infer):

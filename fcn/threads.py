@@ -1,15 +1,21 @@
 """CPU thread settings that must be in place before torch starts its OpenMP thread pool.
 
 The torch wheel runs its CPU kernels on GNU OpenMP (libgomp). By default a libgomp thread that
-reaches a barrier spins for a while (GOMP_SPINCOUNT, about 300k iterations) before it sleeps.
-On a quiet machine that saves a wake-up; on a shared one the spinning threads burn the CPU time
-that the thread they wait for needs, and training collapses: on the 2-core CPU with other jobs
-running, the benchmark's training rate (tiny model, medians) went from 5.5 to 31.8 img/s with
-``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once), and from 5.4 to 18.1 img/s with two extra
-busy processes (README, Performance, "A busy CPU", with the commands and load averages).
+reaches a barrier spins for a while (GOMP_SPINCOUNT, 300,000 iterations, a few milliseconds)
+before it sleeps. On a quiet machine that saves a wake-up; on a shared one the spinning threads
+burn the CPU time that the thread they wait for needs, and training collapses (issue 17: 4-7x
+slower on the 2-core CPU with other jobs running). Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``,
+the default until issue 17's second round) cures that but pays a futex wake-up at every barrier,
+and a training step has hundreds: on the quiet machine it trained at 0.84 of libgomp's speed at
+batch 8 and 0.57 at batch 1. A short spin, ``GOMP_SPINCOUNT=1000`` (a few microseconds), keeps
+nearly all of both: 0.94-0.95 of libgomp's speed on the quiet machine, and with two busy processes
+beside it 1.36x libgomp's speed at batch 8 (as fast as sleeping at once) and 1.8x at batch 1
+(README, Performance, "A busy CPU", with the commands).
 
 So the entry points call :func:`set_openmp_defaults` before torch is imported. Every variable is
-only a default: a value the user exported wins. This module must not import torch.
+only a default: a value the user exported wins, and an exported ``OMP_WAIT_POLICY`` leaves
+``GOMP_SPINCOUNT`` unset (libgomp lets a spin count override the policy). This module must not
+import torch.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from collections.abc import MutableMapping
 # Names set_openmp_defaults set in os.environ after torch had been imported: too late to take effect.
 _set_after_torch: set[str] = set()
 
+# Spin iterations before a waiting libgomp thread sleeps (libgomp's default: 300,000; PASSIVE: 0).
+SPIN_COUNT = 1000
 # Defaults for variables read once, when libgomp / Intel OpenMP initialise (at `import torch`).
 OPENMP_DEFAULTS = {
-    "OMP_WAIT_POLICY": "PASSIVE",  # GNU and Intel OpenMP: waiting threads sleep instead of spinning
-    "KMP_BLOCKTIME": "0",  # Intel OpenMP (builds linked with libiomp): the same, in its own words
+    "GOMP_SPINCOUNT": str(SPIN_COUNT),  # GNU OpenMP: spin briefly at a barrier, then sleep
+    "KMP_BLOCKTIME": "0",  # Intel OpenMP (builds linked with libiomp): sleep at once (its finest setting)
 }
 
 
@@ -38,6 +46,8 @@ def set_openmp_defaults(environ: MutableMapping[str, str] | None = None) -> dict
     environ = os.environ if environ is None else environ
     added = {}
     for name, value in OPENMP_DEFAULTS.items():
+        if name == "GOMP_SPINCOUNT" and "OMP_WAIT_POLICY" in environ:
+            continue  # the user chose a policy; a spin count would override it
         if name not in environ:
             environ[name] = value
             added[name] = value
@@ -62,14 +72,32 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
+def spin_count(environ: MutableMapping[str, str]) -> float:
+    """Iterations a waiting libgomp thread spins before it sleeps, as libgomp reads ``environ``:
+    ``GOMP_SPINCOUNT`` (a number, or ``infinite``), else ``OMP_WAIT_POLICY`` (``PASSIVE``: 0,
+    ``ACTIVE``: practically forever), else libgomp's default of 300,000."""
+    value = environ.get("GOMP_SPINCOUNT", "").strip().lower()
+    if value in ("infinite", "infinity"):
+        return float("inf")
+    if value:
+        try:
+            multiplier = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}.get(value[-1], 1)
+            return float(value[:-1] if multiplier != 1 else value) * multiplier
+        except ValueError:
+            pass  # libgomp ignores a value it cannot read
+    policy = environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    return {"PASSIVE": 0.0, "ACTIVE": float("inf")}.get(policy, 300_000.0)
+
+
 def spin_wait_warning(threads: int, environ: MutableMapping[str, str] | None = None) -> str | None:
-    """A warning with the fix when ``threads`` OpenMP threads will spin-wait on a machine that is
-    already busy: the 1-minute load average is at least the usable CPUs while OpenMP's wait policy
-    is not passive (the user exported another one, or torch was imported before the entry point
-    could set it). None when all is well. Cheap: reads the environment and ``os.getloadavg``."""
+    """A warning with the fix when ``threads`` OpenMP threads will spin-wait long on a machine that
+    is already busy: the 1-minute load average is at least the usable CPUs while libgomp spins for
+    more than :data:`SPIN_COUNT` iterations (the user exported another setting, or torch was
+    imported before the entry point could set its defaults). None when all is well. Cheap: reads
+    the environment and ``os.getloadavg``."""
     environ = os.environ if environ is None else environ
-    passive = environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-    if threads < 2 or (passive and "OMP_WAIT_POLICY" not in _set_after_torch):
+    too_late = "GOMP_SPINCOUNT" in _set_after_torch
+    if threads < 2 or (spin_count(environ) <= SPIN_COUNT and not too_late):
         return None
     try:
         load = os.getloadavg()[0]
@@ -78,11 +106,13 @@ def spin_wait_warning(threads: int, environ: MutableMapping[str, str] | None = N
     cpus = usable_cpus()
     if load < cpus:
         return None
-    policy = environ.get("OMP_WAIT_POLICY", "unset")
-    if "OMP_WAIT_POLICY" in _set_after_torch:
-        policy = "libgomp's default (torch was imported before the entry point set it)"
+    if too_late:
+        setting = "libgomp's default (torch was imported before the entry point set GOMP_SPINCOUNT)"
+    else:
+        chosen = {k: environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if k in environ}
+        setting = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "libgomp's default"
     return (
-        f"the machine is busy (load average {load:.1f} on {cpus} CPUs) and OpenMP's wait policy is {policy}: "
-        f"{threads} threads that spin-wait can train several times slower; "
-        "export OMP_WAIT_POLICY=PASSIVE before starting, or set trainer.threads=1"
+        f"the machine is busy (load average {load:.1f} on {cpus} CPUs) and OpenMP threads spin-wait ({setting}): "
+        f"{threads} threads that spin can train several times slower; "
+        f"export GOMP_SPINCOUNT={SPIN_COUNT} (or OMP_WAIT_POLICY=PASSIVE) before starting, or set trainer.threads=1"
     )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: run on a machine with one CUDA GPU, from the repository root, after
 # `pip install -e .`. About 5-10 minutes. Results (JSON) land under ${OUT:-outputs/gpu_check}:
-#   default.json        benchmark of the default model (tiny FCN-8s, 128 px), bf16 autocast
+#   default.json        benchmark of the default model (tiny FCN-8s, 128 px), bf16 autocast, with the
+#                       bare-loop comparison (bare_ratio, eval_bare_ratio)
 #   vgg16_fcn8s.json    benchmark of VGG16 FCN-8s at 512x512, bf16, channels-last, torch.compile
 #   (both with trainer.channels_last=auto, NHWC on GPUs, and the fused AdamW: "optimizer" in the JSON)
 #   deterministic/      two short deterministic-mode runs that must give identical metrics
@@ -13,7 +14,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
 python scripts/benchmark.py trainer.device=cuda trainer.num_workers=6 trainer.batch_size=32 \
-  trainer.channels_last=auto hydra.run.dir="$out/run_default"
+  trainer.channels_last=auto bench.bare=true hydra.run.dir="$out/run_default"
 cp "$out/run_default/benchmark.json" "$out/default.json"
 
 # 512 px images for the 512 px benchmark: a small generated set, kept apart from data/shapes.
@@ -28,9 +29,11 @@ python - "$out" <<'PY'
 import json, sys
 for name in ("default", "vgg16_fcn8s"):
     r = json.load(open(f"{sys.argv[1]}/{name}.json"))
-    print(name, "channels_last:", r["channels_last"], "optimizer:", r["optimizer"], "mfu:", r["mfu"],
-          "mfu_matmul:", r["mfu_matmul"])
+    print(name, "channels_last:", r["channels_last"], "optimizer:", r["optimizer"], "compile:", r["compile"],
+          "mfu:", r["mfu"], "mfu_matmul:", r["mfu_matmul"], "bare_ratio:", r.get("bare_ratio"),
+          "eval_bare_ratio:", r.get("eval_bare_ratio"))
     assert r["channels_last"] is True and r["optimizer"].endswith("/fused"), "auto/fused not taken on the GPU"
+    assert name != "vgg16_fcn8s" or r["compile"], "torch.compile fell back to eager: see the run's log"
 PY
 
 for i in 1 2; do

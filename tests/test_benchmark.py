@@ -57,6 +57,8 @@ def test_benchmark_reports_every_figure_and_writes_json(shapes_root, tmp_path):
     assert result["train_img_s_bare"] > 0 and result["bare_ratio"] == round(
         result["train_img_s_compute"] / result["train_img_s_bare"], 3
     )
+    assert result["eval_img_s_bare"] > 0 and result["eval_img_s_in_memory"] > 0
+    assert result["eval_bare_ratio"] == round(result["eval_img_s_in_memory"] / result["eval_img_s_bare"], 3)
     assert result["optimizer"] == "AdamW/fused" and result["channels_last"] is True  # auto: tiny on the CPU
     # forward + backward of the tiny FCN-8s at 40x40 is a few tens of MFLOPs per image
     assert 1e6 < result["flops_per_img"] < 1e9

@@ -1,4 +1,4 @@
-"""OpenMP defaults set before torch starts (passive waiting), never over a user's own setting, and
+"""OpenMP defaults set before torch starts (a short spin), never over a user's own setting, and
 torch's thread count capped at the CPUs the process may use."""
 
 import os
@@ -16,27 +16,45 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_openmp_defaults_fill_only_unset_variables():
-    environ = {"OMP_WAIT_POLICY": "ACTIVE"}
-    added = set_openmp_defaults(environ)
-    assert environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's setting wins
-    assert environ["KMP_BLOCKTIME"] == "0" and added == {"KMP_BLOCKTIME": "0"}
     empty: dict[str, str] = {}
-    assert set_openmp_defaults(empty) == OPENMP_DEFAULTS and empty["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert set_openmp_defaults(empty) == OPENMP_DEFAULTS and empty["GOMP_SPINCOUNT"] == "1000"
+    environ = {"GOMP_SPINCOUNT": "50000"}
+    assert set_openmp_defaults(environ) == {"KMP_BLOCKTIME": "0"} and environ["GOMP_SPINCOUNT"] == "50000"
+
+
+@pytest.mark.parametrize("policy", ["ACTIVE", "PASSIVE"])
+def test_a_users_wait_policy_is_not_overridden_by_a_spin_count(policy):
+    # libgomp lets GOMP_SPINCOUNT override OMP_WAIT_POLICY, so a default spin count would undo the user's policy
+    environ = {"OMP_WAIT_POLICY": policy}
+    assert set_openmp_defaults(environ) == {"KMP_BLOCKTIME": "0"}
+    assert "GOMP_SPINCOUNT" not in environ and environ["OMP_WAIT_POLICY"] == policy
+
+
+def test_spin_count_reads_the_environment_as_libgomp_does():
+    from fcn.threads import spin_count
+
+    assert spin_count({}) == 300_000  # libgomp's default
+    assert spin_count({"OMP_WAIT_POLICY": "passive"}) == 0
+    assert spin_count({"OMP_WAIT_POLICY": "ACTIVE"}) == float("inf")
+    assert spin_count({"GOMP_SPINCOUNT": "1000", "OMP_WAIT_POLICY": "ACTIVE"}) == 1000  # the count wins
+    assert spin_count({"GOMP_SPINCOUNT": "2k"}) == 2000 and spin_count({"GOMP_SPINCOUNT": "3M"}) == 3e6
+    assert spin_count({"GOMP_SPINCOUNT": "infinite"}) == float("inf")
+    assert spin_count({"GOMP_SPINCOUNT": "lots"}) == 300_000  # unreadable: libgomp ignores it
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("user_value", [None, "ACTIVE"])
-def test_entry_points_set_passive_waiting_before_torch_unless_the_user_chose(user_value):
-    env = {k: v for k, v in os.environ.items() if k not in OPENMP_DEFAULTS}
+@pytest.mark.parametrize("user_value", [None, "20000"])
+def test_entry_points_set_a_short_spin_before_torch_unless_the_user_chose(user_value):
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_DEFAULTS and k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = str(ROOT)
     if user_value:
-        env["OMP_WAIT_POLICY"] = user_value
+        env["GOMP_SPINCOUNT"] = user_value
     probe = (
         "import sys; import scripts.train; import os; "
-        "print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"  # scripts/train.py imports no torch
+        "print('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"  # scripts/train.py imports no torch
     )
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", user_value or "PASSIVE"]
+    assert out.stdout.split() == ["False", user_value or "1000"]
 
 
 def test_torch_threads_are_capped_at_the_usable_cpus(monkeypatch):
@@ -61,10 +79,12 @@ def test_spin_waiting_on_a_busy_machine_is_warned_with_the_fix(monkeypatch):
     monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
     warning = threads.spin_wait_warning(2, {"OMP_WAIT_POLICY": "ACTIVE"})
-    assert "load average 5.0 on 2 CPUs" in warning and "export OMP_WAIT_POLICY=PASSIVE" in warning
-    assert "trainer.threads=1" in warning
-    assert threads.spin_wait_warning(2, {}) is not None  # unset: libgomp spins by default
+    assert "load average 5.0 on 2 CPUs" in warning and "export GOMP_SPINCOUNT=1000" in warning
+    assert "OMP_WAIT_POLICY=ACTIVE" in warning and "trainer.threads=1" in warning
+    assert threads.spin_wait_warning(2, {}) is not None  # unset: libgomp spins 300,000 times by default
+    assert threads.spin_wait_warning(2, {"GOMP_SPINCOUNT": "300000"}) is not None
     assert threads.spin_wait_warning(2, {"OMP_WAIT_POLICY": "passive"}) is None
+    assert threads.spin_wait_warning(2, {"GOMP_SPINCOUNT": "1000"}) is None  # the default: a short spin
     assert threads.spin_wait_warning(1, {"OMP_WAIT_POLICY": "ACTIVE"}) is None  # one thread waits for no one
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     assert threads.spin_wait_warning(2, {"OMP_WAIT_POLICY": "ACTIVE"}) is None  # a quiet machine

@@ -53,3 +53,19 @@ def test_frozen_upsample_is_frozen_through_requires_grad():
     up(x).sum().backward()
     assert up.deconv.weight.grad is None
     assert x.grad is not None  # gradients still flow through to the scores below
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_replicate_pad_gives_the_values_and_gradients_of_torch_replicate_padding(channels_last):
+    from fcn.models.upsample import replicate_pad1
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weight = torch.randn(2, 3, 7, 9)  # a different weight per output pixel, so every path of the gradient counts
+    (replicate_pad1(ours) * weight).sum().backward()
+    (F.pad(theirs, (1, 1, 1, 1), mode="replicate") * weight).sum().backward()
+    assert torch.equal(replicate_pad1(x), F.pad(x, (1, 1, 1, 1), mode="replicate"))
+    assert torch.allclose(ours.grad, theirs.grad, atol=1e-6)

@@ -5,7 +5,9 @@ Prints one JSON object (also written to ``<run dir>/benchmark.json``):
 - ``train_img_s_compute``: training steps on batches already in memory;
 - ``train_img_s``: training with the real data loader from disk;
 - with ``bench.bare=true``: ``train_img_s_bare``, the same steps as a bare PyTorch loop on the same
-  model and batches in memory (timed in turn), and ``bare_ratio`` = compute / bare;
+  model and batches in memory (timed in turn), and ``bare_ratio`` = compute / bare; for evaluation
+  ``eval_img_s_in_memory`` (``evaluate`` on validation batches in memory), ``eval_img_s_bare`` (a
+  bare loop on the same batches, in turns) and ``eval_bare_ratio``;
 - ``loader_img_s``: the data loader alone (decode, augment, collate);
 - ``eval_img_s``: evaluation at full resolution, confusion matrix included;
 - ``flops_per_img`` (forward + backward), ``achieved_flop_s``, ``peak_flop_s`` and their ratio
@@ -156,6 +158,17 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         ignore_index=data.ignore_index,
         **common,
     )
+    eval_bare = {}
+    if bench.bare:  # evaluate() against a bare evaluation loop on the same validation batches in memory
+        held_val = list(islice(iter(val_loader), bench.eval_batches))
+        ours, bare_eval = benchmark.evaluation_rates_against_bare(
+            net, held_val, repeats=bench.repeats, num_classes=data.num_classes, ignore_index=data.ignore_index, **common
+        )
+        eval_bare = {
+            "eval_img_s_in_memory": round(ours, 2),
+            "eval_img_s_bare": round(bare_eval, 2),
+            "eval_bare_ratio": round(ours / bare_eval, 3),
+        }
     val_images, val_masks = next(iter(val_loader))
     with torch.no_grad():
         val_preds = net(normalize(val_images.to(device), data.mean, data.std)).argmax(1)
@@ -195,6 +208,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "loader_ratio": round(real / compute, 3),
         "eval_img_s": round(evaluation, 2),
         "eval_img_s_tta": round(evaluation_tta, 2),
+        **eval_bare,
         "tta": {"scales": list(bench.tta_scales), "hflip": True},
         "eval_metric_overhead": round(metric_s * evaluation, 4),
         "sliding_window": sliding,

@@ -8,7 +8,6 @@ This module owns that layer and the kernel it starts from.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,6 +21,15 @@ def bilinear_kernel(factor: int) -> torch.Tensor:
     center = factor - 1 if size % 2 == 1 else factor - 0.5
     taps = 1 - (torch.arange(size, dtype=torch.float64) - center).abs() / factor
     return (taps[:, None] * taps[None, :]).float()
+
+
+def replicate_pad1(x: torch.Tensor) -> torch.Tensor:
+    """``F.pad(x, (1, 1, 1, 1), mode="replicate")`` for ``N x C x H x W``, built from slices and
+    concatenation: the same values and gradients, and it compiles. ``torch.compile`` (torch 2.14)
+    fails on the backward of ``replication_pad2d`` for channels-last inputs (its meta kernel
+    predicts other strides than the CPU kernel returns: "expected ... stride", issue 17)."""
+    x = torch.cat([x[..., :1, :], x, x[..., -1:, :]], dim=-2)
+    return torch.cat([x[..., :1], x, x[..., -1:]], dim=-1)
 
 
 class BilinearUpsample(nn.Module):
@@ -77,6 +85,6 @@ class BilinearUpsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        y = self.deconv(F.pad(x, (1, 1, 1, 1), mode="replicate"))
+        y = self.deconv(replicate_pad1(x))
         o = self._offset
         return y[..., o : o + h * self.factor, o : o + w * self.factor]
