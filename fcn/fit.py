@@ -220,8 +220,9 @@ def fit(
     if state.epoch_batches >= shape.batches_per_epoch:  # the checkpoint closed its epoch
         state = dataclasses.replace(state, epoch=state.epoch + 1, epoch_batches=0)
     clock = RunClock(shape.total_steps, state.step)  # the bar's whole-run ETA
-    # Warns, with the fix, when a stretch of training runs at under half this run's best speed.
-    watch = ThroughputWatch(torch.get_num_threads(), device.type)
+    # Warns, with the fix, when a stretch of training runs at under half this run's best speed
+    # (rank 0 only: every rank would say the same).
+    watch = ThroughputWatch(torch.get_num_threads(), device.type) if distributed.is_main() else None
 
     while state.epoch <= settings.epochs:
         epoch = state.epoch
@@ -235,7 +236,8 @@ def fit(
             return {} if seconds is None else {"run_eta": format_duration(seconds)}
 
         clock.start_epoch()
-        watch.restart()  # validation and the epoch's end are not training
+        if watch is not None:
+            watch.resume()  # the time since the last epoch's end (validation, saving) is not training
         result = train_one_epoch(
             train_net,
             train_loader,
@@ -262,6 +264,8 @@ def fit(
             postfix=run_eta,
         )
         clock.end_epoch()
+        if watch is not None:
+            watch.pause()
         state = dataclasses.replace(state, step=result.step, epoch_batches=state.epoch_batches + result.batches)
         if state.epoch_batches < shape.batches_per_epoch:  # stopped mid-epoch by a signal
             checkpointer.save(checkpointer.last, state)
@@ -359,9 +363,11 @@ class _StepHook:
             done = start.epoch_batches + (step - start.step) * self.accumulate
             if done < self.checkpointer.shape.batches_per_epoch:
                 now = dataclasses.replace(start, epoch_batches=done, step=step)
+                if self.watch is not None:
+                    self.watch.pause()  # saving is not training
                 self.checkpointer.save(self.checkpointer.last, now)
                 if self.watch is not None:
-                    self.watch.restart()  # saving is not training
+                    self.watch.resume()
 
 
 def _validate(model, eval_net, val_loader, loss_fn, data: DataInfo, settings: FitSettings, device, infer):

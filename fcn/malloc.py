@@ -8,22 +8,24 @@ and the kernel zero-fills every 4 KB page of them on first touch: at 512 x 512 p
 batch 8) 1.8 GB of page faults per step, a third of the process's CPU time spent in the kernel,
 and the pixel rate fell to about 0.7 of the 128 px rate (issue 17's "512 px cliff").
 
-:func:`keep_freed_memory` makes glibc serve every block from its heap (``mallopt(M_MMAP_MAX, 0)``)
-and keep freed heap memory (``mallopt(M_TRIM_THRESHOLD, 2 GB - 1)``), so the next step reuses
-pages that are already mapped. That is what PyTorch's CPU performance guide gets by swapping in
-jemalloc or TCMalloc, without a new dependency. The price is memory: the process keeps its high
-water mark, and blocks of different sizes fragment the heap, so peak resident memory is higher
-(README, Performance, "Page faults": the numbers, with the command). Transparent huge pages
-(torch's ``THP_MEM_ALLOC_ENABLE=1``) were measured too: 30x fewer faults but still a quarter of
-the CPU time in the kernel, and gains that came and went between runs, so they are not used.
+:func:`keep_freed_memory` makes glibc serve blocks from its heaps instead of separate mappings
+(``mallopt(M_MMAP_MAX, 0)``; a block too large for a secondary thread's heap still gets its own
+mapping, but torch allocates its tensors on the thread that runs the step) and keep freed heap
+memory (``mallopt(M_TRIM_THRESHOLD, 2 GB - 1)``), so the next step reuses pages already mapped. That
+is what PyTorch's CPU performance guide gets by swapping in jemalloc or TCMalloc, without a new
+dependency. The price is memory: the process keeps its high water mark, and blocks of different
+sizes fragment the heap, so peak resident memory is higher (README, Performance, "Crop size: page faults": the
+numbers, with the command). Transparent huge pages (torch's ``THP_MEM_ALLOC_ENABLE=1``) were
+measured too: 30x fewer faults but still a quarter of the CPU time in the kernel, and gains that
+came and went between runs, so they are not used.
 
 The entry points call it at start-up (``fcn/cli/__init__.py``). A user's own choice wins: glibc's
 variables (``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TOP_PAD_``, a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``), another allocator in
-``LD_PRELOAD`` (jemalloc, TCMalloc, mimalloc), or ``FCN_KEEP_FREED_MEMORY=0`` (glibc as it comes,
-for a machine short of memory) leave ``malloc`` alone. Elsewhere (macOS, musl) it does nothing.
-This module must not import torch.
-"""
+``LD_PRELOAD`` (jemalloc, TCMalloc, mimalloc), or ``FCN_KEEP_FREED_MEMORY=0`` (also ``false``,
+``no``, ``off``; glibc as it comes, for a machine short of memory) leave ``malloc`` alone. It
+applies to the whole process, so a notebook that imports ``fcn.cli`` gets it too. Elsewhere (macOS,
+musl) it does nothing. This module must not import torch."""
 
 from __future__ import annotations
 
@@ -41,12 +43,22 @@ TRIM_THRESHOLD = 2**31 - 1
 # Environment variables through which a user has already chosen how memory is allocated.
 MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+# FCN_KEEP_FREED_MEMORY values that turn it off (anything else, or unset, leaves it on).
+OFF_VALUES = ("0", "false", "no", "n", "off", "disable", "disabled")
 
 
 def user_malloc_setting(environ: Mapping[str, str] | None = None) -> str | None:
     """The variable through which the user already chose how memory is allocated, or None."""
     environ = os.environ if environ is None else environ
-    if environ.get("FCN_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
+    if environ.get("FCN_KEEP_FREED_MEMORY", "1").strip().lower() in (
+        "0",
+        "false",
+        "no",
+        "n",
+        "off",
+        "disable",
+        "disabled",
+    ):
         return "FCN_KEEP_FREED_MEMORY"
     for name in MALLOC_VARIABLES:
         if name in environ:
@@ -71,7 +83,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
-    """Make glibc serve every block from its heap and keep freed heap memory for reuse (the module
+    """Make glibc serve blocks from its heaps and keep freed heap memory for reuse (the module
     docstring says why). Applies to allocations made after the call; safe to call again.
 
     Returns True when the settings were applied; False when the user chose their own malloc

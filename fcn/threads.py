@@ -6,23 +6,24 @@ before it sleeps. On a quiet machine that saves a wake-up; on a shared one the s
 burn the CPU time that the thread they wait for needs, and training collapses (issue 17: 4-7x
 slower on the 2-core CPU with other jobs running). Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``,
 the default until issue 17's second round) cures that but pays a futex wake-up at every barrier,
-and a training step has hundreds: on the quiet machine it trained at 0.84 of libgomp's speed at
-batch 8 and 0.57 at batch 1. A short spin, ``GOMP_SPINCOUNT=1000`` (a few microseconds), keeps
-nearly all of both: 0.94-0.95 of libgomp's speed on the quiet machine, and with two busy processes
-beside it 1.36x libgomp's speed at batch 8 (as fast as sleeping at once) and 1.8x at batch 1
-(README, Performance, "A busy CPU", with the commands).
+and a training step has hundreds. A short spin, ``GOMP_SPINCOUNT=1000`` (a few microseconds), keeps
+most of both: 0.90-0.94 of libgomp's speed on the quiet machine (passive: 0.77 at batch 8, 0.53
+at batch 1), and with two busy processes beside it 2.1x libgomp's speed at batch 8 (as fast as
+sleeping at once) and 2.0x at batch 1 (0.72 of passive there) (README, Performance, "A busy
+CPU", with the commands).
 
 So the entry points call :func:`set_openmp_defaults` before torch is imported. Every variable is
-only a default: a value the user exported wins, and an exported ``OMP_WAIT_POLICY`` leaves
-``GOMP_SPINCOUNT`` unset (libgomp lets a spin count override the policy). This module must not
-import torch.
+only a default: a value the user exported wins, and an exported ``OMP_WAIT_POLICY`` (ACTIVE or
+PASSIVE) leaves both unset (libgomp lets a spin count override the policy, LLVM's OpenMP a
+``KMP_BLOCKTIME``). This module must not import torch.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 # Names set_openmp_defaults set in os.environ after torch had been imported: too late to take effect.
 _set_after_torch: set[str] = set()
@@ -32,7 +33,7 @@ SPIN_COUNT = 1000
 # Defaults for variables read once, when libgomp / Intel OpenMP initialise (at `import torch`).
 OPENMP_DEFAULTS = {
     "GOMP_SPINCOUNT": str(SPIN_COUNT),  # GNU OpenMP: spin briefly at a barrier, then sleep
-    "KMP_BLOCKTIME": "0",  # Intel OpenMP (builds linked with libiomp): sleep at once (its finest setting)
+    "KMP_BLOCKTIME": "0",  # Intel / LLVM OpenMP builds: sleep at once (not measured: the wheel here uses libgomp)
 }
 
 
@@ -45,9 +46,10 @@ def set_openmp_defaults(environ: MutableMapping[str, str] | None = None) -> dict
     real = environ is None
     environ = os.environ if environ is None else environ
     added = {}
+    policy_chosen = environ.get("OMP_WAIT_POLICY", "").strip().upper() in ("ACTIVE", "PASSIVE")
     for name, value in OPENMP_DEFAULTS.items():
-        if name == "GOMP_SPINCOUNT" and "OMP_WAIT_POLICY" in environ:
-            continue  # the user chose a policy; a spin count would override it
+        if policy_chosen:
+            continue  # the user chose a policy; a spin count or block time would override it
         if name not in environ:
             environ[name] = value
             added[name] = value
@@ -72,21 +74,28 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
-def spin_count(environ: MutableMapping[str, str]) -> float:
+def spin_count(environ: Mapping[str, str]) -> float:
     """Iterations a waiting libgomp thread spins before it sleeps, as libgomp reads ``environ``:
-    ``GOMP_SPINCOUNT`` (a number, or ``infinite``), else ``OMP_WAIT_POLICY`` (``PASSIVE``: 0,
-    ``ACTIVE``: practically forever), else libgomp's default of 300,000."""
+    ``GOMP_SPINCOUNT`` (``infinite``/``infinity``, or an integer with an optional k/M/G/T suffix;
+    a negative one wraps around to practically forever; anything else is ignored), else
+    ``OMP_WAIT_POLICY`` (``PASSIVE``: 0, ``ACTIVE``: practically forever), else 300,000."""
     value = environ.get("GOMP_SPINCOUNT", "").strip().lower()
     if value in ("infinite", "infinity"):
         return float("inf")
-    if value:
-        try:
-            multiplier = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}.get(value[-1], 1)
-            return float(value[:-1] if multiplier != 1 else value) * multiplier
-        except ValueError:
-            pass  # libgomp ignores a value it cannot read
+    if match := re.fullmatch(r"(-?)(\d+)\s*([kmgt]?)", value):
+        if match.group(1) and int(match.group(2)):
+            return float("inf")  # libgomp reads it unsigned: 2**64 minus a little
+        return float(match.group(2)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[match.group(3)]
     policy = environ.get("OMP_WAIT_POLICY", "").strip().upper()
     return {"PASSIVE": 0.0, "ACTIVE": float("inf")}.get(policy, 300_000.0)
+
+
+def spins_long(environ: Mapping[str, str] | None = None) -> bool:
+    """True when waiting OpenMP threads will spin longer than :data:`SPIN_COUNT` iterations: the
+    user exported such a setting, or torch was imported before the entry point set its default
+    (then libgomp runs with its own 300,000 whatever the environment says now)."""
+    environ = os.environ if environ is None else environ
+    return spin_count(environ) > SPIN_COUNT or "GOMP_SPINCOUNT" in _set_after_torch
 
 
 def spin_wait_warning(threads: int, environ: MutableMapping[str, str] | None = None) -> str | None:
@@ -97,7 +106,7 @@ def spin_wait_warning(threads: int, environ: MutableMapping[str, str] | None = N
     the environment and ``os.getloadavg``."""
     environ = os.environ if environ is None else environ
     too_late = "GOMP_SPINCOUNT" in _set_after_torch
-    if threads < 2 or (spin_count(environ) <= SPIN_COUNT and not too_late):
+    if threads < 2 or not spins_long(environ):
         return None
     try:
         load = os.getloadavg()[0]

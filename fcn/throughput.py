@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
-from fcn.threads import SPIN_COUNT, spin_count, usable_cpus
+from fcn.threads import SPIN_COUNT, spins_long, usable_cpus
 
 
 class ThroughputWatch:
@@ -36,8 +36,9 @@ class ThroughputWatch:
         environ, clock, cpu_clock, loadavg, cpus: where the facts come from (tests give their own).
 
     The first window is warm-up (oneDNN primitives, compilation, page faults) and is never the best.
-    Call :meth:`restart` after anything that is not training (validation, a checkpoint save) so
-    that it does not count as slowness.
+    Wrap anything that is not training (validation, a checkpoint save) in :meth:`pause` and
+    :meth:`resume`: its time is left out and the window goes on, so frequent checkpoints or short
+    epochs still fill windows.
     """
 
     def __init__(
@@ -63,12 +64,25 @@ class ThroughputWatch:
         self.best: float | None = None  # images per second of the best finished window
         self.windows = 0  # windows finished since the start (the first is warm-up)
         self.slow = False  # inside a slow spell that has been reported
-        self.restart()
+        self._paused: tuple[float, float] | None = None
+        self._restart()
 
-    def restart(self) -> None:
-        """Start a new window now: what happened since the last step was not training."""
+    def _restart(self) -> None:
         self._started, self._cpu_started = self.clock(), self.cpu_clock()
         self._images = self._steps = 0
+
+    def pause(self) -> None:
+        """Stop the window's clocks: what follows is not training."""
+        if self._paused is None:
+            self._paused = (self.clock(), self.cpu_clock())
+
+    def resume(self) -> None:
+        """Start the clocks again; the paused time counts nowhere."""
+        if self._paused is not None:
+            wall, cpu = self._paused
+            self._started += self.clock() - wall
+            self._cpu_started += self.cpu_clock() - cpu
+            self._paused = None
 
     def step(self, images: int) -> str | None:
         """Count one training step of ``images`` images; returns a warning when the window it
@@ -81,7 +95,7 @@ class ThroughputWatch:
         rate = self._images / wall
         cpu_share = (self.cpu_clock() - self._cpu_started) / wall / self.threads
         self.windows += 1
-        self.restart()
+        self._restart()
         if self.windows == 1:
             return None  # warm-up
         best = self.best
@@ -97,28 +111,31 @@ class ThroughputWatch:
     def _message(self, rate: float, best: float, cpu_share: float) -> str:
         head = f"training slowed to {rate:.1f} img/s, {rate / best:.2f} of this run's best window ({best:.1f} img/s)"
         if self.device_type != "cpu":
+            shared = "nvidia-smi lists the processes on it" if self.device_type == "cuda" else "check what else runs"
             return (
-                f"{head}: the GPU may be waiting for data (raise trainer.num_workers) or be shared with "
-                "another job (nvidia-smi lists the processes on it)"
+                f"{head}: the {self.device_type} device may be waiting for data (raise trainer.num_workers) or be "
+                f"shared with another job ({shared})"
             )
         try:
             load = self.loadavg()[0]
         except OSError:
             load = float("nan")
         cpus = self.cpus()
+        others = max(0.0, load - self.threads * cpu_share)  # the load beyond this process's own threads
         facts = (
-            f"this process got {cpu_share:.2f} of its {self.threads} threads' CPU time, "
-            f"load average {load:.1f} on {cpus} CPUs"
+            f"this process got {cpu_share:.2f} of its {self.threads} threads' CPU time; "
+            f"load average {load:.1f} on {cpus} CPUs, about {others:.1f} of it from other processes "
+            "(data-loading workers included)"
         )
-        if cpu_share < 0.7 and load >= cpus:
+        if spins_long(self.environ):
+            fix = (
+                f"OpenMP threads spin-wait against that other work: export GOMP_SPINCOUNT={SPIN_COUNT} "
+                "(or OMP_WAIT_POLICY=PASSIVE) before starting, or set trainer.threads=1"
+            )
+        elif cpu_share < 0.7 and others >= 0.5 * cpus:
             fix = "other work is taking the CPU: stop it, or train with fewer threads (trainer.threads=1) until it ends"
         elif cpu_share < 0.7:
             fix = "the process waited, usually for data: check the disk, or raise trainer.num_workers"
-        elif spin_count(self.environ) > SPIN_COUNT:
-            fix = (
-                f"the threads are spinning instead of working: export GOMP_SPINCOUNT={SPIN_COUNT} "
-                "(or OMP_WAIT_POLICY=PASSIVE) before starting"
-            )
         else:
             fix = "the CPU is busy with this process but gets less done: is the machine swapping or throttled?"
         return f"{head}; {facts}: {fix}"

@@ -17,9 +17,11 @@ import json
 import statistics
 import time
 
+from fcn.malloc import keep_freed_memory
 from fcn.threads import set_openmp_defaults
 
 set_openmp_defaults()  # before torch starts its thread pool, as the other entry points do
+keep_freed_memory()  # large tensors reuse freed heap memory, as in the other entry points
 
 import torch  # noqa: E402
 

@@ -43,7 +43,7 @@ def test_a_users_own_malloc_choice_is_recognised():
     assert user_malloc_setting({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}) is None  # not about malloc
     assert user_malloc_setting({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}) == "LD_PRELOAD"
     assert user_malloc_setting({"LD_PRELOAD": "/opt/libtcmalloc_minimal.so"}) == "LD_PRELOAD"
-    for off in ("0", "false", "no", "off", " OFF "):
+    for off in ("0", "false", "no", "n", "off", " OFF ", "disable", "disabled"):
         assert user_malloc_setting({"FCN_KEEP_FREED_MEMORY": off}) == "FCN_KEEP_FREED_MEMORY"
     assert user_malloc_setting({"FCN_KEEP_FREED_MEMORY": "1"}) is None
 

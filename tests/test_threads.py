@@ -22,12 +22,19 @@ def test_openmp_defaults_fill_only_unset_variables():
     assert set_openmp_defaults(environ) == {"KMP_BLOCKTIME": "0"} and environ["GOMP_SPINCOUNT"] == "50000"
 
 
-@pytest.mark.parametrize("policy", ["ACTIVE", "PASSIVE"])
-def test_a_users_wait_policy_is_not_overridden_by_a_spin_count(policy):
-    # libgomp lets GOMP_SPINCOUNT override OMP_WAIT_POLICY, so a default spin count would undo the user's policy
+@pytest.mark.parametrize("policy", ["ACTIVE", "PASSIVE", "passive"])
+def test_a_users_wait_policy_is_not_overridden_by_a_spin_count_or_block_time(policy):
+    # libgomp lets GOMP_SPINCOUNT override OMP_WAIT_POLICY (LLVM's OpenMP a KMP_BLOCKTIME): a default
+    # would undo the user's policy
     environ = {"OMP_WAIT_POLICY": policy}
-    assert set_openmp_defaults(environ) == {"KMP_BLOCKTIME": "0"}
-    assert "GOMP_SPINCOUNT" not in environ and environ["OMP_WAIT_POLICY"] == policy
+    assert set_openmp_defaults(environ) == {} and environ == {"OMP_WAIT_POLICY": policy}
+
+
+def test_an_empty_or_unknown_wait_policy_gets_the_defaults():
+    # libgomp ignores such a value and spins 300,000 times
+    for value in ("", "sometimes"):
+        environ = {"OMP_WAIT_POLICY": value}
+        assert set_openmp_defaults(environ) == OPENMP_DEFAULTS
 
 
 def test_spin_count_reads_the_environment_as_libgomp_does():
@@ -40,6 +47,10 @@ def test_spin_count_reads_the_environment_as_libgomp_does():
     assert spin_count({"GOMP_SPINCOUNT": "2k"}) == 2000 and spin_count({"GOMP_SPINCOUNT": "3M"}) == 3e6
     assert spin_count({"GOMP_SPINCOUNT": "infinite"}) == float("inf")
     assert spin_count({"GOMP_SPINCOUNT": "lots"}) == 300_000  # unreadable: libgomp ignores it
+    for unreadable in ("1e3", "1.5k", "inf", "nan"):  # libgomp's "Invalid value": its default
+        assert spin_count({"GOMP_SPINCOUNT": unreadable}) == 300_000, unreadable
+    assert spin_count({"GOMP_SPINCOUNT": "-5"}) == float("inf")  # read unsigned: wraps to nearly 2**64
+    assert spin_count({"GOMP_SPINCOUNT": " 2 k "}) == 2000
 
 
 @pytest.mark.slow
