@@ -248,10 +248,9 @@ def evaluation_rates_against_bare(
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 preds = model(x).argmax(1)
-            masks = torch.where(masks.to(device) == ignore_index, num_classes, masks.to(device)).flatten()
-            confusion += torch.bincount(
-                masks * num_classes + preds.flatten(), minlength=(num_classes + 1) * num_classes
-            )
+            masks = masks.to(device)  # one copy, as evaluate makes
+            rows = torch.where(masks == ignore_index, num_classes, masks).flatten()  # ignored: the spare row
+            confusion += torch.bincount(rows * num_classes + preds.flatten(), minlength=confusion.numel())
         return sum(images.shape[0] for images, _ in batches)
 
     def ours() -> int:

@@ -6,7 +6,7 @@ the tensor is freed, and gives the top of its heap back to the OS whenever more 
 threshold is free there. So every training step maps its large activations and gradients anew,
 and the kernel zero-fills every 4 KB page of them on first touch: at 512 x 512 px (tiny model,
 batch 8) 1.8 GB of page faults per step, a third of the process's CPU time spent in the kernel,
-and the pixel rate fell to about 0.7 of the 128 px rate (issue 17's "512 px cliff").
+and the pixel rate fell to 0.7-0.8 of the 128 px rate (issue 17's "512 px cliff").
 
 :func:`keep_freed_memory` makes glibc serve blocks from its heaps instead of separate mappings
 (``mallopt(M_MMAP_MAX, 0)``; a block too large for a secondary thread's heap still gets its own
@@ -22,8 +22,8 @@ came and went between runs, so they are not used.
 The entry points call it at start-up (``fcn/cli/__init__.py``). A user's own choice wins: glibc's
 variables (``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TOP_PAD_``, a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``), another allocator in
-``LD_PRELOAD`` (jemalloc, TCMalloc, mimalloc), or ``FCN_KEEP_FREED_MEMORY=0`` (also ``false``,
-``no``, ``off``; glibc as it comes, for a machine short of memory) leave ``malloc`` alone. It
+``LD_PRELOAD`` (jemalloc, TCMalloc, mimalloc), or ``FCN_KEEP_FREED_MEMORY=0`` (or any of
+:data:`OFF_VALUES`; glibc as it comes, for a machine short of memory) leave ``malloc`` alone. It
 applies to the whole process, so a notebook that imports ``fcn.cli`` gets it too. Elsewhere (macOS,
 musl) it does nothing. This module must not import torch."""
 
@@ -50,15 +50,7 @@ OFF_VALUES = ("0", "false", "no", "n", "off", "disable", "disabled")
 def user_malloc_setting(environ: Mapping[str, str] | None = None) -> str | None:
     """The variable through which the user already chose how memory is allocated, or None."""
     environ = os.environ if environ is None else environ
-    if environ.get("FCN_KEEP_FREED_MEMORY", "1").strip().lower() in (
-        "0",
-        "false",
-        "no",
-        "n",
-        "off",
-        "disable",
-        "disabled",
-    ):
+    if environ.get("FCN_KEEP_FREED_MEMORY", "1").strip().lower() in OFF_VALUES:
         return "FCN_KEEP_FREED_MEMORY"
     for name in MALLOC_VARIABLES:
         if name in environ:

@@ -50,7 +50,7 @@ def set_openmp_defaults(environ: MutableMapping[str, str] | None = None) -> dict
     for name, value in OPENMP_DEFAULTS.items():
         if policy_chosen:
             continue  # the user chose a policy; a spin count or block time would override it
-        if name not in environ:
+        if not environ.get(name, "").strip():  # unset, or exported empty (which libgomp ignores)
             environ[name] = value
             added[name] = value
     if real and "torch" in sys.modules:
@@ -82,10 +82,10 @@ def spin_count(environ: Mapping[str, str]) -> float:
     value = environ.get("GOMP_SPINCOUNT", "").strip().lower()
     if value in ("infinite", "infinity"):
         return float("inf")
-    if match := re.fullmatch(r"(-?)(\d+)\s*([kmgt]?)", value):
-        if match.group(1) and int(match.group(2)):
-            return float("inf")  # libgomp reads it unsigned: 2**64 minus a little
-        return float(match.group(2)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[match.group(3)]
+    if match := re.fullmatch(r"([-+]?)([0-9]+)\s*([kmgt]?)", value):
+        count = int(match.group(2)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}[match.group(3)]
+        if count < 2**64:  # libgomp rejects a larger one (and falls back to the wait policy)
+            return float("inf") if match.group(1) == "-" and count else float(count)  # read unsigned: wraps
     policy = environ.get("OMP_WAIT_POLICY", "").strip().upper()
     return {"PASSIVE": 0.0, "ACTIVE": float("inf")}.get(policy, 300_000.0)
 

@@ -9,10 +9,11 @@ under ``ratio`` of the best it returns one warning with what it measured and the
 quiet until the rate has recovered (so a long slow spell is reported once, and a second one again).
 
 On the CPU the warning says how much CPU time the process got (CPU seconds per wall second,
-``time.process_time``, against its threads) next to the load average: a share well under one
-with a busy machine means other work takes the cores (fix: fewer threads or less other work); a
-full share while slower means the threads burn their time spinning (fix: passive waiting) or the
-work itself changed; a small share on a quiet machine means the process waited, usually for data.
+``time.process_time``, against its threads) next to the load average and how much of it can come
+from other processes: with other work on the machine and threads that spin long, the spinning
+(fix: a short spin count); with other work and a share well under one, the other work (fix: fewer
+threads, or less other work); a small share on a quiet machine means the process waited, usually
+for data; a full share while slower, something outside (swapping, throttling).
 """
 
 from __future__ import annotations
@@ -86,16 +87,19 @@ class ThroughputWatch:
 
     def step(self, images: int) -> str | None:
         """Count one training step of ``images`` images; returns a warning when the window it
-        closes is slower than ``ratio`` of the best one and the slow spell is new, else None."""
+        closes is slower than ``ratio`` of the best one and the slow spell is new, else None.
+        (Called while paused, the window is measured up to the pause.)"""
         self._images += images
         self._steps += 1
-        wall = self.clock() - self._started
-        if wall < self.window_s or self._steps < self.min_steps:
+        now, cpu_now = self._paused if self._paused is not None else (self.clock(), self.cpu_clock())
+        wall = now - self._started
+        if wall < self.window_s or wall <= 0 or self._steps < self.min_steps:
             return None
         rate = self._images / wall
-        cpu_share = (self.cpu_clock() - self._cpu_started) / wall / self.threads
+        cpu_share = (cpu_now - self._cpu_started) / wall / self.threads
         self.windows += 1
-        self._restart()
+        # the next window starts where this one ended (at the pause, when paused)
+        self._started, self._cpu_started, self._images, self._steps = now, cpu_now, 0, 0
         if self.windows == 1:
             return None  # warm-up
         best = self.best
@@ -121,19 +125,23 @@ class ThroughputWatch:
         except OSError:
             load = float("nan")
         cpus = self.cpus()
-        others = max(0.0, load - self.threads * cpu_share)  # the load beyond this process's own threads
+        # The load beyond this process's running threads: an upper bound on other processes' share
+        # (this process's own threads waiting for a CPU count in the load average too).
+        others = max(0.0, load - self.threads * cpu_share)
+        busy = others >= 0.5 * cpus
         facts = (
             f"this process got {cpu_share:.2f} of its {self.threads} threads' CPU time; "
-            f"load average {load:.1f} on {cpus} CPUs, about {others:.1f} of it from other processes "
+            f"load average {load:.1f} on {cpus} CPUs, up to {others:.1f} of it from other processes "
             "(data-loading workers included)"
         )
-        if spins_long(self.environ):
+        fewer = ", or train with fewer threads (trainer.threads=1) until it ends" if self.threads > 1 else ""
+        if busy and self.threads > 1 and spins_long(self.environ):
             fix = (
                 f"OpenMP threads spin-wait against that other work: export GOMP_SPINCOUNT={SPIN_COUNT} "
                 "(or OMP_WAIT_POLICY=PASSIVE) before starting, or set trainer.threads=1"
             )
-        elif cpu_share < 0.7 and others >= 0.5 * cpus:
-            fix = "other work is taking the CPU: stop it, or train with fewer threads (trainer.threads=1) until it ends"
+        elif cpu_share < 0.7 and busy:
+            fix = f"other work is taking the CPU: stop it{fewer}"
         elif cpu_share < 0.7:
             fix = "the process waited, usually for data: check the disk, or raise trainer.num_workers"
         else:

@@ -35,6 +35,8 @@ def test_an_empty_or_unknown_wait_policy_gets_the_defaults():
     for value in ("", "sometimes"):
         environ = {"OMP_WAIT_POLICY": value}
         assert set_openmp_defaults(environ) == OPENMP_DEFAULTS
+    environ = {"GOMP_SPINCOUNT": " "}  # exported empty: libgomp ignores it too
+    assert set_openmp_defaults(environ)["GOMP_SPINCOUNT"] == "1000"
 
 
 def test_spin_count_reads_the_environment_as_libgomp_does():
@@ -50,7 +52,9 @@ def test_spin_count_reads_the_environment_as_libgomp_does():
     for unreadable in ("1e3", "1.5k", "inf", "nan"):  # libgomp's "Invalid value": its default
         assert spin_count({"GOMP_SPINCOUNT": unreadable}) == 300_000, unreadable
     assert spin_count({"GOMP_SPINCOUNT": "-5"}) == float("inf")  # read unsigned: wraps to nearly 2**64
-    assert spin_count({"GOMP_SPINCOUNT": " 2 k "}) == 2000
+    assert spin_count({"GOMP_SPINCOUNT": " 2 k "}) == 2000 and spin_count({"GOMP_SPINCOUNT": "+1000"}) == 1000
+    too_large = {"GOMP_SPINCOUNT": "99999999999999999999"}  # over 64 bits: rejected, the policy decides
+    assert spin_count(too_large) == 300_000 and spin_count({**too_large, "OMP_WAIT_POLICY": "PASSIVE"}) == 0
 
 
 @pytest.mark.slow

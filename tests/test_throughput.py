@@ -56,7 +56,7 @@ def test_a_slowdown_on_a_busy_machine_is_warned_once_with_the_fix():
         _window(watch, clocks, 1.0)  # warm-up, then 8 img/s
     [warning] = _window(watch, clocks, 4.0, cpu_share=0.3)  # 2 img/s, a quarter of the best
     assert "slowed to 2.0 img/s, 0.25 of this run's best window (8.0 img/s)" in warning
-    assert "got 0.30 of its 2 threads' CPU time; load average 4.0 on 2 CPUs, about 3.4 of it from other" in warning
+    assert "got 0.30 of its 2 threads' CPU time; load average 4.0 on 2 CPUs, up to 3.4 of it from other" in warning
     assert "trainer.threads=1" in warning
     assert _window(watch, clocks, 4.0, cpu_share=0.3) == []  # the same slow spell: said once
     for _ in range(2):
@@ -86,8 +86,11 @@ def test_the_diagnosis_follows_what_was_measured():
     assert "export GOMP_SPINCOUNT=1000" in first_warning(4.0, 0.3, {"OMP_WAIT_POLICY": "ACTIVE"})
     # short spins, a small share, and load beyond this process's own threads: other work
     assert "other work is taking the CPU" in first_warning(4.0, 0.3, {"GOMP_SPINCOUNT": "1000"})
-    # the load is this process's own threads (2 threads at 0.9 on a quiet 2-CPU machine): not "other work"
-    assert "other work" not in first_warning(1.8, 0.6, {"GOMP_SPINCOUNT": "1000"})
+    # the load is this process's own threads (2 threads at 0.6 on a quiet 2-CPU machine): not "other work"
+    assert "other work" not in first_warning(1.4, 0.6, {"GOMP_SPINCOUNT": "1000"})
+    # threads that spin long on a quiet machine while the process waited: data, not spinning
+    warning = first_warning(0.5, 0.2, {"OMP_WAIT_POLICY": "active"})
+    assert "trainer.num_workers" in warning and "spin-wait" not in warning
     # a quiet machine and a process that waited: data
     assert "trainer.num_workers" in first_warning(0.3, 0.2, {"OMP_WAIT_POLICY": "PASSIVE"})
     # threads that barely spin, with their full share and still slower: something else
@@ -125,6 +128,21 @@ def test_time_spent_outside_training_does_not_count_as_slowness_and_windows_go_o
         watch.resume()
     assert watch.windows == windows + 1  # 12 s of training across the pauses closed a window
     assert watch.best == 8.0 and not watch.slow
+
+
+def test_a_step_counted_while_paused_measures_up_to_the_pause():
+    clocks = FakeClocks()
+    watch = _watch(clocks)
+    for _ in range(3):
+        _window(watch, clocks, 1.0)
+    for _ in range(9):
+        clocks.advance(1.0, 2.0)
+        watch.step(8)
+    watch.pause()
+    clocks.advance(60.0, 10.0)
+    assert watch.step(8) is None  # closes the window at the pause: 80 images in 9 s, not a slowdown
+    watch.resume()
+    assert _window(watch, clocks, 1.0) == [] and watch.best < 9.0  # and the next windows stay honest
 
 
 def test_training_warns_when_it_slows_down(shapes_root, tmp_path, monkeypatch, caplog):
