@@ -214,6 +214,7 @@ def _worker(rank: int, port: int, shapes_root: Path, out: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         _two_rank_job(rank, shapes_root, out)
+        dist.barrier()  # both ranks done with every collective before the group goes (gloo's teardown)
     finally:
         dist.destroy_process_group()
 
