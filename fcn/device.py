@@ -9,6 +9,7 @@ import os
 import torch
 
 from fcn.errors import UserError, cause
+from fcn.malloc import setting_warning
 from fcn.threads import spin_wait_warning, usable_cpus
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ def resolve_device(name: str, threads: int | None = None) -> torch.device:
     elif torch.get_num_threads() > usable_cpus():
         torch.set_num_threads(usable_cpus())
     if name in ("auto", "cpu") and (warning := spin_wait_warning(torch.get_num_threads())):
+        log.warning("%s", warning)
+    if warning := setting_warning():
         log.warning("%s", warning)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

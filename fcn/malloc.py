@@ -43,8 +43,9 @@ TRIM_THRESHOLD = 2**31 - 1
 # Environment variables through which a user has already chosen how memory is allocated.
 MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-# FCN_KEEP_FREED_MEMORY values that turn it off (anything else, or unset, leaves it on).
+# FCN_KEEP_FREED_MEMORY values that turn it off, and those that leave it on (so does unset).
 OFF_VALUES = ("0", "false", "no", "n", "off", "disable", "disabled")
+ON_VALUES = ("", "1", "true", "yes", "y", "on", "enable", "enabled")
 
 
 def user_malloc_setting(environ: Mapping[str, str] | None = None) -> str | None:
@@ -61,6 +62,19 @@ def user_malloc_setting(environ: Mapping[str, str] | None = None) -> str | None:
     if any(name in preload for name in OTHER_ALLOCATORS):
         return "LD_PRELOAD"
     return None
+
+
+def setting_warning(environ: Mapping[str, str] | None = None) -> str | None:
+    """A warning naming ``FCN_KEEP_FREED_MEMORY`` when its value is neither an on nor an off value
+    (it is then taken as on, which may not be what was meant); None otherwise."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("FCN_KEEP_FREED_MEMORY")
+    if value is None or value.strip().lower() in OFF_VALUES + ON_VALUES:
+        return None
+    return (
+        f"FCN_KEEP_FREED_MEMORY={value!r} is not understood: freed memory is kept for reuse as by default; "
+        "set FCN_KEEP_FREED_MEMORY=0 to give glibc its own behaviour back (or 1 to silence this)"
+    )
 
 
 def _glibc() -> ctypes.CDLL | None:

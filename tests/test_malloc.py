@@ -48,6 +48,20 @@ def test_a_users_own_malloc_choice_is_recognised():
     assert user_malloc_setting({"FCN_KEEP_FREED_MEMORY": "1"}) is None
 
 
+def test_a_value_that_is_neither_on_nor_off_is_warned_about_naming_the_variable(monkeypatch, caplog):
+    from fcn import malloc
+    from fcn.device import resolve_device
+
+    for value in ("0", "off", "1", "yes", ""):
+        assert malloc.setting_warning({"FCN_KEEP_FREED_MEMORY": value}) is None
+    assert malloc.setting_warning({}) is None
+    warning = malloc.setting_warning({"FCN_KEEP_FREED_MEMORY": "maybe"})
+    assert "FCN_KEEP_FREED_MEMORY='maybe' is not understood" in warning and "FCN_KEEP_FREED_MEMORY=0" in warning
+    monkeypatch.setenv("FCN_KEEP_FREED_MEMORY", "sometimes")
+    resolve_device("cpu", None)  # what every entry point calls at start-up
+    assert "FCN_KEEP_FREED_MEMORY='sometimes' is not understood" in caplog.text
+
+
 def test_keep_freed_memory_leaves_a_users_choice_alone():
     assert keep_freed_memory({"MALLOC_MMAP_MAX_": "65536"}) is False
     assert keep_freed_memory({"FCN_KEEP_FREED_MEMORY": "0"}) is False
