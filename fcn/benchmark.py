@@ -178,6 +178,12 @@ def matmul_probe(device: torch.device, dtype: torch.dtype, size: int = 2048) -> 
     return lambda: _median_rate(run, device, 1)
 
 
+def _bare_input(images, device, mean_t, std_t, channels_last: bool) -> torch.Tensor:
+    """A uint8 batch normalised as a bare loop would: float on the device, then NHWC if asked."""
+    x = (images.to(device).float() / 255 - mean_t) / std_t
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def bare_training_probe(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -203,9 +209,7 @@ def bare_training_probe(
         images_seen = 0
         for i in range(steps):
             images, masks = batches[i % len(batches)]
-            x = (images.to(device).float() / 255 - mean_t) / std_t
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = _bare_input(images, device, mean_t, std_t, channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loss_fn(model(x), masks.to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -243,9 +247,7 @@ def evaluation_rates_against_bare(
         model.eval()
         confusion = torch.zeros((num_classes + 1) * num_classes, dtype=torch.int64, device=device)
         for images, masks in batches:
-            x = (images.to(device).float() / 255 - mean_t) / std_t
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = _bare_input(images, device, mean_t, std_t, channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 preds = model(x).argmax(1)
             masks = masks.to(device)  # one copy, as evaluate makes

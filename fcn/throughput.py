@@ -65,12 +65,8 @@ class ThroughputWatch:
         self.best: float | None = None  # images per second of the best finished window
         self.windows = 0  # windows finished since the start (the first is warm-up)
         self.slow = False  # inside a slow spell that has been reported
-        self._paused: tuple[float, float] | None = None
-        self._restart()
-
-    def _restart(self) -> None:
-        self._started, self._cpu_started = self.clock(), self.cpu_clock()
-        self._images = self._steps = 0
+        self._paused: tuple[float, float] | None = None  # wall and CPU clocks when paused
+        self._started, self._cpu_started, self._images, self._steps = self.clock(), self.cpu_clock(), 0, 0
 
     def pause(self) -> None:
         """Stop the window's clocks: what follows is not training."""
@@ -91,10 +87,11 @@ class ThroughputWatch:
         (Called while paused, the window is measured up to the pause.)"""
         self._images += images
         self._steps += 1
-        now, cpu_now = self._paused if self._paused is not None else (self.clock(), self.cpu_clock())
+        now = self._paused[0] if self._paused is not None else self.clock()
         wall = now - self._started
         if wall < self.window_s or wall <= 0 or self._steps < self.min_steps:
-            return None
+            return None  # the window goes on (the CPU clock is read only when one closes)
+        cpu_now = self._paused[1] if self._paused is not None else self.cpu_clock()
         rate = self._images / wall
         cpu_share = (cpu_now - self._cpu_started) / wall / self.threads
         self.windows += 1
