@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import signal
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -140,11 +142,27 @@ def process_group() -> Iterator[None]:
         finished = True
     finally:
         if finished:
-            # every rank done with its collectives before the group goes: gloo's worker threads can
-            # otherwise still be running at destruction ("terminate called without an active
-            # exception", SIGABRT: seen in 2 of 7 two-rank test jobs, 0 of 6 with the barrier)
-            barrier()
+            barrier()  # no rank leaves while another still waits in a collective
         dist.destroy_process_group()
+
+
+# The last collectives' Work objects and tensors, kept alive on purpose. gloo's worker thread
+# drops its reference to a finished Work; when that is the last one, it frees the Work's tensors,
+# which takes the GIL (the tensors are Python objects). A thread asking for the GIL after
+# interpreter shutdown has begun is ended by CPython, and ending it inside that destructor kills
+# the process: "terminate called without an active exception", SIGABRT, exit -6, after training
+# had finished well (torch 2.14; rank 1 of a two-rank CPU job, 2 of 20 runs on a loaded machine).
+# destroy_process_group does not stop those threads while DistributedDataParallel has been used (it
+# keeps the group alive in C++), so a Work referenced here is freed by this thread instead: when a
+# newer one pushes it out, or at shutdown.
+_recent_work: deque[tuple[Any, ...]] = deque(maxlen=64)
+
+
+def _finish(*works: Any, keep: Any = None) -> None:
+    """Wait for asynchronous collectives and keep them (and ``keep``) referenced; see ``_recent_work``."""
+    for work in works:
+        work.wait()
+    _recent_work.append((*works, keep))
 
 
 def is_initialized() -> bool:
@@ -187,7 +205,8 @@ def barrier() -> None:
     no GPU and behaves the same whatever the training device.
     """
     if dist.is_initialized():
-        dist.all_reduce(torch.zeros(1))
+        flag = torch.zeros(1)
+        _finish(dist.all_reduce(flag, async_op=True), keep=flag)
 
 
 @contextmanager
@@ -218,27 +237,50 @@ def rank_zero_first() -> Iterator[None]:
 
 
 def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (a path, a small dict: anything picklable)."""
+    """Rank 0's ``obj`` on every rank (a path, a small dict: anything picklable).
+
+    Pickled into a CPU byte tensor and broadcast through gloo, like ``dist.broadcast_object_list``
+    but with the Works kept (see ``_recent_work``): a rank may exit right after this.
+    """
     if not dist.is_initialized():
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    data = _to_bytes(obj) if is_main() else None
+    size = torch.tensor([0 if data is None else data.numel()])
+    _finish(dist.broadcast(size, src=0, async_op=True), keep=size)
+    if data is None:
+        data = torch.empty(int(size), dtype=torch.uint8)
+    _finish(dist.broadcast(data, src=0, async_op=True), keep=data)
+    return _from_bytes(data)
 
 
 def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order, on every rank."""
+    """Every rank's ``obj``, in rank order, on every rank (pickled, as :func:`broadcast_object`)."""
     if not dist.is_initialized():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    data = _to_bytes(obj)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    own = torch.tensor([data.numel()])
+    _finish(dist.all_gather(sizes, own, async_op=True), keep=(sizes, own))
+    longest = max(int(size) for size in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: data.numel()] = data
+    gathered = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
+    _finish(dist.all_gather(gathered, padded, async_op=True), keep=(gathered, padded))
+    return [_from_bytes(chunk[: int(size)]) for chunk, size in zip(gathered, sizes, strict=True)]
+
+
+def _to_bytes(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _from_bytes(data: torch.Tensor) -> Any:
+    return pickle.loads(data.numpy().tobytes())
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over all ranks (in place, and returned)."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        _finish(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True), keep=tensor)
     return tensor
 
 
@@ -251,7 +293,7 @@ def mean_across_ranks(value: torch.Tensor) -> float:
     value = value.detach().float()
     if dist.is_initialized():
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        _finish(dist.all_reduce(value, op=dist.ReduceOp.SUM, async_op=True), keep=value)
         value /= dist.get_world_size()
     return value.item()
 
@@ -297,8 +339,8 @@ def broadcast_buffers(model: nn.Module) -> None:
     exactly the model that rank 0 checkpoints.
     """
     if dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+        buffers = list(model.buffers())
+        _finish(*[dist.broadcast(buffer, src=0, async_op=True) for buffer in buffers], keep=buffers)
 
 
 class SharedStop:
@@ -321,7 +363,7 @@ class SharedStop:
         signum = int(self.local.requested or signal.SIGTERM) if wanted else 0
         if dist.is_initialized():
             flag = torch.tensor([signum])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            _finish(dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), keep=flag)
             signum = int(flag)
         if signum:
             self.requested = signum
