@@ -151,7 +151,7 @@ def process_group() -> Iterator[None]:
 # which takes the GIL (the tensors are Python objects). A thread asking for the GIL after
 # interpreter shutdown has begun is ended by CPython, and ending it inside that destructor kills
 # the process: "terminate called without an active exception", SIGABRT, exit -6, after training
-# had finished well (torch 2.14; rank 1 of a two-rank CPU job, 2 of 20 runs on a loaded machine).
+# had finished well (torch 2.14; 5 of 25 two-rank CPU jobs on a loaded 2-core machine).
 # destroy_process_group does not stop those threads while DistributedDataParallel has been used (it
 # keeps the group alive in C++), so a Work referenced here is freed by this thread instead: when a
 # newer one pushes it out, or at shutdown.
@@ -159,10 +159,13 @@ _recent_work: deque[tuple[Any, ...]] = deque(maxlen=64)
 
 
 def _finish(*works: Any, keep: Any = None) -> None:
-    """Wait for asynchronous collectives and keep them (and ``keep``) referenced; see ``_recent_work``."""
+    """Wait for asynchronous collectives and keep them (and ``keep``) referenced; see ``_recent_work``.
+
+    Kept before the wait, so that a collective that fails (a rank gone, a timeout) is kept too.
+    """
+    _recent_work.append((*works, keep))
     for work in works:
         work.wait()
-    _recent_work.append((*works, keep))
 
 
 def is_initialized() -> bool:
@@ -250,7 +253,7 @@ def broadcast_object(obj: Any) -> Any:
     if data is None:
         data = torch.empty(int(size), dtype=torch.uint8)
     _finish(dist.broadcast(data, src=0, async_op=True), keep=data)
-    return _from_bytes(data)
+    return obj if is_main() else _from_bytes(data)
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -339,8 +342,12 @@ def broadcast_buffers(model: nn.Module) -> None:
     exactly the model that rank 0 checkpoints.
     """
     if dist.is_initialized():
-        buffers = list(model.buffers())
-        _finish(*[dist.broadcast(buffer, src=0, async_op=True) for buffer in buffers], keep=buffers)
+        works: list[Any] = []
+        _recent_work.append((works,))  # each Work kept as soon as it exists (see _finish)
+        for buffer in model.buffers():
+            works.append(dist.broadcast(buffer, src=0, async_op=True))
+        for work in works:
+            work.wait()
 
 
 class SharedStop:

@@ -485,7 +485,7 @@ def test_finished_collectives_are_let_go_by_the_calling_thread_not_by_gloos_work
     assert distributed.broadcast_object({"path": ("a", 1)}) == {"path": ("a", 1)}
     assert distributed.gather_objects("x" * 1000) == ["x" * 1000]
     assert not distributed.SharedStop(GracefulStop()).poll(step=1)
-    for _ in range(64):  # newer collectives push the first out: freed here, by this thread
+    for _ in range(distributed._recent_work.maxlen):  # newer ones push the first out: freed here, by this thread
         distributed.barrier()
     gc.collect()
     assert watched() is None
