@@ -158,12 +158,13 @@ def process_group() -> Iterator[None]:
 _recent_work: deque[tuple[Any, ...]] = deque(maxlen=64)
 
 
-def _finish(*works: Any, keep: Any = None) -> None:
-    """Wait for asynchronous collectives and keep them (and ``keep``) referenced; see ``_recent_work``.
+def _finish(*works: Any) -> None:
+    """Wait for asynchronous collectives and keep them referenced (each holds its tensors); see
+    ``_recent_work``.
 
     Kept before the wait, so that a collective that fails (a rank gone, a timeout) is kept too.
     """
-    _recent_work.append((*works, keep))
+    _recent_work.append(works)
     for work in works:
         work.wait()
 
@@ -208,8 +209,7 @@ def barrier() -> None:
     no GPU and behaves the same whatever the training device.
     """
     if dist.is_initialized():
-        flag = torch.zeros(1)
-        _finish(dist.all_reduce(flag, async_op=True), keep=flag)
+        _finish(dist.all_reduce(torch.zeros(1), async_op=True))
 
 
 @contextmanager
@@ -249,10 +249,10 @@ def broadcast_object(obj: Any) -> Any:
         return obj
     data = _to_bytes(obj) if is_main() else None
     size = torch.tensor([0 if data is None else data.numel()])
-    _finish(dist.broadcast(size, src=0, async_op=True), keep=size)
+    _finish(dist.broadcast(size, src=0, async_op=True))
     if data is None:
         data = torch.empty(int(size), dtype=torch.uint8)
-    _finish(dist.broadcast(data, src=0, async_op=True), keep=data)
+    _finish(dist.broadcast(data, src=0, async_op=True))
     return obj if is_main() else _from_bytes(data)
 
 
@@ -263,12 +263,12 @@ def gather_objects(obj: Any) -> list[Any]:
     data = _to_bytes(obj)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
     own = torch.tensor([data.numel()])
-    _finish(dist.all_gather(sizes, own, async_op=True), keep=(sizes, own))
+    _finish(dist.all_gather(sizes, own, async_op=True))
     longest = max(int(size) for size in sizes)
     padded = torch.zeros(longest, dtype=torch.uint8)
     padded[: data.numel()] = data
     gathered = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
-    _finish(dist.all_gather(gathered, padded, async_op=True), keep=(gathered, padded))
+    _finish(dist.all_gather(gathered, padded, async_op=True))
     return [_from_bytes(chunk[: int(size)]) for chunk, size in zip(gathered, sizes, strict=True)]
 
 
@@ -283,7 +283,7 @@ def _from_bytes(data: torch.Tensor) -> Any:
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over all ranks (in place, and returned)."""
     if dist.is_initialized():
-        _finish(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True), keep=tensor)
+        _finish(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True))
     return tensor
 
 
@@ -296,7 +296,7 @@ def mean_across_ranks(value: torch.Tensor) -> float:
     value = value.detach().float()
     if dist.is_initialized():
         value = value.clone()
-        _finish(dist.all_reduce(value, op=dist.ReduceOp.SUM, async_op=True), keep=value)
+        _finish(dist.all_reduce(value, op=dist.ReduceOp.SUM, async_op=True))
         value /= dist.get_world_size()
     return value.item()
 
@@ -370,7 +370,7 @@ class SharedStop:
         signum = int(self.local.requested or signal.SIGTERM) if wanted else 0
         if dist.is_initialized():
             flag = torch.tensor([signum])
-            _finish(dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), keep=flag)
+            _finish(dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
             signum = int(flag)
         if signum:
             self.requested = signum
