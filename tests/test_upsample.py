@@ -29,6 +29,59 @@ def test_upsample_border_differs_without_replicate_padding():
     assert up(x)[..., 0, 0].item() == pytest.approx(1.0)
 
 
+def _transposed_reference(up, x):
+    """What the module computes, written as the transposed convolution itself."""
+    from fcn.models.upsample import replicate_pad1
+
+    y = up.deconv(replicate_pad1(x))
+    o, f = up._offset, up.factor
+    return y[..., o : o + x.shape[-2] * f, o : o + x.shape[-1] * f]
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 8, 16, 32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_computation_equals_the_transposed_convolution_for_a_learned_kernel(factor, channels_last):
+    # A learned kernel is no longer bilinear (nor diagonal across channels): the sub-pixel form must
+    # give the transposed convolution's outputs and its gradients for any kernel (odd factors:
+    # a (2f - 1)-tap kernel, zero-padded to 2f).
+    torch.manual_seed(factor)
+    up = BilinearUpsample(3, factor)
+    with torch.no_grad():
+        up.deconv.weight.normal_()
+    x = torch.randn(2, 3, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    grad_out = torch.randn(2, 3, 5 * factor, 7 * factor)
+    out = up(x)
+    got = torch.autograd.grad(out, [x, up.deconv.weight], grad_out)
+    ref = _transposed_reference(up, x)
+    want = torch.autograd.grad(ref, [x, up.deconv.weight], grad_out)
+    assert out.shape == ref.shape == grad_out.shape
+    scale = ref.abs().max()
+    assert (out - ref).abs().max() <= 1e-5 * scale
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= 1e-5 * w.abs().max()
+    with torch.no_grad():  # inference computes the transposed convolution itself: the same map
+        assert (up(x) - out.detach()).abs().max() <= 1e-5 * scale
+    up.subpixel_training = False  # the transposed convolution for training too (measurements)
+    assert torch.equal(up(x), ref)
+
+
+def test_subpixel_weight_puts_each_kernel_tap_in_its_phase_and_tap():
+    up = BilinearUpsample(2, 2)
+    with torch.no_grad():
+        up.deconv.weight.copy_(torch.arange(2 * 2 * 4 * 4, dtype=torch.float32).view(2, 2, 4, 4))
+    w, sub = up.deconv.weight, up.subpixel_weight()
+    assert sub.shape == (2 * 2 * 2, 2, 2, 2)
+    for c in range(2):
+        for rh in range(2):
+            for rw in range(2):
+                for a in range(2):
+                    for b in range(2):
+                        assert sub[c * 4 + rh * 2 + rw, 1, a, b] == w[1, c, rh + 2 * (1 - a), rw + 2 * (1 - b)]
+
+
 def test_bilinear_kernel_is_the_fcn_surgery_filter():
     k = bilinear_kernel(2)
     taps = torch.tensor([0.25, 0.75, 0.75, 0.25])

@@ -2,12 +2,14 @@
 
 FCN does not resize its coarse scores with a fixed interpolation: it upsamples them with a
 transposed convolution whose kernel starts as bilinear interpolation and is then learned.
-This module owns that layer and the kernel it starts from.
+This module owns that layer and the kernel it starts from, and computes the transposed
+convolution as its equivalent sub-pixel convolution (same outputs and gradients; faster on the CPU).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -47,7 +49,14 @@ class BilinearUpsample(nn.Module):
         factor: integer upsampling factor (>= 2).
         learnable: when False the kernel stays bilinear; it is frozen through ``requires_grad``
             so it is visible as frozen in any parameter count, not left out of the optimizer.
+
+    Attributes:
+        subpixel_training: True (the default) computes passes that will be differentiated as the
+            equivalent sub-pixel convolution (:meth:`forward`); False keeps ``ConvTranspose2d``
+            there too (``scripts/measure_fast_paths.py`` compares the two).
     """
+
+    subpixel_training: bool = True
 
     def __init__(self, channels: int, factor: int, learnable: bool = True) -> None:
         super().__init__()
@@ -83,8 +92,50 @@ class BilinearUpsample(nn.Module):
         start = self.bilinear_weight()
         return float((self.deconv.weight.detach() - start).norm() / start.norm())
 
+    def subpixel_weight(self) -> torch.Tensor:
+        """The transposed convolution's kernel as the weight of its equivalent sub-pixel convolution.
+
+        A stride-``f`` transposed convolution with a ``2f x 2f`` kernel ``w`` (a shorter kernel is
+        zero-padded to ``2f``, which changes nothing) computes output ``y[f*q + r] = x[q] w[r] +
+        x[q-1] w[r+f]`` in each dimension: for each of the ``f x f`` output phases ``(r_h, r_w)``
+        a 2 x 2 convolution over the input. Stacking the phases as output channels gives one
+        ordinary convolution followed by ``pixel_shuffle(f)`` (Shi et al., "Real-Time Single Image
+        and Video Super-Resolution Using an Efficient Sub-Pixel CNN", CVPR 2016; the equivalence:
+        Aitken et al., "Checkerboard artifact free sub-pixel convolution", arXiv:1707.02937).
+
+        Returns:
+            ``(C * f * f) x C x 2 x 2``: output channel ``c * f * f + r_h * f + r_w``, input channel
+            ``c_in``, tap ``(a, b)`` holds ``w[c_in, c, r_h + f * (1 - a), r_w + f * (1 - b)]``.
+            Built from the parameter on every call, so gradients reach ``deconv.weight``.
+        """
+        f = self.factor
+        w = self.deconv.weight  # C_in x C_out x K x K, K = 2f - f % 2
+        cin, cout, k = w.shape[0], w.shape[1], w.shape[-1]
+        w = F.pad(w, (0, 2 * f - k, 0, 2 * f - k)).view(cin, cout, 2, f, 2, f)
+        # -> C_out x r_h x r_w x C_in x (1 - a) x (1 - b), then flip to taps (a, b).
+        return w.permute(1, 3, 5, 0, 2, 4).flip(-1, -2).reshape(cout * f * f, cin, 2, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Upsample ``N x C x H x W`` scores to ``N x C x (factor * H) x (factor * W)``.
+
+        Computes ``deconv(replicate_pad1(x))`` cropped to ``[_offset, _offset + factor * H)``
+        (and the same for W). When a backward pass will follow (gradients enabled and ``x`` or
+        the kernel requiring them), it is computed as the equivalent sub-pixel convolution
+        (:meth:`subpixel_weight`): a 2 x 2 convolution of the padded input, ``pixel_shuffle``,
+        and the crop (the valid convolution gives rows ``f .. (H + 2) * f`` of the transposed
+        convolution, and ``f <= _offset <= 2f``). Outputs and gradients are equal to float
+        rounding. On the CPU (oneDNN, torch 2.14) the backward of ``ConvTranspose2d`` with a
+        large kernel on a few channels is slow; the sub-pixel form made a training step of the
+        tiny FCN-8s 1.06-1.16x faster at 128 px and FCN-32s 1.54x (README, "The upsampling").
+        Inference and ONNX export keep the transposed convolution, as fast or faster there.
+        """
+        f = self.factor
         h, w = x.shape[-2:]
-        y = self.deconv(replicate_pad1(x))
-        o = self._offset
-        return y[..., o : o + h * self.factor, o : o + w * self.factor]
+        backward_follows = torch.is_grad_enabled() and (x.requires_grad or self.deconv.weight.requires_grad)
+        if backward_follows and self.subpixel_training and not torch.onnx.is_in_onnx_export():
+            y = F.pixel_shuffle(F.conv2d(replicate_pad1(x), self.subpixel_weight()), f)
+            o = self._offset - f
+        else:
+            y = self.deconv(replicate_pad1(x))
+            o = self._offset
+        return y[..., o : o + h * f, o : o + w * f]
