@@ -64,8 +64,21 @@ def test_subpixel_computation_equals_the_transposed_convolution_for_a_learned_ke
         assert (g - w).abs().max() <= 1e-5 * w.abs().max()
     with torch.no_grad():  # inference computes the transposed convolution itself: the same map
         assert (up(x) - out.detach()).abs().max() <= 1e-5 * scale
+    up.eval()  # eval mode with gradients enabled (saliency, tracing, export): the transposed one
+    assert torch.equal(up(x), ref)
+    up.train()
     up.subpixel_training = False  # the transposed convolution for training too (measurements)
     assert torch.equal(up(x), ref)
+
+
+def test_an_upsampling_layer_in_eval_mode_exports_the_transposed_convolution_with_grad_enabled():
+    # Tracers (torch.export, the ONNX exporter) run with gradients enabled: eval mode decides.
+    up = BilinearUpsample(3, 4).eval()
+    x = torch.randn(1, 3, 5, 6)
+    program = torch.export.export(up, (x,))
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("pixel_shuffle" in op for op in ops), ops
+    assert torch.equal(program.module()(x), up(x))
 
 
 def test_subpixel_weight_puts_each_kernel_tap_in_its_phase_and_tap():

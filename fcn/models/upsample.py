@@ -2,8 +2,9 @@
 
 FCN does not resize its coarse scores with a fixed interpolation: it upsamples them with a
 transposed convolution whose kernel starts as bilinear interpolation and is then learned.
-This module owns that layer and the kernel it starts from, and computes the transposed
-convolution as its equivalent sub-pixel convolution (same outputs and gradients; faster on the CPU).
+This module owns that layer and the kernel it starts from; in training it computes the
+transposed convolution as its equivalent sub-pixel convolution (same outputs and gradients;
+faster on the CPU).
 """
 
 from __future__ import annotations
@@ -51,12 +52,10 @@ class BilinearUpsample(nn.Module):
             so it is visible as frozen in any parameter count, not left out of the optimizer.
 
     Attributes:
-        subpixel_training: True (the default) computes passes that will be differentiated as the
-            equivalent sub-pixel convolution (:meth:`forward`); False keeps ``ConvTranspose2d``
-            there too (``scripts/measure_fast_paths.py`` compares the two).
+        subpixel_training: True (the default) computes training passes (training mode, gradients
+            enabled) as the equivalent sub-pixel convolution (:meth:`forward`); False keeps
+            ``ConvTranspose2d`` there too (``scripts/measure_fast_paths.py`` compares the two).
     """
-
-    subpixel_training: bool = True
 
     def __init__(self, channels: int, factor: int, learnable: bool = True) -> None:
         super().__init__()
@@ -67,6 +66,7 @@ class BilinearUpsample(nn.Module):
         self.deconv = nn.ConvTranspose2d(channels, channels, kernel_size=kernel.shape[-1], stride=factor, bias=False)
         self.reset_parameters()
         self.deconv.weight.requires_grad_(learnable)
+        self.subpixel_training = True
         # Offset of output pixel 0 inside the transposed convolution of the padded input.
         self._offset = (3 * factor) // 2
 
@@ -119,20 +119,21 @@ class BilinearUpsample(nn.Module):
         """Upsample ``N x C x H x W`` scores to ``N x C x (factor * H) x (factor * W)``.
 
         Computes ``deconv(replicate_pad1(x))`` cropped to ``[_offset, _offset + factor * H)``
-        (and the same for W). When a backward pass will follow (gradients enabled and ``x`` or
-        the kernel requiring them), it is computed as the equivalent sub-pixel convolution
+        (and the same for W). In training mode with gradients enabled (and ``x`` or the kernel
+        requiring them) it is computed as the equivalent sub-pixel convolution
         (:meth:`subpixel_weight`): a 2 x 2 convolution of the padded input, ``pixel_shuffle``,
-        and the crop (the valid convolution gives rows ``f .. (H + 2) * f`` of the transposed
+        and the crop (the valid convolution gives rows ``[f, (H + 2) * f)`` of the transposed
         convolution, and ``f <= _offset <= 2f``). Outputs and gradients are equal to float
         rounding. On the CPU (oneDNN, torch 2.14) the backward of ``ConvTranspose2d`` with a
         large kernel on a few channels is slow; the sub-pixel form made a training step of the
         tiny FCN-8s 1.06-1.16x faster at 128 px and FCN-32s 1.54x (README, "The upsampling").
-        Inference and ONNX export keep the transposed convolution, as fast or faster there.
+        In eval mode (evaluation, prediction, tracing and ONNX export) or without gradients it
+        runs the transposed convolution, as fast or faster there.
         """
         f = self.factor
         h, w = x.shape[-2:]
         backward_follows = torch.is_grad_enabled() and (x.requires_grad or self.deconv.weight.requires_grad)
-        if backward_follows and self.subpixel_training and not torch.onnx.is_in_onnx_export():
+        if self.training and self.subpixel_training and backward_follows:
             y = F.pixel_shuffle(F.conv2d(replicate_pad1(x), self.subpixel_weight()), f)
             o = self._offset - f
         else:
