@@ -96,6 +96,7 @@ def measure(
         for name, opt in updates.items():
             update_s[name].append(_timed(opt.step, steps * 3))
         for name, net in inference.items():
+            net.eval()  # the trained model is also one of the training variants, put back in train mode above
             eval_s[name].append(_timed(lambda net=net: infer(net), steps * 2))
     step = {k: statistics.median(v) for k, v in step_s.items()}
     update = {k: statistics.median(v) for k, v in update_s.items()}
