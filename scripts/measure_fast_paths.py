@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from fcn.device import CHANNELS_LAST_CPU  # noqa: E402
 from fcn.models import FCN  # noqa: E402
+from fcn.models.backbones import BACKBONES  # noqa: E402
 from fcn.models.fold import fold_batch_norm  # noqa: E402
 from fcn.models.upsample import BilinearUpsample  # noqa: E402
 
@@ -120,18 +121,32 @@ def measure(
     }
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1 (a crop, batch, class count, round or step count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbones", nargs="+", default=["tiny", "vgg16"])
-    parser.add_argument("--crop", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--classes", type=int, default=21)
+    parser.add_argument("--backbones", nargs="+", default=["tiny", "vgg16"], choices=sorted(BACKBONES))
+    parser.add_argument("--crop", type=_positive, default=128)
+    parser.add_argument("--batch", type=_positive, default=8)
+    parser.add_argument("--classes", type=_positive, default=21)
     parser.add_argument("--variant", default="8s", choices=["32s", "16s", "8s", "4s"])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=_positive, default=2)
+    parser.add_argument("--steps", type=_positive, default=3)
     args = parser.parse_args()
     for backbone in args.backbones:
-        result = measure(backbone, args.crop, args.batch, args.rounds, args.steps, args.classes, args.variant)
+        try:
+            result = measure(backbone, args.crop, args.batch, args.rounds, args.steps, args.classes, args.variant)
+        except ValueError as exc:  # e.g. batch norm given one value per channel: a batch of 1 at a small crop
+            parser.error(f"{backbone} at --crop {args.crop} --batch {args.batch}: {exc} (a larger crop or batch)")
         print(json.dumps(result), flush=True)
 
 

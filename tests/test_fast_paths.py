@@ -178,3 +178,43 @@ def test_compile_trains_the_model_on_the_cpu_with_the_eager_results(caplog):
     # (and a bias whose true gradient is 0, ahead of a batch norm, gets rounding noise): compare all at once
     difference = torch.cat([(grads[name] - eager[name]).flatten() for name in grads]).norm()
     assert difference <= 1e-2 * torch.cat([eager[name].flatten() for name in grads]).norm()
+
+
+def _measure_fast_paths(*args: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "measure_fast_paths.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_measure_fast_paths_prints_every_comparison_for_a_small_model():
+    import json
+
+    done = _measure_fast_paths(
+        "--backbones", "tiny", "--crop", "32", "--batch", "2", "--classes", "3", "--variant", "32s",
+        "--rounds", "1", "--steps", "1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["variant"], result["classes"], result["crop"]) == ("32s", 3, 32)
+    assert set(result["step_s"]) == {"contiguous", "channels_last", "transposed"}
+    for key in ("channels_last_speedup", "subpixel_speedup", "fused_speedup_vs_per_tensor", "fold_speedup"):
+        assert result[key] > 0
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--classes", "0"], "--classes: 0 is less than 1"),
+        (["--steps", "x"], "--steps: 'x' is not a whole number"),
+        (["--backbones", "nope"], "--backbones: invalid choice: 'nope'"),
+        (["--variant", "2s"], "--variant: invalid choice: '2s'"),
+        (["--backbones", "tiny", "--crop", "32", "--batch", "1"], "tiny at --crop 32 --batch 1: Expected more than 1"),
+    ],
+)
+def test_measure_fast_paths_refuses_a_bad_argument_in_one_line_naming_it(args, named):
+    done = _measure_fast_paths(*args)
+    assert done.returncode == 2
+    assert named in done.stderr and "Traceback" not in done.stderr
