@@ -7,11 +7,15 @@ image, a single scale of 1, no flip) gives exactly the plain forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from fcn.errors import UserError
 
 
 def _positions(size: int, window: int, stride: int) -> list[int]:
@@ -89,3 +93,52 @@ def predict_logits(
             total = logits if total is None else total + logits
             views += 1
     return total / views
+
+
+# Config -> inference settings (the ``eval`` config node of training, evaluate.py and predict.py).
+
+
+def _pair_setting(value, key: str) -> list[int] | None:
+    if value is None:
+        return None
+    items = list(value) if not isinstance(value, int) else [value, value]
+    if len(items) != 2 or not all(isinstance(v, int) and v > 0 for v in items):
+        raise UserError(f"{key}={value}: give two positive integers [height, width] (or one for both)")
+    return items
+
+
+def eval_config(checkpoint_config: dict, cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """How to infer: as the run validated (its ``eval`` settings, e.g. half resolution) unless
+    ``eval=...`` or ``eval.*`` is given on the command line."""
+    if any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "eval" for o in overrides):
+        return cfg.eval
+    trained = checkpoint_config.get("eval")
+    if not trained:
+        return cfg.eval
+    keys = ("window", "stride", "scales", "hflip")
+    return OmegaConf.merge(cfg.eval, {k: trained[k] for k in keys if k in trained})
+
+
+def inference_fn(eval_cfg: DictConfig, num_classes: int) -> Callable | None:
+    """The ``infer(model, images)`` the ``eval`` settings ask for, or None for a plain forward pass."""
+    window = _pair_setting(eval_cfg.window, "eval.window")
+    stride = _pair_setting(eval_cfg.stride, "eval.stride")
+    if window is None and stride is not None:
+        raise UserError("eval.stride needs eval.window")
+    if window is not None and stride is not None and any(s > w for s, w in zip(stride, window)):
+        raise UserError(
+            f"eval.stride={stride} is larger than eval.window={window}: pixels between windows would never be predicted"
+        )
+    if not eval_cfg.scales or any(s <= 0 for s in eval_cfg.scales):
+        raise UserError(f"eval.scales={list(eval_cfg.scales)}: give one or more positive scales")
+    plain = window is None and list(eval_cfg.scales) == [1.0] and not eval_cfg.hflip
+    if plain:
+        return None
+    return functools.partial(
+        predict_logits,
+        num_classes=num_classes,
+        window=window,
+        stride=stride,
+        scales=list(eval_cfg.scales),
+        hflip=eval_cfg.hflip,
+    )

@@ -7,7 +7,9 @@ changes to fix them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +21,81 @@ from fcn.rng import restore_rng_state
 from fcn.state_dict import match_keys, mismatch
 
 log = logging.getLogger(__name__)
+
+# The validation scores kept for the best checkpoint (and reported at the end).
+METRIC_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou", "per_class_iou")
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint (as its ``progress``) and resumed from.
+
+    ``epoch`` is the epoch in progress, ``epoch_batches`` the batches of it done (per process),
+    ``step`` the global optimisation step, ``best`` the best validation so far (its
+    :data:`METRIC_KEYS`, epoch, step and checkpoint path), ``stale`` the validations since it.
+    """
+
+    epoch: int = 1
+    epoch_batches: int = 0
+    step: int = 0
+    best: dict | None = None
+    stale: int = 0
+
+    @classmethod
+    def from_progress(cls, progress: dict) -> TrainState:
+        """The state saved as a checkpoint's ``progress`` (which also holds the run's shape)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in progress.items() if k in names})
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What must stay the same for a run to resume exactly (see :func:`fcn.resume.check_same_run_shape`)."""
+
+    batch_size: int
+    batches_per_epoch: int  # per process, a multiple of accumulate_grad_batches
+    total_steps: int  # the schedule's length
+    world_size: int
+    accumulate_grad_batches: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch // self.accumulate_grad_batches
+
+
+def plan_epochs(
+    images_per_rank: int,
+    *,
+    batch_size: int,
+    drop_last: bool,
+    accumulate: int,
+    epochs: int,
+    limit_train_batches: int | None,
+    world_size: int,
+) -> RunShape:
+    """How many batches and optimisation steps an epoch has, per process.
+
+    One optimisation step per ``accumulate`` batches; the schedule counts steps. Batches that
+    cannot fill a last step of the epoch are not drawn (as ``drop_last`` does for images).
+    Raises :class:`UserError` when an epoch cannot fill one step.
+    """
+    batches = images_per_rank // batch_size if drop_last else 1
+    if limit_train_batches is not None:
+        batches = min(batches, limit_train_batches)
+    steps = batches // accumulate
+    if steps < 1:
+        raise UserError(
+            f"trainer.accumulate_grad_batches={accumulate} but an epoch has only {batches} batches "
+            f"per process: lower it or trainer.batch_size"
+        )
+    return RunShape(
+        batch_size=batch_size,
+        batches_per_epoch=steps * accumulate,
+        total_steps=epochs * steps,
+        world_size=world_size,
+        accumulate_grad_batches=accumulate,
+    )
+
 
 # What each part of a run's shape is called on the command line (for the resume error).
 SHAPE_NAMES = {

@@ -49,7 +49,7 @@ def tiny_train_overrides(shapes_root: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def trained_run(shapes_root, tmp_path_factory) -> Path:
     """A run directory of a few training steps on the tiny dataset (checkpoints, metrics, events)."""
-    from fcn.cli.train import train
+    from fcn.train import train
 
     out = tmp_path_factory.mktemp("train_run")
     train(compose_config("train", tiny_train_overrides(shapes_root)), out)

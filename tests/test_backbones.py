@@ -188,7 +188,7 @@ def test_init_from_still_refuses_another_backbone(tmp_path):
 
 @pytest.mark.slow
 def test_staged_experiments_chain_32s_16s_8s_through_init_from(shapes_root, tmp_path, caplog):
-    from fcn.cli.train import train
+    from fcn.train import train
 
     common = [
         *tiny_train_overrides(shapes_root),

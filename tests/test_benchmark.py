@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fcn.cli.benchmark import run_benchmark
+from fcn.bench.run import run_benchmark
 from tests.conftest import compose_config, tiny_train_overrides
 
 FIELDS = {
@@ -70,7 +70,7 @@ def test_benchmark_reports_every_figure_and_writes_json(shapes_root, tmp_path):
 def test_dominant_convolutions_are_the_models_costliest_shapes():
     import torch
 
-    from fcn.benchmark import conv_probe, dominant_convolutions
+    from fcn.bench.probes import conv_probe, dominant_convolutions
     from fcn.models import FCN
 
     model = FCN(num_classes=3, width=4).train()

@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fcn.cli import CONFIG_DIR
-from fcn.cli.compose import build_model, pair, with_class_weights
+from fcn.data.build import pair, with_class_weights
+from fcn.train import build_model
 from tests.conftest import compose_config
 
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
@@ -58,7 +59,7 @@ def test_evaluate_config_composes_with_every_dataset(option):
 @pytest.mark.parametrize("config", ["evaluate", "predict"])
 @pytest.mark.parametrize("option", [p.stem for p in sorted((Path(CONFIG_DIR) / "eval").glob("*.yaml"))])
 def test_every_eval_option_composes_into_a_valid_inference(config, option):
-    from fcn.cli.compose import inference_fn
+    from fcn.inference import inference_fn
 
     cfg = compose_config(config, [f"eval={option}", "checkpoint=x.pt"])
     infer = inference_fn(cfg.eval, num_classes=3)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fcn.cli.compose import build_dataset, scan_data
+from fcn.data.build import build_dataset, scan_data
 from fcn.errors import UserError
 from tests.conftest import compose_config
 from tests.layouts import save, write_ade20k, write_camvid, write_cityscapes, write_folder, write_voc

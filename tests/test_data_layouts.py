@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fcn.cli.compose import build_dataset, prepare_data_root, scan_data
+from fcn.data.build import build_dataset, prepare_data_root, scan_data
 from fcn.data.folder import SegmentationFolder, find_pairs
 from fcn.errors import UserError
 from tests.conftest import compose_config
@@ -154,9 +154,9 @@ def test_split_lists_and_recursive_layout_use_relative_names(tmp_path):
 
 
 def test_mixed_sizes_train_and_are_scored_one_image_at_a_time_at_their_own_size(tmp_path, monkeypatch):
-    import fcn.fit
+    import fcn.train
     from fcn.cli.evaluate import run_evaluation
-    from fcn.cli.train import train
+    from fcn.train import train
 
     sizes = {"a": (24, 32), "b": (30, 20), "c": (17, 41), "d": (24, 32)}
     root = tmp_path / "data"
@@ -167,13 +167,13 @@ def test_mixed_sizes_train_and_are_scored_one_image_at_a_time_at_their_own_size(
     (root / "splits" / "train.txt").write_text("a\nb\nc\nd\n")
     (root / "splits" / "val.txt").write_text("b\nc\nd\n")
     seen = []
-    real_evaluate = fcn.fit.evaluate
+    real_evaluate = fcn.train.evaluate
 
     def spy(model, loader, **kwargs):
         seen.extend(tuple(images.shape) for images, _ in loader)
         return real_evaluate(model, loader, **kwargs)
 
-    monkeypatch.setattr(fcn.fit, "evaluate", spy)
+    monkeypatch.setattr(fcn.train, "evaluate", spy)
     cfg = compose_config(
         "train",
         [

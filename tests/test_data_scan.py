@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from fcn.cli.check_data import run_check
-from fcn.cli.compose import scan_data, with_class_weights
+from fcn.data.build import scan_data, with_class_weights
 from fcn.data.folder import read_image
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import median_frequency_weights, scan_split
@@ -151,7 +151,7 @@ def test_exif_orientation_is_ignored_and_reported(tmp_path, caplog):
 
 
 def test_training_on_bad_data_stops_before_the_first_step_and_writes_no_checkpoint(tmp_path):
-    from fcn.cli.train import train
+    from fcn.train import train
 
     root = write_folder(
         tmp_path / "data",

@@ -153,8 +153,8 @@ BAD_TRAIN_SETTINGS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_TRAIN_SETTINGS))
 def test_bad_setting_is_refused_before_set_up_naming_the_key(case, shapes_root, tmp_path):
-    from fcn.cli.train import train
     from fcn.errors import UserError
+    from fcn.train import train
     from tests.conftest import compose_config, tiny_train_overrides
 
     overrides, key = BAD_TRAIN_SETTINGS[case]
@@ -215,7 +215,7 @@ def test_crop_larger_than_every_image_is_warned_with_padding_and_cost():
 def test_training_warns_when_the_crop_exceeds_every_image(shapes_root, tmp_path, caplog):
     import logging
 
-    from fcn.cli.train import train
+    from fcn.train import train
     from tests.conftest import compose_config, tiny_train_overrides
 
     short = ["trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "logger=none"]
@@ -244,13 +244,13 @@ def test_scan_warns_about_masks_that_are_entirely_ignored(tmp_path):
 
 
 def test_data_doctor_refuses_a_single_class():
-    from fcn.cli.compose import check_data_config
+    from fcn.cli.validate import check_classes
     from fcn.errors import UserError
     from tests.conftest import compose_config
 
     cfg = compose_config("check_data", ["data.num_classes=1", "data.class_names=[fg]"])
     with pytest.raises(UserError, match="data.num_classes=1: segmentation needs at least 2 classes"):
-        check_data_config(cfg.data)
+        check_classes(cfg.data.num_classes, list(cfg.data.class_names), cfg.data.palette, cfg.data.ignore_index)
 
 
 def test_learning_rate_zero_is_allowed_with_a_warning(caplog):

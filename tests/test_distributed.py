@@ -26,12 +26,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from fcn.checkpoint import load_checkpoint
-from fcn.cli.train import TrainingInterrupted, train
 from fcn.data.sampler import ResumableSampler
 from fcn.engine import to_model_input, train_one_epoch
 from fcn.errors import UserError
 from fcn.schedule import constant
 from fcn.signals import GracefulStop
+from fcn.train import TrainingInterrupted, train
 from tests.conftest import StopAtStep, compose_config, tiny_train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def _worker(rank: int, port: int, shapes_root: Path, out: Path) -> None:
 
 def _two_rank_job(rank: int, shapes_root: Path, out: Path) -> None:
     from fcn import distributed
-    from fcn.cli.compose import build_dataset
+    from fcn.data.build import build_dataset
     from fcn.data.loader import make_loader
     from fcn.engine import combine_ranks, evaluate
     from fcn.models import FCN
@@ -303,7 +303,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_exac
 
 @pytest.mark.slow
 def test_distributed_evaluation_of_an_odd_split_equals_one_process_exactly(two_rank_job, shapes_root):
-    from fcn.cli.compose import build_dataset
+    from fcn.data.build import build_dataset
     from fcn.data.loader import make_loader
     from fcn.engine import evaluate
     from fcn.models import FCN

@@ -101,8 +101,8 @@ def test_checkpoint_with_prefixed_keys_evaluates(trained_run, tmp_path, caplog):
 def test_init_from_a_checkpoint_saved_from_a_compiled_model(trained_run, tmp_path):
     from omegaconf import OmegaConf
 
-    from fcn.cli.compose import build_model
     from fcn.resume import init_weights
+    from fcn.train import build_model
 
     path, ckpt = _prefixed_copy(trained_run, tmp_path, "_orig_mod.")
     model_config = ckpt["config"]["model"]
@@ -184,12 +184,12 @@ def test_compile_failure_warning_keeps_the_reason(monkeypatch, caplog):
 
 
 def test_out_of_memory_message_keeps_how_much_was_asked_for(shapes_root, tmp_path, monkeypatch):
-    from fcn.cli.train import train
+    from fcn.train import train
     from tests.conftest import compose_config, tiny_train_overrides
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("fcn.fit.train_one_epoch", oom)
+    monkeypatch.setattr("fcn.train.train_one_epoch", oom)
     with pytest.raises(UserError, match=r"lower trainer.batch_size.*Tried to allocate 2.00 GiB"):
         train(compose_config("train", [*tiny_train_overrides(shapes_root), "logger=none"]), tmp_path / "run")

@@ -5,10 +5,10 @@ import functools
 import pytest
 import torch
 
-from fcn.cli.train import train
 from fcn.device import maybe_compile, resolve_precision
 from fcn.errors import UserError
 from fcn.models import FCN
+from fcn.train import train
 from tests.conftest import compose_config, tiny_train_overrides
 
 

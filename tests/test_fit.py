@@ -10,9 +10,9 @@ import torch
 
 from fcn.checkpoint import load_model, save_checkpoint
 from fcn.errors import UserError
-from fcn.fit import TrainState, plan_epochs
 from fcn.loggers import NullLogger, TensorBoardLogger
 from fcn.models import FCN
+from fcn.resume import TrainState, plan_epochs
 
 
 def _plan(images: int, batch: int, accumulate: int = 1, limit: int | None = None):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fcn.cli.compose import data_layout, mask_decoder, scan_data
+from fcn.data.build import data_layout, mask_decoder, scan_data
 from fcn.data.folder import find_pairs, list_split
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import scan_split

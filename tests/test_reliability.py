@@ -25,14 +25,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import fcn.checkpoint
 from fcn.checkpoint import load_checkpoint, previous_path, save_checkpoint
-from fcn.cli.compose import scan_data
 from fcn.cli.exit import exit_on_user_error
-from fcn.cli.train import TrainingInterrupted, train
+from fcn.data.build import scan_data
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import scan_split
 from fcn.engine import NonFiniteLossError, train_one_epoch
 from fcn.errors import UserError
 from fcn.signals import GracefulStop
+from fcn.train import TrainingInterrupted, train
 from tests.conftest import StopAtStep, compose_config, tiny_train_overrides
 from tests.layouts import write_folder
 
@@ -185,7 +185,7 @@ def test_out_of_memory_says_what_to_lower(shapes_root, tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("fcn.fit.train_one_epoch", oom)
+    monkeypatch.setattr("fcn.train.train_one_epoch", oom)
     with pytest.raises(
         UserError, match=r"batch_size=4, data.crop_size=40, precision float32.*lower trainer.batch_size"
     ):

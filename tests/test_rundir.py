@@ -361,7 +361,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_resuming_with_another_learning_rate_is_refused_before_training(shapes_root, tmp_path):
-    from fcn.cli.train import TrainingInterrupted, train
+    from fcn.train import TrainingInterrupted, train
 
     with pytest.raises(TrainingInterrupted):
         train(compose_config("train", _train_args(shapes_root) + ["trainer.epochs=2"]), tmp_path, StopAtStep(2))
@@ -373,7 +373,7 @@ def test_resuming_with_another_learning_rate_is_refused_before_training(shapes_r
 
 
 def test_a_fresh_train_call_refuses_a_run_directory_holding_best_pt(shapes_root, tmp_path):
-    from fcn.cli.train import train
+    from fcn.train import train
 
     best = _fake_checkpoint(tmp_path / "checkpoints" / "best.pt", CONFIG)
     before = best.read_bytes()

@@ -14,7 +14,7 @@ import logging
 import pytest
 
 from fcn.cli.check_data import run_check
-from fcn.cli.compose import scan_data
+from fcn.data.build import scan_data
 from fcn.data.folder import find_pairs, list_split
 from fcn.errors import UserError
 from tests.conftest import compose_config

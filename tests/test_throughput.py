@@ -146,10 +146,10 @@ def test_a_step_counted_while_paused_measures_up_to_the_pause():
 
 
 def test_training_warns_when_it_slows_down(shapes_root, tmp_path, monkeypatch, caplog):
-    # end to end through fcn.fit: 8 epochs of 3 steps; every step "takes" 1 s until step 12, then 4 s
+    # end to end through fcn.train: 8 epochs of 3 steps; every step "takes" 1 s until step 12, then 4 s
     # (a machine that filled up): the slow spell is one warning, validation between epochs is not slowness
     from fcn import throughput
-    from fcn.cli.train import train
+    from fcn.train import train
     from tests.conftest import compose_config, tiny_train_overrides
 
     clocks = FakeClocks()

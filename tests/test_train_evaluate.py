@@ -167,9 +167,9 @@ def test_cli_multirun_sweep_trains_each_variant(shapes_root, tmp_path):
 
 
 def test_constructor_errors_reach_the_user_as_one_line_despite_hydra_wrapping(capsys):
-    from fcn.cli.compose import build_model
     from fcn.cli.exit import exit_on_user_error
     from fcn.models.fcn import VARIANTS
+    from fcn.train import build_model
 
     cfg = compose_config("train", ["model.variant=2s"])
     with pytest.raises(SystemExit) as exit_info:
@@ -187,7 +187,7 @@ def test_with_the_scan_off_a_bad_mask_met_in_a_worker_is_still_one_clear_line(sh
     from PIL import Image
 
     from fcn.cli.exit import exit_on_user_error
-    from fcn.cli.train import train
+    from fcn.train import train
 
     root = tmp_path / "shapes"
     shutil.copytree(shapes_root, root)
@@ -208,7 +208,7 @@ def test_camvid_layout_trains_and_evaluates_with_no_code_change(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from fcn.cli.train import train
+    from fcn.train import train
 
     root = tmp_path / "camvid"
     rng = np.random.default_rng(0)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcn.cli.train import train
 from fcn.engine import train_one_epoch
 from fcn.models import FCN, BilinearUpsample
 from fcn.optim import build_optimizer, param_groups
 from fcn.schedule import constant
 from fcn.summary import decoder_drift, model_summary
+from fcn.train import train
 from tests.conftest import compose_config, tiny_train_overrides
 
 
@@ -104,7 +104,7 @@ def test_the_per_epoch_line_says_which_epoch_of_how_many_and_labels_scores_as_pe
     import re
 
     overrides = [*tiny_train_overrides(shapes_root), "trainer.epochs=1", "logger=none"]
-    with caplog.at_level("INFO", logger="fcn.fit"):
+    with caplog.at_level("INFO", logger="fcn.train"):
         report = train(compose_config("train", overrides), tmp_path)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1:"))
     match = re.search(r"val mIoU (\d+\.\d\d)%, pixel acc (\d+\.\d\d)%", line)

@@ -17,9 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fcn.cli import CONFIG_DIR
-from fcn.cli.compose import check_data_config, data_layout, mask_decoder, prepare_data_root
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
+from fcn.cli.validate import check_classes
+from fcn.data.build import data_layout, mask_decoder, prepare_data_root
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.data.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.splits import shown
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 def run_check(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, bool]:
     """Scan the splits ``cfg`` names; write the JSON report and return it with whether the data is usable."""
     data = cfg.data
-    check_data_config(data)
+    check_classes(data.num_classes, list(data.class_names), data.get("palette"), data.ignore_index)
     set_max_image_pixels(data.get("max_image_pixels", PILLOW_DEFAULT))  # before any image is opened
     prepare_data_root(data)  # as training would: generate the built-in set, or download when asked
     splits = list(cfg.splits) if cfg.splits else _default_splits(data)

@@ -20,15 +20,16 @@ from PIL import Image
 
 from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
-from fcn.cli.compose import build_dataset, eval_config, inference_fn, prepare_data_root, scan_data
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
-from fcn.cli.validate import validate_eval_config
+from fcn.cli.validate import check_classes, validate_eval_config
+from fcn.data.build import build_dataset, prepare_data_root, scan_data
 from fcn.data.loader import make_loader
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.device import resolve_device, resolve_precision
 from fcn.engine import evaluate
 from fcn.errors import UserError
+from fcn.inference import eval_config, inference_fn
 from fcn.loggers import TensorBoardLogger
 from fcn.metrics import format_table, scores
 from fcn.models.fold import fold_batch_norm
@@ -65,6 +66,7 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
         )
     class_names, palette = ckpt["class_names"], ckpt["palette"]
 
+    check_classes(data.num_classes, list(data.class_names), data.get("palette"), data.ignore_index)
     prepare_data_root(data)
     dataset = build_dataset(data, data.split, None)
     reports = scan_data(data, [data.split])

@@ -7,7 +7,7 @@ For every model option x variant of ``table`` (configs/model_table.yaml), compos
 - ``parameters`` and ``gflops`` (forward, one image at ``table.flops_size``, counted by
   ``torch.utils.flop_counter`` on the meta device, so even VGG16 at 512 x 512 costs nothing);
 - ``train_img_s``: full training steps on batches already in memory, at the training crop and
-  batch size (:func:`fcn.benchmark.training_rates`, the functions training uses), the best of
+  batch size (:func:`fcn.bench.probes.training_rates`, the functions training uses), the best of
   ``table.repeats`` repeats of at least ``table.min_seconds`` each (``train_img_s_median`` too);
 - ``miou``: the best val mIoU of a training run with the given overrides, the same budget for
   every row (``table.train=false`` skips it).
@@ -32,18 +32,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fcn import benchmark
+from fcn.bench import probes
 from fcn.cli import CONFIG_DIR
-from fcn.cli.compose import build_dataset, build_model, loader_options, prepare_data_root
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
-from fcn.cli.train import train
-from fcn.data.loader import make_loader
-from fcn.data.sampler import ResumableSampler
+from fcn.data.build import build_dataset, loaders, prepare_data_root
 from fcn.device import resolve_channels_last, resolve_device, resolve_precision
 from fcn.errors import UserError
 from fcn.optim import build_optimizer
 from fcn.summary import model_summary
+from fcn.train import build_model, train
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +73,14 @@ def measure_row(cfg: DictConfig, batches: list, flops_size: tuple[int, int], tim
     }
     # Models differ ~100x in speed: a first rough rate (after warm-up) sets the steps per repeat so
     # that each repeat lasts about ``min_seconds`` (a few steps of a fast model are mostly noise).
-    rough = benchmark.training_rates(
+    rough = probes.training_rates(
         model, optimizer, loss_fn, {"memory": batches}, steps=1, warmup=timing["warmup"], repeats=1, **common
     )["memory"]
     steps = max(timing["steps"], math.ceil(timing["min_seconds"] * rough / trainer.batch_size))
     batches = [batches[i % len(batches)] for i in range(steps)]
     # The best repeat, not the median: on a shared machine other jobs only ever slow a repeat down.
     rates = [
-        benchmark.training_rates(
+        probes.training_rates(
             model, optimizer, loss_fn, {"memory": batches}, steps=steps, warmup=0, repeats=1, **common
         )["memory"]
         for _ in range(timing["repeats"])
@@ -123,15 +121,7 @@ def run_table(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]) -
     # A few real training batches (uint8, as the loader yields them), shared by every row's timing.
     prepare_data_root(data)
     train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
-    loader = make_loader(
-        train_set,
-        batch_size=trainer.batch_size,
-        ignore_index=data.ignore_index,
-        sampler=ResumableSampler(len(train_set), cfg.seed),
-        drop_last=True,
-        seed=cfg.seed,
-        **loader_options(trainer),
-    )
+    loader, _ = loaders(train_set, None, trainer, ignore_index=data.ignore_index, seed=cfg.seed)
     held = list(islice(iter(loader), 2))
     batches = [held[i % len(held)] for i in range(max(table.warmup, 1))]
     crop = list(held[0][0].shape[-2:])
@@ -160,7 +150,7 @@ def run_table(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]) -
                 "batch_size": trainer.batch_size,
                 "flops_size": list(flops_size),
                 "overrides": task_overrides,
-                "device": benchmark.device_name(torch.device("cpu")),
+                "device": probes.device_name(torch.device("cpu")),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
             }

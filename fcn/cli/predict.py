@@ -20,7 +20,6 @@ from PIL import Image, ImageOps
 
 from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
-from fcn.cli.compose import eval_config, inference_fn
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
 from fcn.cli.validate import validate_eval_config
@@ -30,6 +29,7 @@ from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.device import resolve_device, resolve_precision
 from fcn.engine import to_model_input
 from fcn.errors import UserError
+from fcn.inference import eval_config, inference_fn
 from fcn.models.fold import fold_batch_norm
 from fcn.report import output_names, save_prediction
 

@@ -35,27 +35,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fcn import benchmark
+from fcn.bench import probes as bench_probes
 from fcn.checkpoint import offline_model_settings
 from fcn.cli import CONFIG_DIR
-from fcn.cli.compose import (
-    build_dataset,
-    build_model,
-    data_layout,
-    inference_fn,
-    loader_options,
-    mask_decoder,
-    pair,
-    prepare_data_root,
-)
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
-from fcn.data.loader import make_loader
-from fcn.data.sampler import ResumableSampler
+from fcn.data.build import build_dataset, data_layout, loaders, mask_decoder, pair, prepare_data_root
 from fcn.data.transforms import normalize
 from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
+from fcn.inference import inference_fn
 from fcn.optim import build_optimizer
 from fcn.rng import seed_everything
+from fcn.train import build_model
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +62,12 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     prepare_data_root(data)
     log.info("timing the dataset scan, cold and warm")
     splits = list(dict.fromkeys([data.train_split, data.val_split]))
-    scan = benchmark.scan_times(data.root, splits, data_layout(data), mask_decoder(data), bench.scan_repeats)
+    scan = bench_probes.scan_times(data.root, splits, data_layout(data), mask_decoder(data), bench.scan_repeats)
     if bench.scan_only:
         return _write({"data": data.name, "scan": scan, "cpus": os.cpu_count(), "device": "cpu"}, out_dir)
     train_set = build_dataset(data, data.train_split, instantiate(cfg.aug))
     val_set = build_dataset(data, data.val_split, None)
-    train_loader = make_loader(
-        train_set,
-        batch_size=trainer.batch_size,
-        ignore_index=data.ignore_index,
-        sampler=ResumableSampler(len(train_set), cfg.seed),
-        drop_last=True,
-        seed=cfg.seed,
-        **loader_options(trainer),
-    )
-    val_loader = make_loader(
-        val_set, batch_size=trainer.batch_size, ignore_index=data.ignore_index, seed=cfg.seed, **loader_options(trainer)
-    )
+    train_loader, val_loader = loaders(train_set, val_set, trainer, ignore_index=data.ignore_index, seed=cfg.seed)
     model = build_model(cfg.model, device, trainer.channels_last)
     amp_dtype = resolve_precision(trainer.precision, device)
     net = maybe_compile(model, trainer.compile, trainer.batch_size, pair(data.crop_size), trainer.channels_last)
@@ -111,15 +91,16 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     example = held[0][0].to(device).float()
     if trainer.channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
-    convs = benchmark.dominant_convolutions(model, example, top=bench.peak_convs)
-    probes = {"peak_matmul": benchmark.matmul_probe(device, precision)}
+    convs = bench_probes.dominant_convolutions(model, example, top=bench.peak_convs)
+    probes = {"peak_matmul": bench_probes.matmul_probe(device, precision)}
     probes |= {
-        f"peak_conv{i}": benchmark.conv_probe(c, device, amp_dtype, trainer.channels_last) for i, c in enumerate(convs)
+        f"peak_conv{i}": bench_probes.conv_probe(c, device, amp_dtype, trainer.channels_last)
+        for i, c in enumerate(convs)
     }
     if bench.bare:  # the same steps as a bare PyTorch loop, for train_one_epoch's overhead
-        probes["bare"] = benchmark.bare_training_probe(net, optimizer, loss_fn, held, steps=bench.steps, **common)
+        probes["bare"] = bench_probes.bare_training_probe(net, optimizer, loss_fn, held, steps=bench.steps, **common)
     log.info("timing training steps on batches in memory, with the data loader, and the peak probes, in turns")
-    rates = benchmark.training_rates(
+    rates = bench_probes.training_rates(
         net,
         optimizer,
         loss_fn,
@@ -133,9 +114,9 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     compute, real = rates["compute"], rates["loader"]
     conv_peaks = [rates[f"peak_conv{i}"] for i in range(len(convs))]
     log.info("timing the data loader alone")
-    loader = benchmark.loader_rate(train_loader, batches=bench.steps, **timing)
+    loader = bench_probes.loader_rate(train_loader, batches=bench.steps, **timing)
     log.info("timing evaluation")
-    evaluation = benchmark.evaluation_rate(
+    evaluation = bench_probes.evaluation_rate(
         net,
         val_loader,
         batches=bench.eval_batches,
@@ -148,7 +129,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         OmegaConf.create({"window": None, "stride": None, "scales": list(bench.tta_scales), "hflip": True}),
         data.num_classes,
     )
-    evaluation_tta = benchmark.evaluation_rate(
+    evaluation_tta = bench_probes.evaluation_rate(
         net,
         val_loader,
         batches=bench.eval_batches,
@@ -161,7 +142,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     eval_bare = {}
     if bench.bare:  # evaluate() against a bare evaluation loop on the same validation batches in memory
         held_val = list(islice(iter(val_loader), bench.eval_batches))
-        ours, bare_eval = benchmark.evaluation_rates_against_bare(
+        ours, bare_eval = bench_probes.evaluation_rates_against_bare(
             net, held_val, repeats=bench.repeats, num_classes=data.num_classes, ignore_index=data.ignore_index, **common
         )
         eval_bare = {
@@ -172,21 +153,21 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     val_images, val_masks = next(iter(val_loader))
     with torch.no_grad():
         val_preds = net(normalize(val_images.to(device), data.mean, data.std)).argmax(1)
-    metric_s = benchmark.confusion_seconds_per_image(
+    metric_s = bench_probes.confusion_seconds_per_image(
         val_preds, val_masks.to(device), data.num_classes, data.ignore_index, bench.repeats
     )
     model_kwargs = offline_model_settings(OmegaConf.to_container(cfg.model, resolve=True))
     log.info("sliding-window inference on a %s image in a fresh process", list(bench.large_image))
-    sliding = benchmark.sliding_window_peak(model_kwargs, bench.large_image, bench.window, bench.stride)
+    sliding = bench_probes.sliding_window_peak(model_kwargs, bench.large_image, bench.window, bench.stride)
     images, masks = held[0]
     images = images.to(device)
     if trainer.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    flops = benchmark.flops_per_image(model, images, masks.to(device), loss_fn, data.mean, data.std, amp_dtype)
+    flops = bench_probes.flops_per_image(model, images, masks.to(device), loss_fn, data.mean, data.std, amp_dtype)
     matmul_peak = rates["peak_matmul"]
     peak = max([matmul_peak, *conv_peaks])
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": {}}
-    save_s, load_s, load_unverified_s = benchmark.checkpoint_times(state, model, optimizer, bench.checkpoint_repeats)
+    save_s, load_s, load_unverified_s = bench_probes.checkpoint_times(state, model, optimizer, bench.checkpoint_repeats)
     bare = {}
     if bench.bare:
         bare = {"train_img_s_bare": round(rates["bare"], 2), "bare_ratio": round(compute / rates["bare"], 3)}
@@ -223,12 +204,12 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         ],
         "mfu": round(flops * compute / peak, 4),
         "mfu_matmul": round(flops * compute / matmul_peak, 4),
-        "peak_mem_mb": round(benchmark.peak_memory_mb(device), 1),
+        "peak_mem_mb": round(bench_probes.peak_memory_mb(device), 1),
         "checkpoint_save_s": round(save_s, 4),
         "scan": scan,
         "resume_load_s": round(load_s, 4),
         "resume_load_s_unverified": round(load_unverified_s, 4),  # the digest check's cost: the difference
-        "device": benchmark.device_name(device),
+        "device": bench_probes.device_name(device),
         "device_type": device.type,
         "precision": str(precision).removeprefix("torch."),
         "torch": torch.__version__,

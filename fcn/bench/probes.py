@@ -1,4 +1,4 @@
-"""Throughput and efficiency measurements behind ``scripts/benchmark.py``.
+"""Throughput and efficiency probes behind ``scripts/benchmark.py`` (:mod:`fcn.bench.run`) and the model table.
 
 Every figure is a median over repeats, with warm-up excluded. Throughputs are measured through
 the same functions training uses (:func:`fcn.engine.train_one_epoch`, :func:`fcn.engine.evaluate`),

@@ -1,31 +1,33 @@
-"""Config -> constructor arguments: what the entry points share to turn Hydra config values into
-the plain arguments of datasets, the data scan, losses, models, loaders and inference settings.
-Nothing here trains or runs; only ``fcn/cli`` reads the config."""
+"""Data config -> datasets, the data scan and loaders: the data set-up every run shares.
+
+The one place that turns the ``data`` and ``trainer`` config nodes into the plain arguments of
+:mod:`fcn.data.folder`, :mod:`fcn.data.scan` and :mod:`fcn.data.loader` (the config-to-arguments
+translation next to the factories it feeds); training, the benchmark and the model table all
+build their loaders through :func:`loaders`.
+"""
 
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
 
 from fcn.data.download import download
 from fcn.data.folder import SegmentationFolder, find_pairs
 from fcn.data.labels import MaskDecoder
+from fcn.data.loader import make_loader
+from fcn.data.sampler import ResumableSampler
 from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.shapes import ensure_shapes
 from fcn.errors import UserError
-from fcn.inference import predict_logits
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def prepare_data_root(data: DictConfig) -> None:
@@ -71,34 +73,12 @@ def build_dataset(data: DictConfig, split: str, transform: Callable | None) -> S
     )
 
 
-def check_data_config(data: DictConfig) -> None:
-    """Settings that must agree with each other before any file is read."""
-    if data.num_classes < 2:  # as fcn.cli.validate.check_classes says it for training
-        raise UserError(
-            f"data.num_classes={data.num_classes}: segmentation needs at least 2 classes (binary "
-            "segmentation is background + foreground: data.num_classes=2)"
-        )
-    if len(data.class_names) != data.num_classes:
-        raise UserError(
-            f"data.class_names has {len(data.class_names)} names but data.num_classes={data.num_classes}: "
-            "give one name per class"
-        )
-    if data.get("palette") and len(data.palette) != data.num_classes:
-        raise UserError(f"data.palette has {len(data.palette)} colours for {data.num_classes} classes")
-    if 0 <= data.ignore_index < data.num_classes:
-        raise UserError(
-            f"data.ignore_index={data.ignore_index} is one of the classes 0..{data.num_classes - 1}: "
-            "choose a value outside them (255 is usual)"
-        )
-
-
 def scan_data(data: DictConfig, splits: list[str]) -> list[SplitReport]:
     """Check every file of ``splits`` before any training or evaluation starts (cached).
 
     Warnings are logged once per split; errors end the run with one message listing the files
     and the fix, pointing to ``scripts/check_data.py`` for the full report.
     """
-    check_data_config(data)
     if not data.get("scan", True):
         return []
     reports = []
@@ -158,15 +138,6 @@ def with_class_weights(loss_cfg: DictConfig, data: DictConfig, train_report: Spl
     return loss_cfg
 
 
-def build_model(model_cfg: DictConfig, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """Instantiate the configured model on ``device``, in NHWC memory order when asked.
-
-    NHWC (channels-last) makes convolutions faster on CPUs (oneDNN) and on tensor cores.
-    """
-    model = instantiate(model_cfg).to(device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
 def pair(size: int | list | tuple) -> tuple[int, int]:
     """A crop size from config, ``S`` or ``[H, W]``, as ``(H, W)``."""
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -182,47 +153,41 @@ def loader_options(trainer: DictConfig) -> dict:
     }
 
 
-def _pair_setting(value, key: str) -> list[int] | None:
-    if value is None:
-        return None
-    items = list(value) if not isinstance(value, int) else [value, value]
-    if len(items) != 2 or not all(isinstance(v, int) and v > 0 for v in items):
-        raise UserError(f"{key}={value}: give two positive integers [height, width] (or one for both)")
-    return items
-
-
-def eval_config(checkpoint_config: dict, cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """How to infer: as the run validated (its ``eval`` settings, e.g. half resolution) unless
-    ``eval=...`` or ``eval.*`` is given on the command line."""
-    if any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "eval" for o in overrides):
-        return cfg.eval
-    trained = checkpoint_config.get("eval")
-    if not trained:
-        return cfg.eval
-    keys = ("window", "stride", "scales", "hflip")
-    return OmegaConf.merge(cfg.eval, {k: trained[k] for k in keys if k in trained})
-
-
-def inference_fn(eval_cfg: DictConfig, num_classes: int) -> Callable | None:
-    """The ``infer(model, images)`` the ``eval`` settings ask for, or None for a plain forward pass."""
-    window = _pair_setting(eval_cfg.window, "eval.window")
-    stride = _pair_setting(eval_cfg.stride, "eval.stride")
-    if window is None and stride is not None:
-        raise UserError("eval.stride needs eval.window")
-    if window is not None and stride is not None and any(s > w for s, w in zip(stride, window)):
-        raise UserError(
-            f"eval.stride={stride} is larger than eval.window={window}: pixels between windows would never be predicted"
-        )
-    if not eval_cfg.scales or any(s <= 0 for s in eval_cfg.scales):
-        raise UserError(f"eval.scales={list(eval_cfg.scales)}: give one or more positive scales")
-    plain = window is None and list(eval_cfg.scales) == [1.0] and not eval_cfg.hflip
-    if plain:
-        return None
-    return functools.partial(
-        predict_logits,
-        num_classes=num_classes,
-        window=window,
-        stride=stride,
-        scales=list(eval_cfg.scales),
-        hflip=eval_cfg.hflip,
+def loaders(
+    train_set: Dataset,
+    val_set: Dataset | None,
+    trainer: DictConfig,
+    *,
+    ignore_index: int,
+    seed: int,
+    val_batch_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    val_sampler=None,
+) -> tuple[DataLoader, DataLoader | None]:
+    """The training loader (a :class:`ResumableSampler` drawing this rank's share of every epoch's
+    order, ``trainer.batch_size`` images per batch) and the validation loader (``val_batch_size``,
+    default the same; ``val_sampler`` this rank's share, default all), with ``trainer``'s
+    DataLoader settings. A last short batch is dropped when a rank has more than one batch
+    (BatchNorm dislikes a batch of one). ``val_loader`` is None without ``val_set``."""
+    sampler = ResumableSampler(len(train_set), seed, rank=rank, world_size=world_size)
+    train_loader = make_loader(
+        train_set,
+        batch_size=trainer.batch_size,
+        ignore_index=ignore_index,
+        sampler=sampler,
+        drop_last=sampler.per_rank > trainer.batch_size,
+        seed=seed,
+        **loader_options(trainer),
     )
+    if val_set is None:
+        return train_loader, None
+    val_loader = make_loader(
+        val_set,
+        batch_size=val_batch_size or trainer.batch_size,
+        ignore_index=ignore_index,
+        sampler=val_sampler,
+        seed=seed,
+        **loader_options(trainer),
+    )
+    return train_loader, val_loader
