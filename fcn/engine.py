@@ -30,6 +30,42 @@ class EpochResult:
     batches: int  # batches drawn in this call
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How batches are fed to the model and scored: the same for every pass of one run.
+
+    ``mean`` / ``std`` normalise the uint8 images on the device (per channel, 0-255 scale);
+    ``channels_last`` feeds NHWC batches (pair it with a channels-last model); ``amp_dtype``
+    (bfloat16 or float16) runs the forward pass under autocast, and float16 needs a ``scaler`` to
+    keep small gradients from underflowing. ``num_classes`` and ``ignore_index`` are the data's
+    (evaluation scores with them). Training only: ``accumulate`` batches per optimisation step,
+    ``grad_clip_norm`` (global L2 norm, None = off), ``skip_nonfinite`` (bad steps skipped in a
+    row before :class:`NonFiniteLossError`), ``grad_norm_every`` (measure the gradient norm every
+    N steps for logging, 0 = only when clipping).
+    """
+
+    device: torch.device
+    mean: Sequence[float]
+    std: Sequence[float]
+    num_classes: int = 0
+    ignore_index: int = 255
+    channels_last: bool = False
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    accumulate: int = 1
+    grad_clip_norm: float | None = None
+    skip_nonfinite: int = 0
+    grad_norm_every: int = 0
+
+
+@dataclass(frozen=True)
+class Bar:
+    """The progress bar of one pass: its label and, for training, ``postfix(step)``'s extra items."""
+
+    desc: str
+    postfix: Callable[[int], dict] | None = None
+
+
 class NonFiniteLossError(Exception):
     """The loss or the gradients were NaN or inf more times in a row than allowed; the weights were
     not updated with them. ``what`` is ``"loss"`` or ``"gradients"`` (of the step that stopped the
@@ -58,25 +94,12 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    settings: Settings,
     *,
-    device: torch.device,
-    mean: Sequence[float],
-    std: Sequence[float],
     step: int,
-    epoch: int,
     max_steps: int | None = None,
-    accumulate: int = 1,
-    channels_last: bool = False,
-    skip_nonfinite: int = 0,
-    amp_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    grad_clip_norm: float | None = None,
-    grad_norm_every: int = 0,
-    should_stop: Callable[[int], bool] | None = None,
-    on_step: Callable[[int, float, float, float | None], None] | None = None,
-    progress: bool = True,
-    desc: str | None = None,
-    postfix: Callable[[int], dict] | None = None,
+    on_step: Callable[[int, float | None, float, float | None], bool | None] | None = None,
+    bar: Bar | None = None,
 ) -> EpochResult:
     """Train for one pass over ``loader`` (or ``max_steps`` optimisation steps), stepping the lr every step.
 
@@ -92,27 +115,31 @@ def train_one_epoch(
     ``scaler``, its own inf check skips the step and lowers the scale instead, as float16 overflow
     is expected there). The step (its whole accumulation window) is skipped with a warning naming
     the loss or the gradients, up to ``skip_nonfinite`` times in a row, after which
-    :class:`NonFiniteLossError` is raised before any update. ``should_stop(step)`` is polled after every step;
-    when it says yes the epoch ends there, so a stop never falls inside a window.
-    ``on_step(step, loss, lr, grad_norm)`` is called after every optimisation step (for logging);
-    ``grad_norm`` is the global gradient norm before clipping, computed on steps that clip
-    (``grad_clip_norm``) and every ``grad_norm_every`` steps, else None.
-    ``channels_last`` feeds the batch in NHWC memory order (pair it with a channels-last model).
-    ``amp_dtype`` (bfloat16 or float16) runs the forward pass under autocast; float16 needs a
-    ``scaler`` to keep small gradients from underflowing. ``progress=False`` hides the bar
-    (ranks other than 0); ``desc`` labels it (default ``epoch N``) and ``postfix(step)`` adds
-    items after the loss and lr (the run's time left).
+    :class:`NonFiniteLossError` is raised before any update.
+    ``on_step(step, loss, lr, grad_norm)`` is called after every optimisation step, after the
+    scheduler's (``loss`` is None for a skipped step); when it returns True the epoch ends there,
+    so a stop never falls inside a window. ``grad_norm`` is the global gradient norm before
+    clipping, computed on steps that clip (``grad_clip_norm``) and every ``grad_norm_every``
+    steps, else None. ``bar=None`` hides the progress bar (ranks other than 0).
     """
+    device, mean, std, channels_last = settings.device, settings.mean, settings.std, settings.channels_last
+    amp_dtype, scaler, accumulate = settings.amp_dtype, settings.scaler, settings.accumulate
+    grad_clip_norm, grad_norm_every, skip_nonfinite = (
+        settings.grad_clip_norm,
+        settings.grad_norm_every,
+        settings.skip_nonfinite,
+    )
     model.train()
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel only
     total, count, batches, steps, bad_in_a_row, first_bad = 0.0, 0, 0, 0, 0, 0
     limit = None if max_steps is None else max_steps * accumulate
+    postfix = bar.postfix if bar is not None else None
     bar = tqdm(
         loader,
-        desc=desc or f"epoch {epoch}",
+        desc=bar.desc if bar is not None else None,
         total=_num_batches(loader, limit),
         leave=False,
-        disable=None if progress else True,
+        disable=None if bar is not None else True,
     )
     if max_steps is not None and max_steps <= 0:
         return EpochResult(step=step, loss=0.0, batches=0)
@@ -175,10 +202,9 @@ def train_one_epoch(
             bad = f"loss {bad_value}" if what == "loss" else f"gradients non-finite (norm {bad_value}, loss finite)"
             log.warning("%s at step %d: %s skipped (%d/%d in a row)", bad, step, skipped, bad_in_a_row, skip_nonfinite)
         scheduler.step()
-        # after the scheduler: a checkpoint written by on_step holds the state of the next step
-        if finite and on_step is not None:
-            on_step(step, window_loss, lr, grad_norm)
-        stop = should_stop is not None and should_stop(step)  # polled every step, also the epoch's last
+        # after the scheduler: a checkpoint written by on_step holds the state of the next step;
+        # called every step, also the epoch's last, so a stop is seen after the same step on every rank
+        stop = on_step is not None and on_step(step, window_loss if finite else None, lr, grad_norm)
         if stop or (max_steps is not None and steps >= max_steps):
             break
     return EpochResult(step=step, loss=total / max(1, count), batches=batches)
@@ -198,20 +224,13 @@ class EvalResult:
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
+    settings: Settings,
     *,
-    num_classes: int,
-    ignore_index: int,
-    device: torch.device,
-    mean: Sequence[float],
-    std: Sequence[float],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     max_batches: int | None = None,
-    channels_last: bool = False,
-    amp_dtype: torch.dtype | None = None,
     infer: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-    desc: str = "eval",
-    progress: bool = True,
+    desc: str | None = "eval",
 ) -> EvalResult:
     """Score ``model`` on ``loader`` at each image's own resolution.
 
@@ -221,15 +240,21 @@ def evaluate(
     one). ``infer(model, images)`` replaces the plain forward pass (sliding
     windows, test-time augmentation: see :mod:`fcn.inference`); ``on_batch(images, masks,
     predictions)`` sees every batch (uint8 images as loaded, on the CPU), for saving or ranking
-    predictions. ``progress=False`` hides the bar (ranks other than 0).
+    predictions. ``desc`` labels the bar; None hides it (ranks other than 0).
     """
+    device, mean, std, channels_last = settings.device, settings.mean, settings.std, settings.channels_last
+    num_classes, ignore_index, amp_dtype = settings.num_classes, settings.ignore_index, settings.amp_dtype
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     total, count, images_seen = 0.0, 0, 0
     if max_batches is not None and max_batches <= 0:
         return EvalResult(confusion=confusion.cpu(), loss=math.nan, images=0)
     bar = tqdm(
-        loader, desc=desc, total=_num_batches(loader, max_batches), leave=False, disable=None if progress else True
+        loader,
+        desc=desc,
+        total=_num_batches(loader, max_batches),
+        leave=False,
+        disable=None if desc is not None else True,
     )
     for i, (images, masks) in enumerate(bar):
         images_seen += images.shape[0]

@@ -30,7 +30,7 @@ from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup
 from fcn.data import build
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
-from fcn.engine import NonFiniteLossError, combine_ranks, evaluate, to_model_input, train_one_epoch
+from fcn.engine import Bar, NonFiniteLossError, Settings, combine_ranks, evaluate, to_model_input, train_one_epoch
 from fcn.errors import UserError, cause
 from fcn.inference import inference_fn
 from fcn.loggers import NullLogger
@@ -177,6 +177,20 @@ def train(
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     net = maybe_compile(model, trainer.compile, trainer.batch_size, crop, channels_last)
     optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
+    settings = Settings(  # how every batch is fed, trained and scored
+        device,
+        tuple(data.mean),
+        tuple(data.std),
+        num_classes=data.num_classes,
+        ignore_index=data.ignore_index,
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
+        scaler=scaler,
+        accumulate=trainer.accumulate_grad_batches,
+        grad_clip_norm=trainer.get("grad_clip_norm"),
+        skip_nonfinite=trainer.get("skip_nonfinite", 0),
+        grad_norm_every=logger.log_every_n_steps,
+    )
     scheduler = instantiate(cfg.sched)(optimizer, total_steps=shape.total_steps)
     if (too_long := warmup_warning(cfg.sched.get("warmup_steps"), shape.total_steps)) and main_rank:
         log.warning("%s", too_long)
@@ -259,9 +273,12 @@ def train(
     watch = ThroughputWatch(torch.get_num_threads(), device.type) if main_rank else None
     sample_indices = np.linspace(0, len(val_set) - 1, min(logger.num_images, len(val_set))).round().astype(int)
 
-    def on_step(step: int, loss: float, lr: float, grad_norm: float | None) -> None:
+    def on_step(step: int, loss: float | None, lr: float, grad_norm: float | None) -> bool:
         """After each step: feed the slow-down watch, log the step, save ``last.pt`` every
-        ``checkpoint_every`` steps (an epoch's end is saved after its validation)."""
+        ``checkpoint_every`` steps (an epoch's end is saved after its validation); True: stop
+        (a signal seen by any rank). A skipped step (``loss`` None) is only polled."""
+        if loss is None:
+            return shared_stop.poll(step)
         if watch is not None and (slow := watch.step(shape.batch_size * accumulate)):
             log.warning("%s", slow)
         if logger.log_every_n_steps and step % logger.log_every_n_steps == 0:
@@ -276,6 +293,7 @@ def train(
             save(last_pt, dataclasses.replace(epoch_start, epoch_batches=done, step=step))
             if watch is not None:
                 watch.resume()
+        return shared_stop.poll(step)
 
     def validate(step: int) -> dict:
         """Score this rank's share of the validation set (summed over ranks), log it, draw the samples."""
@@ -283,18 +301,11 @@ def train(
         evaluation = evaluate(
             net,
             val_loader,
-            num_classes=data.num_classes,
-            ignore_index=data.ignore_index,
-            device=device,
-            mean=data.mean,
-            std=data.std,
+            settings,
             loss_fn=loss_fn,
             max_batches=trainer.get("limit_val_batches"),
-            channels_last=channels_last,
-            amp_dtype=amp_dtype,
             infer=infer,
-            desc="val",
-            progress=main_rank,
+            desc="val" if main_rank else None,
         )
         evaluation = combine_ranks(evaluation)  # exact: integer confusion counts summed over ranks
         metrics = scores(evaluation.confusion, class_names) | {"val_loss": evaluation.loss}
@@ -329,24 +340,13 @@ def train(
                     optimizer,
                     scheduler,
                     loss_fn,
-                    device=device,
-                    mean=data.mean,
-                    std=data.std,
+                    settings,
                     step=state.step,
-                    epoch=epoch,
                     max_steps=(shape.batches_per_epoch - state.epoch_batches) // accumulate,
-                    accumulate=accumulate,
-                    channels_last=channels_last,
-                    skip_nonfinite=trainer.get("skip_nonfinite", 0),
-                    amp_dtype=amp_dtype,
-                    scaler=scaler,
-                    grad_clip_norm=trainer.get("grad_clip_norm"),
-                    grad_norm_every=logger.log_every_n_steps,
-                    should_stop=shared_stop.poll,
                     on_step=on_step,
-                    progress=main_rank,
-                    desc=epoch_description(epoch, epochs),
-                    postfix=lambda step, left=to_validate: _eta(clock, step, left),
+                    bar=Bar(epoch_description(epoch, epochs), lambda step, left=to_validate: _eta(clock, step, left))
+                    if main_rank
+                    else None,
                 )
                 clock.end_epoch()
                 if watch is not None:

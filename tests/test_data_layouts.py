@@ -169,9 +169,9 @@ def test_mixed_sizes_train_and_are_scored_one_image_at_a_time_at_their_own_size(
     seen = []
     real_evaluate = fcn.train.evaluate
 
-    def spy(model, loader, **kwargs):
+    def spy(model, loader, settings, **kwargs):
         seen.extend(tuple(images.shape) for images, _ in loader)
-        return real_evaluate(model, loader, **kwargs)
+        return real_evaluate(model, loader, settings, **kwargs)
 
     monkeypatch.setattr(fcn.train, "evaluate", spy)
     cfg = compose_config(

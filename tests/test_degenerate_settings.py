@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fcn.engine import evaluate, train_one_epoch
+from fcn.engine import Settings, evaluate, train_one_epoch
 from fcn.losses import CrossEntropy, DiceLoss, TopKCrossEntropy, WeightedSum
 
 IGNORE = 255
@@ -74,13 +74,8 @@ def test_training_step_on_void_batch_is_not_counted_as_non_finite(name):
         optimizer,
         scheduler,
         LOSSES[name](),
-        device=torch.device("cpu"),
-        mean=[0.5] * 3,
-        std=[0.5] * 3,
+        Settings(device=torch.device("cpu"), mean=[0.5] * 3, std=[0.5] * 3, skip_nonfinite=0),
         step=0,
-        epoch=0,
-        skip_nonfinite=0,
-        progress=False,
     )
     assert result.step == 2 and math.isfinite(result.loss)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -89,21 +84,14 @@ def test_training_step_on_void_batch_is_not_counted_as_non_finite(name):
 def test_val_loss_averages_over_batches_with_labels_only():
     model = _Tiny()
     loss_fn = CrossEntropy(ignore_index=IGNORE)
-    common = dict(
-        num_classes=3,
-        ignore_index=IGNORE,
-        device=torch.device("cpu"),
-        mean=[0.5] * 3,
-        std=[0.5] * 3,
-        loss_fn=loss_fn,
-        progress=False,
-    )
-    with_void = evaluate(model, _batches(void_first=False), **common)
-    labelled_only = evaluate(model, _batches(void_first=False)[:1], **common)
+    settings = Settings(torch.device("cpu"), [0.5] * 3, [0.5] * 3, num_classes=3, ignore_index=IGNORE)
+    common = dict(loss_fn=loss_fn, desc=None)
+    with_void = evaluate(model, _batches(void_first=False), settings, **common)
+    labelled_only = evaluate(model, _batches(void_first=False)[:1], settings, **common)
     assert math.isfinite(with_void.loss)
     assert with_void.loss == pytest.approx(labelled_only.loss)
     assert with_void.loss_batches == 1
-    all_void = evaluate(model, _batches(void_first=False)[1:], **common)
+    all_void = evaluate(model, _batches(void_first=False)[1:], settings, **common)
     assert math.isnan(all_void.loss) and all_void.loss_batches == 0
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from fcn.checkpoint import load_checkpoint
 from fcn.data.sampler import ResumableSampler
-from fcn.engine import to_model_input, train_one_epoch
+from fcn.engine import Settings, to_model_input, train_one_epoch
 from fcn.errors import UserError
 from fcn.schedule import constant
 from fcn.signals import GracefulStop
@@ -193,13 +193,8 @@ def test_logged_gradient_norm_is_the_norm_of_the_gradient_before_clipping():
             optimizer,
             constant(optimizer, 1),
             loss_fn,
-            device=torch.device("cpu"),
-            mean=[0.5] * 3,
-            std=[0.2] * 3,
+            Settings(device=torch.device("cpu"), mean=[0.5] * 3, std=[0.2] * 3, grad_clip_norm=clip, grad_norm_every=1),
             step=0,
-            epoch=1,
-            grad_clip_norm=clip,
-            grad_norm_every=1,
             on_step=lambda step, loss, lr, norm, clip=clip: seen.update({clip: norm}),
         )
     assert seen[None] == pytest.approx(expected, rel=1e-5) and seen[1e-3] == pytest.approx(expected, rel=1e-5)
@@ -252,11 +247,13 @@ def _two_rank_job(rank: int, shapes_root: Path, out: Path) -> None:
         evaluate(
             model,
             loader,
-            num_classes=data.num_classes,
-            ignore_index=data.ignore_index,
-            device=torch.device("cpu"),
-            mean=data.mean,
-            std=data.std,
+            Settings(
+                num_classes=data.num_classes,
+                ignore_index=data.ignore_index,
+                device=torch.device("cpu"),
+                mean=data.mean,
+                std=data.std,
+            ),
         )
     )
     report["images"], report["confusion"] = result.images, result.confusion.tolist()
@@ -319,11 +316,13 @@ def test_distributed_evaluation_of_an_odd_split_equals_one_process_exactly(two_r
     single = evaluate(
         model,
         loader,
-        num_classes=data.num_classes,
-        ignore_index=data.ignore_index,
-        device=torch.device("cpu"),
-        mean=data.mean,
-        std=data.std,
+        Settings(
+            num_classes=data.num_classes,
+            ignore_index=data.ignore_index,
+            device=torch.device("cpu"),
+            mean=data.mean,
+            std=data.std,
+        ),
     )
     assert single.images == 5
     for report in reports:  # every rank ends with the whole split's counts

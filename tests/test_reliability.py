@@ -29,7 +29,7 @@ from fcn.cli.exit import exit_on_user_error
 from fcn.data.build import scan_data
 from fcn.data.labels import MaskDecoder
 from fcn.data.scan import scan_split
-from fcn.engine import NonFiniteLossError, train_one_epoch
+from fcn.engine import NonFiniteLossError, Settings, train_one_epoch
 from fcn.errors import UserError
 from fcn.signals import GracefulStop
 from fcn.train import TrainingInterrupted, train
@@ -659,15 +659,11 @@ def _epoch(loss_fn, clip=None, skip=1, max_steps=None):
             optimizer,
             scheduler,
             loss_fn,
-            device=torch.device("cpu"),
-            mean=[0.5] * 3,
-            std=[0.5] * 3,
+            Settings(
+                device=torch.device("cpu"), mean=[0.5] * 3, std=[0.5] * 3, skip_nonfinite=skip, grad_clip_norm=clip
+            ),
             step=0,
-            epoch=0,
-            skip_nonfinite=skip,
-            grad_clip_norm=clip,
             max_steps=max_steps,
-            progress=False,
         )
     except NonFiniteLossError as exc:
         return model, exc

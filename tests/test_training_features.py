@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcn.engine import train_one_epoch
+from fcn.engine import Settings, train_one_epoch
 from fcn.models import FCN, BilinearUpsample
 from fcn.optim import build_optimizer, param_groups
 from fcn.schedule import constant
@@ -50,12 +50,8 @@ def test_gradient_clipping_bounds_the_update():
         optimizer,
         constant(optimizer, 1),
         lambda x, y: 1000 * loss(x, y),
-        device=torch.device("cpu"),
-        mean=[0] * 3,
-        std=[1] * 3,
+        Settings(device=torch.device("cpu"), mean=[0] * 3, std=[1] * 3, grad_clip_norm=0.5),
         step=0,
-        epoch=1,
-        grad_clip_norm=0.5,
     )
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (after - before).norm() == pytest.approx(0.5, rel=1e-4)  # lr 1 x gradient clipped to norm 0.5

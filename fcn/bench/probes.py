@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fcn.checkpoint import load_checkpoint, save_checkpoint
 from fcn.data.scan import scan_split
 from fcn.data.transforms import normalize
-from fcn.engine import evaluate, train_one_epoch
+from fcn.engine import Bar, Settings, evaluate, train_one_epoch
 from fcn.inference import predict_logits
 from fcn.metrics import confusion_matrix
 from fcn.models import FCN
@@ -84,15 +84,12 @@ def training_rates(
             optimizer,
             scheduler,
             loss_fn,
-            device=device,
-            mean=mean,
-            std=std,
+            Settings(
+                device=device, mean=mean, std=std, channels_last=channels_last, amp_dtype=amp_dtype, scaler=scaler
+            ),
             step=0,
-            epoch=0,
             max_steps=n,
-            channels_last=channels_last,
-            amp_dtype=amp_dtype,
-            scaler=scaler,
+            bar=Bar("epoch 0"),
         )
         return result.batches * batch_size  # fewer than n when the loader runs out
 
@@ -125,12 +122,13 @@ def loader_rate(loader: Iterable, *, batches: int, warmup: int, repeats: int) ->
 
 
 def evaluation_rate(
-    model: nn.Module, loader: Iterable, *, batches: int, repeats: int, device: torch.device, **evaluate_kwargs
-) -> float:  # evaluate_kwargs: what fcn.engine.evaluate takes (infer= for sliding windows or TTA)
+    model: nn.Module, loader: Iterable, *, batches: int, repeats: int, device: torch.device, infer=None, **settings
+) -> float:  # settings: the fields of fcn.engine.Settings but the device; infer= for sliding windows or TTA
     """Images per second of :func:`fcn.engine.evaluate`, confusion matrix included."""
+    settings = Settings(device=device, **settings)
 
     def run() -> int:
-        result = evaluate(model, loader, device=device, max_batches=batches, **evaluate_kwargs)
+        result = evaluate(model, loader, settings, max_batches=batches, infer=infer)
         return int(result.images)
 
     run()
@@ -259,14 +257,16 @@ def evaluation_rates_against_bare(
         result = evaluate(
             model,
             batches,
-            num_classes=num_classes,
-            ignore_index=ignore_index,
-            device=device,
-            mean=mean,
-            std=std,
-            channels_last=channels_last,
-            amp_dtype=amp_dtype,
-            progress=False,
+            Settings(
+                num_classes=num_classes,
+                ignore_index=ignore_index,
+                device=device,
+                mean=mean,
+                std=std,
+                channels_last=channels_last,
+                amp_dtype=amp_dtype,
+            ),
+            desc=None,
         )
         return int(result.images)
 

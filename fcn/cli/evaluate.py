@@ -27,7 +27,7 @@ from fcn.data.build import build_dataset, prepare_data_root, scan_data
 from fcn.data.loader import make_loader
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.device import resolve_device, resolve_precision
-from fcn.engine import evaluate
+from fcn.engine import Settings, evaluate
 from fcn.errors import UserError
 from fcn.inference import eval_config, inference_fn
 from fcn.loggers import TensorBoardLogger
@@ -88,13 +88,15 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
     result = evaluate(
         model,
         loader,
-        num_classes=data.num_classes,
-        ignore_index=data.ignore_index,
-        device=device,
-        mean=ckpt["mean"],
-        std=ckpt["std"],
-        channels_last=cfg.channels_last,
-        amp_dtype=resolve_precision(cfg.precision, device),
+        Settings(
+            num_classes=data.num_classes,
+            ignore_index=data.ignore_index,
+            device=device,
+            mean=ckpt["mean"],
+            std=ckpt["std"],
+            channels_last=cfg.channels_last,
+            amp_dtype=resolve_precision(cfg.precision, device),
+        ),
         infer=inference_fn(eval_cfg, data.num_classes),
         on_batch=on_batch,
         desc=data.split,
