@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fcn import distributed
 from fcn.checkpoint import check_architecture, save_checkpoint
@@ -195,6 +196,17 @@ def train(
     if (too_long := warmup_warning(cfg.sched.get("warmup_steps"), shape.total_steps)) and main_rank:
         log.warning("%s", too_long)
     loss_fn = instantiate(build.with_class_weights(cfg.loss, data, reports.get(data.train_split)))
+    # An exponential moving average of the weights (and batch-norm statistics), when asked: it is what
+    # validates and what best.pt holds; last.pt also keeps the trained weights, to resume from.
+    ema_decay = trainer.get("ema_decay")
+    if ema_decay is not None and not (isinstance(ema_decay, float) and 0 < ema_decay < 1):
+        raise UserError(f"trainer.ema_decay={ema_decay}: give a decay between 0 and 1 (e.g. 0.999) or null for none")
+    ema = (
+        None
+        if ema_decay is None
+        else AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    )
+    eval_net = net if ema is None else ema.module
     infer = inference_fn(cfg.eval, data.num_classes)
 
     # --- The state of an earlier run, when resuming: it must have had the same shape.
@@ -212,6 +224,8 @@ def train(
                 "resuming %s with changed settings that do not change what is learned: %s", source, "; ".join(applied)
             )
         state = TrainState.from_progress(restore_training_state(saved, model, optimizer, scheduler, scaler, rank))
+        if ema is not None and saved.get("ema") is not None:
+            ema.load_state_dict(saved["ema"])  # else it starts from the resumed weights
         log.info("resumed from %s at epoch %d, batch %d, step %d", source, state.epoch, state.epoch_batches, state.step)
         if state.step >= shape.total_steps:  # nothing left to train: say so rather than look like a run
             log.warning(
@@ -246,8 +260,9 @@ def train(
         rng = distributed.gather_objects(capture_rng_state())
         if not distributed.is_main():
             return
+        averaged = ema is not None and path == best_pt  # best.pt is what validated: the average
         checkpoint = {
-            "model": model.state_dict(),
+            "model": ema.module.state_dict() if averaged else model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng[0],
@@ -258,6 +273,7 @@ def train(
             "step": state.step,
             "metrics": metrics,
             **run_info,
+            **({} if ema is None else {"ema": ema.state_dict()}),
         }
         save_checkpoint(checkpoint, path, keep_previous=path.name == "last.pt")
 
@@ -279,6 +295,8 @@ def train(
         (a signal seen by any rank). A skipped step (``loss`` None) is only polled."""
         if loss is None:
             return shared_stop.poll(step)
+        if ema is not None:
+            ema.update_parameters(model)
         if watch is not None and (slow := watch.step(shape.batch_size * accumulate)):
             log.warning("%s", slow)
         if logger.log_every_n_steps and step % logger.log_every_n_steps == 0:
@@ -298,8 +316,10 @@ def train(
     def validate(step: int) -> dict:
         """Score this rank's share of the validation set (summed over ranks), log it, draw the samples."""
         distributed.broadcast_buffers(model)  # every rank scores the model rank 0 saves
+        if ema is not None:
+            distributed.broadcast_buffers(ema.module)
         evaluation = evaluate(
-            net,
+            eval_net,
             val_loader,
             settings,
             loss_fn=loss_fn,
@@ -312,7 +332,7 @@ def train(
         log_validation(logger, step, metrics, evaluation.confusion, class_names, model)
         if len(sample_indices):
             to_input = lambda images: to_model_input(images, device, data.mean, data.std, channels_last)  # noqa: E731
-            grid = sample_grid(net, val_set, sample_indices, palette, data.ignore_index, to_input, amp_dtype)
+            grid = sample_grid(eval_net, val_set, sample_indices, palette, data.ignore_index, to_input, amp_dtype)
             logger.log_image("val/samples", grid, step)
         return metrics
 
