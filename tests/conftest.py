@@ -12,7 +12,10 @@ from hydra import compose, initialize_config_dir
 
 from fcn.cli import CONFIG_DIR
 from fcn.data.shapes import ensure_shapes
+from fcn.process import start_process
 from fcn.signals import GracefulStop
+
+start_process()  # the test session is a process as the entry points are (OpenMP and malloc settings)
 
 # Scan caches of the test session stay out of the user's ~/.cache (subprocesses inherit this).
 os.environ["FCN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fcn-test-cache-")
