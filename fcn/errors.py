@@ -111,9 +111,10 @@ def write_error(
         return None
     reason, fix = _WRITE[found]
     target = path if path is not None else filename if isinstance(filename, (str, Path)) else fallback_dir
-    where = f"writing {target}" if target is not None else f"writing the run's files in {Path.cwd()}"
+    # neutral wording: EACCES and EISDIR also come from reads the checks before did not catch
+    where = str(target) if target is not None else f"the run's files in {Path.cwd()}"
     extra = f"; {note}" if note else ""
-    return UserError(f"cannot write: {reason} while {where}; {fix}{extra}, then run again (training: add resume=auto)")
+    return UserError(f"{reason}: {where}; {fix}{extra}, then run again (training: add resume=auto)")
 
 
 def _free_bytes(folder: Path) -> int | None:

@@ -122,12 +122,12 @@ def test_saving_onto_a_directory_is_one_line_and_keeps_everything(tmp_path):
 @pytest.mark.parametrize(
     ("raised", "expected"),
     [
-        (OSError(errno.EFBIG, "File too large"), r"File too large .*ulimit -f unlimited"),
-        (RuntimeError("[enforce fail at inline_container.cc:672] . File too large"), r"File too large .*ulimit -f"),
-        (OSError(errno.EROFS, "Read-only file system"), r"Read-only file system .*writable directory"),
-        (PermissionError(errno.EACCES, "Permission denied"), r"Permission denied .*permissions"),
-        (PermissionError(errno.EPERM, "Operation not permitted"), r"Operation not permitted .*permissions"),
-        (IsADirectoryError(errno.EISDIR, "Is a directory"), r"Is a directory .*move or remove it"),
+        (OSError(errno.EFBIG, "File too large"), r"File too large: .*ulimit -f unlimited"),
+        (RuntimeError("[enforce fail at inline_container.cc:672] . File too large"), r"File too large: .*ulimit -f"),
+        (OSError(errno.EROFS, "Read-only file system"), r"Read-only file system: .*writable directory"),
+        (PermissionError(errno.EACCES, "Permission denied"), r"Permission denied: .*permissions"),
+        (PermissionError(errno.EPERM, "Operation not permitted"), r"Operation not permitted: .*permissions"),
+        (IsADirectoryError(errno.EISDIR, "Is a directory"), r"Is a directory: .*move or remove it"),
         (OSError(errno.ENOSPC, "No space left on device"), r"disk full .*free space there"),
     ],
     ids=["EFBIG", "torch-zip-EFBIG", "EROFS", "EACCES", "EPERM", "EISDIR", "ENOSPC"],
@@ -392,3 +392,23 @@ def test_worker_survives_the_group_signals_and_ends_on_the_main_process_terminat
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.stdout.strip() == "alive" and proc.returncode == -signal.SIGTERM, proc.stderr
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_resuming_into_a_full_or_read_only_pinned_run_directory_is_one_line(tmp_path, monkeypatch, capsys, code):
+    from fcn import rundir
+    from fcn.cli import hydra_run_dir
+
+    def refuse(run_dir):
+        raise OSError(code, os.strerror(code), str(run_dir / ".run.lock"))
+
+    real_open = os.open
+    monkeypatch.setattr(
+        rundir.os, "open", lambda *a, **k: refuse(tmp_path) if str(a[0]).endswith(".run.lock") else real_open(*a, **k)
+    )
+    with pytest.raises(SystemExit) as caught:
+        hydra_run_dir.check_pinned_run_dir([f"hydra.run.dir={tmp_path}", "resume=auto"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / ".run.lock") in err
+    assert os.strerror(code) in err and "nothing in the run directory was changed" in err
