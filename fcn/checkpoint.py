@@ -69,6 +69,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
     path = Path(path)
     _check_finite(state.get("model", {}), path)
     check_writable(path)
+    if keep_previous:
+        check_writable(previous_path(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -412,3 +412,13 @@ def test_resuming_into_a_full_or_read_only_pinned_run_directory_is_one_line(tmp_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path / ".run.lock") in err
     assert os.strerror(code) in err and "nothing in the run directory was changed" in err
+
+
+def test_directory_where_the_previous_checkpoint_goes_is_named_before_anything_is_written(tmp_path):
+    save_checkpoint({"model": {"w": torch.ones(2)}, "config": {}, "step": 1}, tmp_path / "last.pt")
+    (tmp_path / "last.prev.pt").mkdir()
+    with pytest.raises(UserError, match=rf"cannot write checkpoint {tmp_path / 'last.prev.pt'}: a directory"):
+        save_checkpoint(
+            {"model": {"w": torch.ones(2)}, "config": {}, "step": 2}, tmp_path / "last.pt", keep_previous=True
+        )
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
