@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fcn.errors import UserError, disk_full_error
+from fcn.errors import UserError, write_error
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,13 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
     """
     path = Path(path)
     _check_finite(state.get("model", {}), path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path)
+    if keep_previous:
+        check_writable(previous_path(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, path=path) or exc from exc
     _remove_leftovers(path)
     tmp: Path | None = None
     try:
@@ -82,7 +88,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
         tmp = None
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as exc:  # torch's zip writer turns a failed write into a RuntimeError
-        full = disk_full_error(
+        full = write_error(
             exc,
             path=path,
             needed=_state_bytes(state),
@@ -95,6 +101,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         _remove_leftovers(path)
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise :class:`UserError` when something that is not a file (a directory, a socket...) is where
+    the checkpoint ``path`` is to be written: checked when a run starts, so no epoch is lost to it."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise UserError(
+            f"cannot write checkpoint {path}: {kind} is in its place; move or remove it, then run again "
+            "(add resume=auto to continue)"
+        )
 
 
 def _remove_leftovers(path: Path) -> None:
@@ -265,10 +283,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _check_finite(model_state: dict[str, Any], path: Path) -> None:
+def _non_finite(model_state: Any) -> str | None:
+    """The name of the first floating-point weight holding NaN or inf, or None."""
+    if not isinstance(model_state, dict):
+        return None
     for name, tensor in model_state.items():
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"refusing to write {path}: weight {name} holds NaN or inf")
+            return name
+    return None
+
+
+def _check_finite(model_state: dict[str, Any], path: Path) -> None:
+    name = _non_finite(model_state)
+    if name is not None:
+        raise UserError(f"refusing to write {path}: weight {name} holds NaN or inf")
 
 
 def load_checkpoint(
@@ -313,6 +341,12 @@ def load_checkpoint(
         raise failure
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}{given} is not an fcn checkpoint (no 'model' and 'config' entries); {_fix(key)}")
+    bad = _non_finite(state["model"])
+    if bad is not None:
+        raise UserError(
+            f"checkpoint {path}{given} is damaged: weight {bad} holds NaN or inf (fcn never writes such weights: "
+            "the file was altered after it was saved); use another copy (last.prev.pt, best.pt)"
+        )
     if state.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(
             f"checkpoint {path} has format {state['format_version']}, newer than this fcn reads "

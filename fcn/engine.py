@@ -17,6 +17,7 @@ from fcn.data.transforms import normalize
 from fcn.distributed import mean_across_ranks, sum_across_ranks, world_size
 from fcn.errors import UserError
 from fcn.metrics import confusion_matrix
+from fcn.models.buffers import restore_buffers, snapshot_buffers
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def train_one_epoch(
         if first:
             optimizer.zero_grad(set_to_none=True)
             window_loss = 0.0
+            buffers = snapshot_buffers(model) if skip_nonfinite else None  # a skipped step leaves no trace
         if math.isfinite(window_loss):  # after a non-finite batch the rest of its window is drawn, not used
             images = to_model_input(images, device, mean, std, channels_last)
             masks = masks.to(device, non_blocking=True)
@@ -194,6 +196,7 @@ def train_one_epoch(
             extra = postfix(step) if postfix is not None and bar.disable is not True else {}
             bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.2e}", **extra, refresh=False)  # drawn at tqdm's pace
         else:
+            restore_buffers(buffers)  # batch norm's running statistics as before the bad batch
             bad_in_a_row += 1
             first_bad = step if bad_in_a_row == 1 else first_bad
             if bad_in_a_row > skip_nonfinite:

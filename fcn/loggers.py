@@ -7,12 +7,14 @@ Loggers receive plain values (floats, tensors, HWC pictures); what to log is dec
 
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fcn.errors import UserError
+from fcn.errors import UserError, write_error
 
 
 class NullLogger:
@@ -50,6 +52,32 @@ class NullLogger:
         """Flush and release files; safe to call twice."""
 
 
+def _quiet_writer_thread(args) -> None:
+    # TensorBoard writes events in a thread; a failed write (full disk, ulimit -f) would print that
+    # thread's traceback, and the writer raises the same error again at its next call in the main
+    # thread, where it becomes one line (:func:`_one_line_on_write_error`). Other threads: as before.
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+        return
+    _previous_excepthook(args)
+
+
+_previous_excepthook = threading.excepthook
+
+
+def _one_line_on_write_error(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            error = write_error(exc, path=self._dir, note="the checkpoints written so far are intact")
+            if error is None:
+                raise
+            raise error from exc
+
+    return wrapper
+
+
 class TensorBoardLogger(NullLogger):
     """Event files in ``<run dir>/tensorboard`` (``tensorboard --logdir <run dir>``).
 
@@ -67,27 +95,35 @@ class TensorBoardLogger(NullLogger):
         self._writer = None
         self._dir: Path | None = None
 
+    @_one_line_on_write_error
     def open(self, out_dir: Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only needed here
 
+        if threading.excepthook is _previous_excepthook:
+            threading.excepthook = _quiet_writer_thread
         self._dir = Path(out_dir) / "tensorboard"
         self._writer = SummaryWriter(log_dir=str(self._dir), purge_step=purge_step)
 
+    @_one_line_on_write_error
     def log_text(self, tag: str, text: str, step: int) -> None:
         self._writer.add_text(tag, text, step)
 
+    @_one_line_on_write_error
     def log_scalar(self, tag: str, value: float, step: int) -> None:
         self._writer.add_scalar(tag, value, step)
 
+    @_one_line_on_write_error
     def log_image(self, tag: str, image: torch.Tensor | np.ndarray, step: int) -> None:
         if isinstance(image, np.ndarray) and image.ndim == 3:
             self._writer.add_image(tag, image, step, dataformats="HWC")
         else:
             self._writer.add_image(tag, image, step)
 
+    @_one_line_on_write_error
     def log_layout(self, layout: dict) -> None:
         self._writer.add_custom_scalars(layout)
 
+    @_one_line_on_write_error
     def log_hparams(self, hparams: dict, metrics: dict, run_name: str = "") -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
@@ -104,6 +140,7 @@ class TensorBoardLogger(NullLogger):
             for tag, value in metrics.items():
                 writer.add_scalar(tag, value)
 
+    @_one_line_on_write_error
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fcn import distributed, rundir
-from fcn.checkpoint import check_architecture, load_checkpoint, load_resumable
+from fcn.checkpoint import check_architecture, check_writable, load_checkpoint, load_resumable
 from fcn.errors import UserError
 from fcn.rng import restore_rng_state
 from fcn.state_dict import match_keys, mismatch
@@ -118,6 +118,8 @@ def find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, Pa
     """
     if not resume:
         return None
+    for name in rundir.CHECKPOINT_NAMES:  # before training: a save that cannot happen would lose an epoch
+        check_writable(ckpt_dir / name)
     path, how = rundir.resume_source(str(resume), ckpt_dir.parent)
     if how == "nothing":
         log.warning("resume=auto: no checkpoint in %s yet; starting fresh", ckpt_dir.resolve())
@@ -181,7 +183,36 @@ def restore_training_state(
     restore_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return state["progress"]
+    return checked_best(state["progress"])
+
+
+def checked_best(progress: dict) -> dict:
+    """``progress`` with its best checkpoint verified (digest, finite weights: :func:`load_checkpoint`).
+
+    The best val mIoU recorded in ``last.pt`` is what later validations must beat; a damaged or
+    missing ``best.pt`` must not stay the run's result. It is renamed ``best.damaged.pt`` (kept for
+    inspection, read by nothing) and the record dropped, so the next validation writes a new
+    ``best.pt``. Raises :class:`UserError` when the run has no validation left to write one.
+    """
+    best = progress.get("best")
+    if not best or not best.get("checkpoint"):
+        return progress
+    path = Path(best["checkpoint"])
+    try:
+        load_checkpoint(path, key="resume")
+    except UserError as exc:
+        problem = str(exc)
+    else:
+        return progress
+    if path.is_file() and distributed.is_main():
+        path.replace(path.with_name(path.stem + ".damaged" + path.suffix))
+    if progress.get("step", 0) >= progress.get("total_steps", float("inf")):
+        raise UserError(
+            f"{problem}. The run has finished, so no new best checkpoint can be written: evaluate its last.pt "
+            f"(checkpoint={path.with_name('last.pt')}) or train on from it with init_from=PATH"
+        )
+    log.warning("%s; the run's best checkpoint is not trusted: the next validation writes a new best.pt", problem)
+    return {**progress, "best": None, "stale": 0}
 
 
 def init_weights(model: torch.nn.Module, path: Path, model_config: dict) -> None:

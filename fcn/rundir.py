@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcn.errors import UserError
+from fcn.errors import UserError, write_error
 
 #: Files that make a run directory worth keeping.
 CHECKPOINT_NAMES = ("last.pt", "last.prev.pt", "best.pt")
@@ -336,8 +336,14 @@ def acquire_lock(run_dir: Path) -> Path:
                 ) from None
             lock.unlink(missing_ok=True)  # the holder was killed: take over
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
+        except OSError as exc:  # a full disk, a read-only run directory...: one line naming the lock
+            raise write_error(exc, path=lock, note="nothing in the run directory was changed") or exc from exc
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+        except OSError as exc:
+            lock.unlink(missing_ok=True)
+            raise write_error(exc, path=lock, note="nothing in the run directory was changed") or exc from exc
         return lock
     raise UserError(f"could not lock run directory {run_dir}: {lock} keeps reappearing")
 

@@ -1,8 +1,13 @@
-"""Graceful stop on SIGTERM / SIGINT: finish the current step, save, then exit.
+"""Graceful stop on SIGTERM / SIGINT / SIGHUP: finish the current step, save, then exit.
 
-A cluster scheduler sends SIGTERM before it kills a job; a user presses Ctrl-C. Either way the
-step in flight completes, ``last.pt`` is written, and the process exits with 128 + the signal
-number (143 for SIGTERM, 130 for SIGINT). A second Ctrl-C aborts at once.
+A cluster scheduler or ``docker stop`` sends SIGTERM before it kills a job; a user presses
+Ctrl-C; a closed terminal or ssh session sends SIGHUP. Either way the step in flight completes,
+``last.pt`` is written, and the process exits with 128 + the signal number (143 for SIGTERM, 130
+for SIGINT, 129 for SIGHUP). A second Ctrl-C aborts at once.
+
+Such signals usually reach the whole process group, DataLoader workers included;
+:func:`protect_worker` makes each worker leave them to the main process, which stops the
+workers itself once it has saved.
 """
 
 from __future__ import annotations
@@ -14,6 +19,36 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Signals a scheduler sends a job before its time runs out (submitit and SLURM's --signal use
+# SIGUSR1 / SIGUSR2); their default action would kill a worker.
+_NOTICE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def protect_worker() -> None:
+    """In a DataLoader worker: survive the stop signals sent to the process group.
+
+    SIGINT, SIGHUP and the schedulers' notice signals are ignored: the main process decides. The
+    first SIGTERM is ignored too (it is the group's): the main process finishes its step, saves
+    and shuts the workers down. A second SIGTERM (multiprocessing's ``terminate()`` of a worker
+    that did not stop in time) ends the worker, and so does the end of a grace period of
+    :data:`WORKER_GRACE_S` seconds, so a worker never outlives a stop.
+    """
+    for signum in (signal.SIGINT, signal.SIGHUP, *_NOTICE_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+WORKER_GRACE_S = 60  # longer than a step and a save take; schedulers kill after 10-30 s anyway
+
+
+def _worker_sigterm(signum: int, frame) -> None:
+    del frame
+    signal.signal(signum, signal.SIG_DFL)  # the next SIGTERM (the main process stopping us) ends the worker
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(WORKER_GRACE_S)
+
+
 class GracefulStop:
     """Context manager that turns SIGTERM/SIGINT into a flag the training loop polls.
 
@@ -23,7 +58,7 @@ class GracefulStop:
 
     def __init__(self, also: tuple[int, ...] = ()) -> None:
         self.requested: int | None = None
-        self._signals = (signal.SIGTERM, signal.SIGINT, *also)
+        self._signals = (*STOP_SIGNALS, *also)
         self._previous: dict[int, object] = {}
 
     def should_stop(self, step: int) -> bool:

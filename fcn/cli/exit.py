@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf.errors import MissingMandatoryValue
 
-from fcn.errors import UserError, disk_full_error
+from fcn.errors import UserError, write_error
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ def exit_on_user_error(task: Callable) -> Callable:
         try:
             return task(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised below unless it is the user's mistake
-            # a full disk: one line too, naming the run directory when the error names no file
-            cause = _user_error_in_chain(exc) or disk_full_error(exc, fallback_dir=_run_dir())
+            # an error of the OS on a write (full disk, ulimit -f, read-only...): one line too, naming
+            # the run directory when the error names no file
+            cause = _user_error_in_chain(exc) or write_error(exc, fallback_dir=_run_dir())
             if cause is None:
                 raise
             if isinstance(cause, MissingMandatoryValue):
@@ -71,7 +72,7 @@ def _guard_hydra_config_writes() -> None:
         try:
             original(cfg, filename, output_dir)
         except OSError as exc:
-            error = disk_full_error(exc, path=Path(output_dir) / filename)
+            error = write_error(exc, path=Path(output_dir) / filename)
             if error is None:
                 raise
             print(f"error: {error}", file=sys.stderr)

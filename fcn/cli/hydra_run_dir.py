@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fcn import rundir
-from fcn.errors import UserError
+from fcn.errors import UserError, write_error
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,9 @@ def check_pinned_run_dir(argv: list[str]) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             _PINNED_LOCKS[str(run_dir.resolve())] = rundir.acquire_lock(run_dir)
         except (UserError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            note = "nothing in it was changed"
+            error = exc if isinstance(exc, UserError) else write_error(exc, path=run_dir / rundir.LOCK_NAME, note=note)
+            print(f"error: {error or exc}", file=sys.stderr)
             sys.exit(2)
         atexit.register(rundir.release_lock, _PINNED_LOCKS[str(run_dir.resolve())])
         if made:

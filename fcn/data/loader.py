@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import signal
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.rng import seed_worker
+from fcn.signals import protect_worker
 
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,10 +42,10 @@ class _PadCollate:
 
 
 def _init_worker(worker_id: int, max_image_pixels: int | None = PILLOW_DEFAULT) -> None:
-    # Ctrl-C reaches the whole process group. Workers leave it to the main process, which
-    # finishes its step and saves; a worker dying of it first would end the run with an error.
-    # (SIGTERM is left alone: multiprocessing stops workers with it at exit.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, SIGTERM (schedulers, docker stop) and SIGHUP reach the whole process group. Workers
+    # leave them to the main process, which finishes its step and saves; a worker dying of one
+    # first would end the run with an error and no checkpoint.
+    protect_worker()
     set_max_image_pixels(max_image_pixels)  # a spawned worker starts with Pillow's default, not the setting
     seed_worker(worker_id)
 
