@@ -49,6 +49,7 @@ from fcn.cli.compose import (
     prepare_data_root,
 )
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
@@ -248,6 +249,7 @@ def _write(result: dict, out_dir: str | Path) -> dict:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="benchmark")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    check_settings(cfg)  # fcn/cli/settings.py: each value checked before anything runs
     run_benchmark(cfg, HydraConfig.get().runtime.output_dir)
 
 
