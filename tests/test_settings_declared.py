@@ -74,7 +74,7 @@ def test_every_shipped_option_passes_its_declarations(group):
         ("trainer.deterministic=1", "trainer.deterministic=1: must be true or false"),
         ("aug.hflip=1.5", "aug.hflip=1.5: must be a finite number in [0, 1]"),
         ("optim.lr=nan", "optim.lr=nan: must be a finite number >= 0"),
-        ("data.crop_size=[64]", "data.crop_size=[64]: must be a positive whole number or [height, width]"),
+        ("data.crop_size=[64]", "data.crop_size=[64]: must be two positive integers [height, width] (or one for both)"),
         ("eval.scales=[1.0,0]", "eval.scales=[1.0, 0]: must be a list of values, each a finite number > 0"),
         ("logger.num_images=-2", "logger.num_images=-2: must be a whole number >= 0"),
         ("seed=-1", "seed=-1: must be a whole number >= 0"),

@@ -56,7 +56,7 @@ class Setting:
         elif self.kind in ("str", "path"):
             text = "a string" if self.kind == "str" else "a path"
         elif self.kind == "int_or_pair":
-            text = "a positive whole number or [height, width] of them"
+            text = "two positive integers [height, width] (or one for both)"
         else:  # list
             count = f"{self.length} " if self.length else ""
             text = f"a list of {count}values" + (f", each {self.item.allowed()}" if self.item else "")
