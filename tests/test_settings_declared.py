@@ -14,6 +14,7 @@ from fcn.cli.settings import LOSS_SETTINGS, SETTINGS, check_settings
 from fcn.errors import UserError
 from tests.conftest import compose_config
 
+REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ("train", "evaluate", "predict", "export", "benchmark", "check_data", "model_table")
 # Keys whose values are checked elsewhere with their relations (label maps, loss weights per class)
 # or that name the constructor: not single values a table can judge.
@@ -119,10 +120,11 @@ def test_every_entry_point_checks_its_own_keys(name, override, key):
 def test_a_refused_setting_exits_2_in_one_line_and_leaves_no_pinned_run_directory(tmp_path, override):
     run_dir = tmp_path / "pinned" / "run"
     result = subprocess.run(
-        [sys.executable, "scripts/train.py", override, "logger=none", f"hydra.run.dir={run_dir}"],
+        [sys.executable, str(REPO / "scripts" / "train.py"), override, "logger=none", f"hydra.run.dir={run_dir}"],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,
     )
     # Hydra's own refusal of an unknown option (exit 1) lists the options; everything else is ours (exit 2)
     assert result.returncode == (1 if override.startswith("model=") else 2), result.stderr
@@ -136,10 +138,11 @@ def test_a_refused_setting_keeps_a_pinned_directory_that_existed_before(tmp_path
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine")
     result = subprocess.run(
-        [sys.executable, "scripts/train.py", "trainer.epoch=3", f"hydra.run.dir={run_dir}"],
+        [sys.executable, str(REPO / "scripts" / "train.py"), "trainer.epoch=3", f"hydra.run.dir={run_dir}"],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,
     )
     assert result.returncode == 2
     assert (run_dir / "notes.txt").read_text() == "mine"
