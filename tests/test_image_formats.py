@@ -153,3 +153,26 @@ def test_16_bit_images_are_read_as_their_warning_says(tmp_path):
     png16_rgb(tmp_path / "c.png", np.full((H, W, 3), 25700, np.uint16))
     assert read_image(tmp_path / "g.png")[0, 0, 0] == 100  # 25700 / 257
     assert read_image(tmp_path / "c.png")[0, 0, 0] == 100  # 25700 >> 8
+
+
+def test_a_float_tiff_mask_is_refused_as_such_not_called_corrupt(tmp_path):
+    write_folder(tmp_path, values=(0, 1))
+    (tmp_path / "masks" / "b.png").unlink()
+    float_tiff(tmp_path / "masks" / "b.tif", np.zeros((H, W, 3)))
+    data = compose_config(
+        "train",
+        [
+            "data=folder",
+            f"data.root={tmp_path}",
+            "data.num_classes=3",
+            "data.class_names=[a,b,c]",
+            "data.split_file=null",
+            "data.mask_suffix=.tif",
+        ],
+    ).data
+    (tmp_path / "masks" / "a.png").rename(tmp_path / "masks" / "a.tif")
+    (tmp_path / "masks" / "c.png").rename(tmp_path / "masks" / "c.tif")
+    with pytest.raises(UserError) as info:
+        scan_data(data, ["train"])
+    assert "b.tif is a 32-bit floating-point TIFF with 3 band(s)" in str(info.value)
+    assert "corrupt" not in str(info.value)

@@ -69,19 +69,25 @@ def conversion(image: Image.Image) -> str | None:
     return text
 
 
-def float_image_error(path: Path | str, image: Image.Image | None = None) -> str | None:
+def float_image_error(path: Path | str, image: Image.Image | None = None, what: str = "image") -> str | None:
     """One line refusing a floating-point image (Pillow's mode F, or a TIFF whose SampleFormat tag
     339 says IEEE float, which Pillow may not open at all when it has several bands), with the fix;
     None for any other image. Reads only the header (``image``: already opened, or None to read
     the TIFF directory of ``path`` directly)."""
     if image is not None and image.mode == "F":
-        return f"image {path} is a 32-bit floating-point image (mode F); {FLOAT_FIX}"
+        return f"{what} {path} is a 32-bit floating-point image (mode F); {_fix(what)}"
     tags = tiff_tags(path) if image is None else getattr(image, "tag_v2", None)
     if not tags or 3 not in _as_tuple(tags.get(339, 1)):  # SampleFormat 3: IEEE floating point
         return None
     bits = _as_tuple(tags.get(258, 32))[0]  # BitsPerSample
     bands = int(tags.get(277, 1))  # SamplesPerPixel
-    return f"image {path} is a {bits}-bit floating-point TIFF with {bands} band(s) (SampleFormat=3); {FLOAT_FIX}"
+    return f"{what} {path} is a {bits}-bit floating-point TIFF with {bands} band(s) (SampleFormat=3); {_fix(what)}"
+
+
+def _fix(what: str) -> str:
+    if what == "mask":
+        return "masks must be index PNGs (pixel value = class index, 8- or 16-bit): save np.rint(x).astype(np.uint16)"
+    return FLOAT_FIX
 
 
 def tiff_tags(path: Path | str) -> dict | None:

@@ -182,6 +182,9 @@ def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dic
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, struct.error...: any failure is a bad file
         if not any(kind == "float_image" for kind, _ in entry["errors"]):  # a float TIFF is not corrupt
             entry["errors"].append(["corrupt_image", f"{exc.__class__.__name__}: {exc}"])
+    if (refused := float_image_error(mask_path, what="mask")) is not None:  # not "corrupt": say what it is
+        entry["errors"].append(["bad_mask", refused])
+        return entry
     try:
         with Image.open(mask_path) as mask:
             entry.update(mask_size=list(mask.size), mask_mode=mask.mode, mask_format=mask.format)
