@@ -22,7 +22,7 @@ def resolve_device(name: str, threads: int | None = None) -> torch.device:
     at the CPUs this process may use (affinity mask, cgroup CPU quota: :func:`fcn.threads.usable_cpus`),
     since more threads than CPUs only wait for each other.
     """
-    if threads:
+    if threads is not None:  # 0 is refused by the settings check, never read as "unset"
         torch.set_num_threads(threads)
     elif torch.get_num_threads() > usable_cpus():
         torch.set_num_threads(usable_cpus())

@@ -135,7 +135,8 @@ class PredictionWriter:
 
 
 def save_prediction(out_dir: Path, stem: str, image: torch.Tensor, pred: torch.Tensor, palette) -> None:
-    """One image's ``<stem>.png`` (mode "P") and ``<stem>_overlay.jpg``; ``stem`` may hold subfolders
+    """One image's ``<stem>.png`` (mode "P"; 16-bit greyscale beyond 256 classes) and
+    ``<stem>_overlay.jpg``; ``stem`` may hold subfolders
     (``cam1/0001``), which are made."""
     (out_dir / stem).parent.mkdir(parents=True, exist_ok=True)
     index_png(pred.numpy(), palette).save(out_dir / f"{stem}.png")

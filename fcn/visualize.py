@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import draw_segmentation_masks, make_grid
+from torchvision.utils import make_grid
 
 
 def colorize(masks: torch.Tensor, palette: Sequence[Sequence[int]], ignore_index: int) -> torch.Tensor:
@@ -50,15 +50,34 @@ def default_palette(num_classes: int) -> list[list[int]]:
 def overlay(
     image: torch.Tensor, mask: torch.Tensor, palette: Sequence[Sequence[int]], alpha: float = 0.5
 ) -> torch.Tensor:
-    """The ``3 x H x W`` uint8 image with each class painted over it in its palette colour."""
-    classes = torch.arange(len(palette), device=mask.device)[:, None, None]
-    return draw_segmentation_masks(
-        image.cpu(), (mask.cpu() == classes.cpu()), alpha=alpha, colors=[tuple(c) for c in palette]
-    )
+    """The ``3 x H x W`` uint8 image with each class of the ``H x W`` ``mask`` painted over it in its
+    palette colour (``alpha`` of the colour); pixels outside ``0..len(palette)-1`` are left as they are.
+
+    The blend of :func:`torchvision.utils.draw_segmentation_masks`, through a colour table: one
+    ``H x W`` lookup whatever the class count (draw_segmentation_masks stacks one boolean mask per
+    class, 300 x H x W for 300 classes).
+    """
+    image, mask = image.cpu(), mask.cpu().long()
+    lut = torch.tensor([list(c) for c in palette], dtype=torch.float32)
+    valid = (mask >= 0) & (mask < len(palette))
+    colours = lut[mask.clamp(0, len(palette) - 1)].permute(2, 0, 1)
+    blended = image.float() * (1 - alpha) + colours * alpha
+    return torch.where(valid, blended.round().to(torch.uint8), image)
 
 
 def index_png(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
-    """A mode "P" PNG image: pixel values are class indices, shown in the palette's colours."""
+    """The ``H x W`` class indices as a lossless PNG image: mode "P" (pixel value = class index,
+    shown in the palette's colours) for up to 256 classes; beyond that 16-bit greyscale ("I;16",
+    pixel value = class index, up to 65536 classes), since a PNG palette holds at most 256 colours.
+
+    Raises ValueError for an index outside what the file can hold (below 0, or above 255 / 65535).
+    """
+    wide = len(palette) > 256
+    high = 65535 if wide else 255
+    if mask.size and (mask.min() < 0 or mask.max() > high):
+        raise ValueError(f"class indices {mask.min()}..{mask.max()} do not fit a {16 if wide else 8}-bit PNG")
+    if wide:
+        return Image.fromarray(mask.astype(np.uint16))  # PNG stores it as 16-bit greyscale
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     flat = [v for colour in palette for v in colour]
     image.putpalette(flat + [0] * (768 - len(flat)))

@@ -132,7 +132,8 @@ def test_image_modes_are_converted_with_one_warning_per_kind_and_16_bit_is_scale
         scan_data(_data(tmp_path), ["train"])
     warnings = [r.getMessage() for r in caplog.records if "converted to RGB" in r.getMessage()]
     assert len(warnings) == 3  # grayscale (2 files, one line), RGBA, 16-bit
-    assert any("2 grayscale images" in w for w in warnings) and any("RGBA (alpha dropped)" in w for w in warnings)
+    assert any("2 images are converted to RGB: 8-bit grayscale" in w for w in warnings)
+    assert any("RGBA: the alpha channel dropped" in w for w in warnings)
     image = read_image(tmp_path / "images" / "d.png")
     assert image.shape == (24, 32, 3) and image[0, 0, 0] == 128 and image[0, -1, 0] == 255  # scaled, not clipped
     assert read_image(tmp_path / "images" / "c.png").shape == (24, 32, 3)

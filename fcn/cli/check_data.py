@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
 from fcn.cli.validate import check_classes
 from fcn.data.build import data_layout, mask_decoder, prepare_data_root
@@ -127,6 +128,7 @@ def _print_summary(data, reports: list[SplitReport], layout_errors: list[str], r
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: exit code 0 when the data is usable, 1 when it is not."""
+    check_settings(cfg)  # each value's type and range, before any file is read
     _, usable = run_check(cfg, HydraConfig.get().runtime.output_dir)
     if not usable:
         sys.exit(1)

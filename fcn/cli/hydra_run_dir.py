@@ -80,7 +80,7 @@ def check_pinned_run_dir(argv: list[str]) -> None:
     run_dir = Path(pinned[-1].strip("'\"")).expanduser()
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
     if rank == "0":  # one run per directory: locked before Hydra rewrites .hydra/ or opens the log there
-        made = not run_dir.exists()
+        made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             _PINNED_LOCKS[str(run_dir.resolve())] = rundir.acquire_lock(run_dir)
@@ -92,6 +92,8 @@ def check_pinned_run_dir(argv: list[str]) -> None:
         atexit.register(rundir.release_lock, _PINNED_LOCKS[str(run_dir.resolve())])
         if made:
             _MADE_BEFORE_HYDRA.add(str(run_dir.resolve()))
+            # registered after the lock's release, so it runs before it (atexit is last in, first out)
+            atexit.register(_remove_if_unused, made, _PINNED_LOCKS[str(run_dir.resolve())])
     if (run_dir / ".hydra").is_dir():  # Hydra rewrites them before our checks; a refused command puts them back
         _HYDRA_FILES_BEFORE.update({p: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")})
     resume = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("resume=")]
@@ -101,6 +103,20 @@ def check_pinned_run_dir(argv: list[str]) -> None:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+
+
+def _remove_if_unused(made: list[Path], lock: Path) -> None:
+    """At exit: the directories ``made`` (deepest first) for a pinned ``hydra.run.dir`` are removed
+    when the command ended before Hydra wrote into them (a mistyped key or option, a refused value):
+    each only if it holds nothing but this process's lock. A directory with any other file stays."""
+    rundir.release_lock(lock)
+    for directory in made:
+        try:
+            directory.rmdir()  # only an empty directory: never one holding a file
+        except FileNotFoundError:
+            continue  # removed already (a run that failed inside Hydra cleans up its own directory)
+        except OSError:
+            return
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fcn.cli.settings import check_settings
 from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ _NO_BATCH_NORM = ("vgg16",)
 
 def validate_train_config(cfg: DictConfig) -> None:
     """Check a composed training config before anything is built; raises UserError on the first bad value."""
+    check_settings(cfg)  # each value's type and range, from one declaration per key (fcn/cli/settings.py)
     if any(OmegaConf.is_missing(cfg.data, k) for k in ("num_classes", "class_names")):
         return  # Hydra's own "missing value" error names the key when it is read
     check_classes(
@@ -59,6 +61,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 def validate_export_config(cfg: DictConfig) -> None:
     """Check the settings of export.py before the checkpoint is read."""
+    check_settings(cfg)
     opset = cfg.get("opset")
     if not isinstance(opset, int) or not 13 <= opset <= 24:
         raise UserError(f"opset={_show(opset)}: give an ONNX opset between 13 and 24 (18 is the default)")
@@ -68,6 +71,7 @@ def validate_export_config(cfg: DictConfig) -> None:
 
 def validate_eval_config(cfg: DictConfig) -> None:
     """Check the settings of evaluate.py / predict.py before a checkpoint or image is read."""
+    check_settings(cfg)
     if "data" in cfg:
         check_max_image_pixels(cfg.data.get("max_image_pixels"))
     if "eval" in cfg:

@@ -27,6 +27,100 @@ RGB_MASK_MODES = ("RGB", "RGBA")
 EXIF_ORIENTATION = 0x0112
 
 
+# What becomes of each mode on the way to 8-bit RGB (image_to_rgb), in the words of the scan's warning.
+CONVERSIONS = {
+    "L": "8-bit grayscale: each value copied to R, G and B",
+    "LA": "grayscale with alpha: the grey copied to R, G and B, the alpha channel dropped",
+    "P": "palette: each index replaced by its palette colour",
+    "PA": "palette with alpha: each index replaced by its colour, the alpha dropped",
+    "RGBA": "RGBA: the alpha channel dropped (transparent pixels keep their stored colour)",
+    "RGBX": "RGBX: the padding channel dropped",
+    "CMYK": "CMYK: converted by Pillow's formula without a colour profile (colours may shift)",
+    "YCbCr": "YCbCr: converted to RGB",
+    "LAB": "CIELAB: converted to RGB",
+    "HSV": "HSV: converted to RGB",
+    "1": "1-bit: 0 becomes black and 1 white (255)",
+    "I;16": "16-bit grayscale: value/257 (65535 becomes 255, never clipped), copied to R, G and B",
+    "I": "32-bit integer grayscale: values must lie in 0-65535, then value/257, copied to R, G and B",
+}
+for _mode in ("I;16L", "I;16B", "I;16N"):
+    CONVERSIONS[_mode] = CONVERSIONS["I;16"]
+FLOAT_FIX = (
+    "floating-point pixels have no fixed range to map to 8 bits; scale them to 0-255 (or 0-65535) and save "
+    "as 8- or 16-bit PNG/TIFF, e.g. Image.fromarray(np.clip(x * 255, 0, 255).astype(np.uint8))"
+)
+
+
+def conversion(image: Image.Image) -> str | None:
+    """How ``image`` (opened, not decoded) becomes RGB, in words; None when it is RGB already.
+    A palette image with a transparent colour and a multi-frame file say so too."""
+    if image.mode == "RGB":
+        text = None
+    else:
+        text = CONVERSIONS.get(image.mode, f"mode {image.mode}: converted to RGB by Pillow")
+    if image.mode in ("RGB", "RGBA") and _rawmode(image).endswith(("16", "16B", "16L")):  # as the file stores it
+        text = f"16-bit {image.mode}: Pillow keeps each value's high byte (value/256 rounded down, never clipped)"
+        text += "; the alpha channel dropped" if image.mode == "RGBA" else ""
+    if image.mode == "P" and "transparency" in image.info:
+        text = "palette with a transparent colour: each index replaced by its colour, the transparency dropped"
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        text = (f"{text}; " if text else "") + f"{frames} frames: only the first is used"
+    return text
+
+
+def float_image_error(path: Path | str, image: Image.Image | None = None, what: str = "image") -> str | None:
+    """One line refusing a floating-point image (Pillow's mode F, or a TIFF whose SampleFormat tag
+    339 says IEEE float, which Pillow may not open at all when it has several bands), with the fix;
+    None for any other image. Reads only the header (``image``: already opened, or None to read
+    the TIFF directory of ``path`` directly)."""
+    if image is not None and image.mode == "F":
+        return f"{what} {path} is a 32-bit floating-point image (mode F); {_fix(what)}"
+    tags = tiff_tags(path) if image is None else getattr(image, "tag_v2", None)
+    if not tags or 3 not in _as_tuple(tags.get(339, 1)):  # SampleFormat 3: IEEE floating point
+        return None
+    bits = _as_tuple(tags.get(258, 32))[0]  # BitsPerSample
+    bands = int(tags.get(277, 1))  # SamplesPerPixel
+    return f"{what} {path} is a {bits}-bit floating-point TIFF with {bands} band(s) (SampleFormat=3); {_fix(what)}"
+
+
+def _fix(what: str) -> str:
+    if what == "mask":
+        return "masks must be index PNGs (pixel value = class index, 8- or 16-bit): save np.rint(x).astype(np.uint16)"
+    return FLOAT_FIX
+
+
+def tiff_tags(path: Path | str) -> dict | None:
+    """The first image directory of a TIFF file (tag number -> value), read with Pillow's own TIFF
+    directory reader without decoding any pixel; None when ``path`` is not a TIFF."""
+    from PIL import TiffImagePlugin
+
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(8)
+            if head[:4] not in TiffImagePlugin.PREFIXES:
+                return None
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(head)
+            fp.seek(ifd.next)
+            ifd.load(fp)
+            return dict(ifd)
+    except Exception:  # noqa: BLE001 - a damaged header: the decoder's own error says it
+        return None
+
+
+def _rawmode(image: Image.Image) -> str:
+    """The pixel layout the file stores (``RGB;16B`` for a 16-bit RGB PNG that Pillow opens as RGB)."""
+    try:
+        args = image.tile[0].args
+    except (IndexError, AttributeError):
+        return ""
+    return args if isinstance(args, str) else str(args[0]) if args else ""
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def image_to_rgb(image: Image.Image, path: Path | str) -> np.ndarray:
     """``image`` (any Pillow mode) as an ``H x W x 3`` uint8 RGB array; see the module notes."""
     mode = image.mode
@@ -38,8 +132,8 @@ def image_to_rgb(image: Image.Image, path: Path | str) -> np.ndarray:
             raise UserError(f"image {path} has {mode} pixel values outside 0-65535; save it as 8- or 16-bit")
         gray = np.round(values.astype(np.float32) / 257).astype(np.uint8)  # 65535 -> 255, no clipping
         return np.repeat(gray[..., None], 3, axis=2)
-    if mode == "F":
-        raise UserError(f"image {path} is a floating-point image (mode F); save it as 8- or 16-bit")
+    if (refused := float_image_error(path, image)) is not None:
+        raise UserError(refused)
     return np.asarray(image.convert("RGB"))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from fcn.data.folder import SplitFiles, list_split
-from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, exif_orientation
+from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, conversion, exif_orientation, float_image_error
 from fcn.data.mask_formats import diagnose_values, palette_order, palette_order_message
 from fcn.data.pixel_limit import too_many_pixels_message
 from fcn.data.splits import overlap_message, split_overlap
@@ -37,19 +37,7 @@ from fcn.errors import UserError
 log = logging.getLogger(__name__)
 
 _UNREADABLE = ("PermissionError", "IsADirectoryError", "FileNotFoundError", "NotADirectoryError")
-SCAN_VERSION = 2  # bump when what a file's entry holds changes: old cache entries are then rescanned
-MODE_NAMES = {
-    "L": "grayscale",
-    "LA": "grayscale+alpha",
-    "P": "palette",
-    "RGBA": "RGBA (alpha dropped)",
-    "CMYK": "CMYK",
-    "1": "1-bit",
-    "I;16": "16-bit",
-    "I;16B": "16-bit",
-    "I": "32-bit integer",
-    "YCbCr": "YCbCr",
-}
+SCAN_VERSION = 3  # bump when what a file's entry holds changes: old cache entries are then rescanned
 
 
 @dataclass
@@ -179,15 +167,24 @@ def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dic
     """Everything the scan needs from one image and its mask, as JSON-ready values."""
     entry: dict = {"image": str(image_path), "mask": str(mask_path), "errors": []}
     try:
+        if (refused := float_image_error(image_path)) is not None:  # from the TIFF header, before decoding
+            entry["errors"].append(["float_image", refused])
         with Image.open(image_path) as image:
+            entry["conversion"] = conversion(image)  # first: reading the EXIF block moves Pillow's tile list
             entry.update(image_size=list(image.size), image_mode=image.mode, exif=exif_orientation(image))
+            if not entry["errors"] and (refused := float_image_error(image_path, image)) is not None:
+                entry["errors"].append(["float_image", refused])
             image.load()  # a full decode: truncated files only fail here
             if image.mode in WIDE_MODES:
                 entry["wide_max"] = int(np.asarray(image).max())
     except Image.DecompressionBombError as exc:  # a setting, not corruption
         entry["errors"].append(["too_many_pixels_image", too_many_pixels_message(image_path, exc)])
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, struct.error...: any failure is a bad file
-        entry["errors"].append(["corrupt_image", f"{exc.__class__.__name__}: {exc}"])
+        if not any(kind == "float_image" for kind, _ in entry["errors"]):  # a float TIFF is not corrupt
+            entry["errors"].append(["corrupt_image", f"{exc.__class__.__name__}: {exc}"])
+    if (refused := float_image_error(mask_path, what="mask")) is not None:  # not "corrupt": say what it is
+        entry["errors"].append(["bad_mask", refused])
+        return entry
     try:
         with Image.open(mask_path) as mask:
             entry.update(mask_size=list(mask.size), mask_mode=mask.mode, mask_format=mask.format)
@@ -254,14 +251,14 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
     alpha_too = [e["mask"] for e in entries if "alpha_labels" in e and not e["alpha_labels"]]
     for entry in entries:
         for kind, detail in entry["errors"]:
-            of_image = kind in ("corrupt_image", "too_many_pixels_image")
+            of_image = kind in ("corrupt_image", "too_many_pixels_image", "float_image")
             by_kind[kind].append(entry["image"] if of_image else entry["mask"])
             details.setdefault(kind, detail)
         if "image_size" in entry:
             sizes["{}x{}".format(*entry["image_size"])] += 1
             modes[entry["image_mode"]] += 1
-            if entry["image_mode"] != "RGB":
-                converted[entry["image_mode"]].append(entry["image"])
+            if entry.get("conversion") and not entry["errors"]:
+                converted[entry["conversion"]].append(entry["image"])
             if entry.get("exif", 1) != 1:
                 rotated.append(entry["image"])
         if entry.get("mask_format") == "JPEG":
@@ -339,6 +336,9 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             "check data.image_dir and data.image_suffix, or remove the masks",
             files.masks_without_image,
         )
+    if by_kind["float_image"]:
+        bad = by_kind["float_image"]
+        add("float_image", "error", f"{len(bad)} images refused: {details['float_image']}", bad)
     if by_kind["corrupt_image"]:
         bad = by_kind["corrupt_image"]
         add(
@@ -400,13 +400,8 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
             mismatched,
         )
     problems.extend(_encoding_problems(entries, raw_values, outside, decoder))
-    for mode, paths in sorted(converted.items()):
-        add(
-            "converted_images",
-            "warning",
-            f"{len(paths)} {MODE_NAMES.get(mode, mode)} images are converted to RGB (16-bit: value/257, never clipped)",
-            paths,
-        )
+    for how, paths in sorted(converted.items()):  # each conversion described as it is done (labels.CONVERSIONS)
+        add("converted_images", "warning", f"{len(paths)} images are converted to RGB: {how}", paths)
     if rotated:
         add(
             "exif_orientation",

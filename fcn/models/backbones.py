@@ -99,7 +99,7 @@ def tiny(width: int | None = None, pretrained: bool = False, weights_path: str |
             "backbone 'tiny' has no pretrained weights: set model.pretrained=false "
             "(or model.backbone_weights=PATH for a state dict of this encoder)"
         )
-    w = width or 16
+    w = 16 if width is None else width  # 0 is refused by the settings check, never read as "unset"
     head = 16 * w
     encoder = Encoder(
         nn.Sequential(_vgg_stage(3, w, 1), _vgg_stage(w, 2 * w, 1), _vgg_stage(2 * w, 4 * w, 2)),
