@@ -33,7 +33,14 @@ from torch.utils.data import Dataset
 from fcn.data.labels import MaskDecoder, image_to_rgb
 from fcn.data.mask_formats import AlternativeMasks, find_alternative_masks, folder_hint
 from fcn.data.pixel_limit import too_many_pixels_message
-from fcn.data.splits import default_split_applies, read_split_list, resolve_names, shown, write_default_splits
+from fcn.data.splits import (
+    default_split,
+    default_split_applies,
+    read_split_list,
+    resolve_names,
+    shown,
+    write_default_splits,
+)
 from fcn.data.transforms import reseed
 from fcn.errors import UserError
 
@@ -180,11 +187,11 @@ def list_split(
             if images.keys() <= masks.keys():
                 default_lists = write_default_splits(root, split_file, list(images))
             else:
-                # nothing is written into the user's data before every image has its mask: the
-                # split is the whole folder, and the missing masks are reported below
+                # nothing is written into the user's data before every image has its mask: the same
+                # seeded split is made in memory, and the missing masks are reported by the caller
                 in_memory = True
         if in_memory:
-            keys = list(images)
+            keys = default_split(list(images))[split]
         elif not list_path.is_file():
             raise UserError(
                 f"split list not found: {list_path.resolve()} (check data.split_file; data.split_file=null uses "
