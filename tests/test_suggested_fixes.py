@@ -48,3 +48,40 @@ def test_following_hydras_plus_hint_is_refused_before_hydra_runs(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no key 'trainer.epoch' in the train config")
     assert not (tmp_path / "run" / ".hydra").exists() and not (tmp_path / "outputs").exists()  # Hydra never ran
+
+
+def test_masks_holding_0_1_2_with_two_classes_suggest_three_classes_first():
+    from fcn.data.mask_formats import _value_fix
+
+    fix = _value_fix([2], {0, 1, 2}, num_classes=2, ignore_index=255, mapped=False, histogram={0: 88, 1: 6, 2: 6})
+    first, second = fix.split("; or ")[:2]
+    assert first == "if the values 0..2 are all classes: data.num_classes=3"
+    assert "data.reduce_zero_label=true" in second and "become data.ignore_index=255, never trained or scored" in second
+    assert "0 holds most pixels (88%)" in second  # dropping the class that holds most pixels is said
+
+
+def test_reduce_zero_label_says_the_share_of_a_small_zero_class():
+    from fcn.data.mask_formats import _value_fix
+
+    fix = _value_fix(
+        [3], {0, 1, 2, 3}, num_classes=3, ignore_index=255, mapped=False, histogram={0: 1, 1: 3, 2: 3, 3: 3}
+    )
+    assert fix.index("data.num_classes=4") < fix.index("data.reduce_zero_label=true")
+    assert "0 holds 10% of the pixels" in fix and "most pixels" not in fix
+
+
+def test_classes_stored_from_one_say_they_are_shifted_down():
+    from fcn.data.mask_formats import _value_fix
+
+    fix = _value_fix([2], {1, 2}, num_classes=2, ignore_index=255, mapped=False)
+    assert fix == "classes are stored as 1..N: data.reduce_zero_label=true (1..2 become classes 0..1)"
+
+
+def test_the_scan_of_0_1_2_masks_with_two_classes_leads_with_num_classes_3(tmp_path):
+    from tests.layouts import write_folder
+    from tests.test_data_scan import _error
+
+    write_folder(tmp_path, values=(0, 0, 0, 0, 0, 0, 1, 2))  # 0 holds 75% of the pixels
+    message = _error(tmp_path, "data.num_classes=2", "data.class_names=[a,b]")
+    assert message.index("data.num_classes=3") < message.index("data.reduce_zero_label=true")
+    assert "0 holds most pixels (75%)" in message
