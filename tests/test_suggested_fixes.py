@@ -85,3 +85,22 @@ def test_the_scan_of_0_1_2_masks_with_two_classes_leads_with_num_classes_3(tmp_p
     message = _error(tmp_path, "data.num_classes=2", "data.class_names=[a,b]")
     assert message.index("data.num_classes=3") < message.index("data.reduce_zero_label=true")
     assert "0 holds most pixels (75%)" in message
+
+
+def test_a_batch_size_larger_than_the_training_set_is_said():
+    from fcn.data.loader import short_batch_warnings
+
+    train_line, val_line = short_batch_warnings(16, train_images=5, val_images=3, val_batch_size=16)
+    assert "trainer.batch_size=16 is larger than the 5 training images" in train_line
+    assert "every step trains on a batch of 5" in train_line and "trainer.batch_size=5" in train_line
+    assert "3 val images, fewer than trainer.batch_size=16" in val_line
+    assert short_batch_warnings(4, train_images=5, val_images=4, val_batch_size=4) == []
+
+
+@pytest.mark.slow
+def test_training_with_a_batch_larger_than_the_dataset_warns(shapes_root, tmp_path, caplog):
+    from fcn.cli.train import train
+    from tests.conftest import compose_config, tiny_train_overrides
+
+    train(compose_config("train", [*tiny_train_overrides(shapes_root), "trainer.batch_size=64"]), tmp_path / "run")
+    assert "trainer.batch_size=64 is larger than the 12 training images" in caplog.text

@@ -53,7 +53,7 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     )
     from fcn.cli.console import log_config_changes, run_name
     from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
-    from fcn.data.loader import make_loader
+    from fcn.data.loader import make_loader, short_batch_warnings
     from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
     from fcn.data.sampler import ResumableSampler
     from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
@@ -117,6 +117,8 @@ def train(cfg: DictConfig, out_dir: str | Path, stop: GracefulStop | None = None
     # Each rank draws its own share of every epoch's order; validation is split without repeats.
     sampler = ResumableSampler(len(train_set), cfg.seed, rank=rank, world_size=world)
     drop_last = sampler.per_rank > trainer.batch_size  # BatchNorm dislikes a last batch of one
+    for short in short_batch_warnings(trainer.batch_size, sampler.per_rank, len(val_set), val_batch_size):
+        log.warning("%s", short) if main_rank else None  # a batch larger than a split is never silent
     train_loader = make_loader(
         train_set,
         batch_size=trainer.batch_size,
