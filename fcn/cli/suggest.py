@@ -36,7 +36,10 @@ def suggest_keys(config_name: str) -> Callable[[Callable], Callable]:
     def decorate(hydra_main: Callable) -> Callable:
         @functools.wraps(hydra_main)
         def wrapper(*args, **kwargs):
-            if (refused := added_key_hint(config_name, sys.argv[1:])) is not None:
+            from fcn.overrides import unreadable_override_hint
+
+            refused = unreadable_override_hint(sys.argv[1:]) or added_key_hint(config_name, sys.argv[1:])
+            if refused is not None:
                 print(refused, file=sys.stderr)  # before Hydra runs: no run directory is made
                 sys.exit(2)
             try:
