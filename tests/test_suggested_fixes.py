@@ -104,3 +104,31 @@ def test_training_with_a_batch_larger_than_the_dataset_warns(shapes_root, tmp_pa
 
     train(compose_config("train", [*tiny_train_overrides(shapes_root), "trainer.batch_size=64"]), tmp_path / "run")
     assert "trainer.batch_size=64 is larger than the 12 training images" in caplog.text
+
+
+def test_label_settings_changed_from_training_are_named():
+    from fcn.data.labels import label_reading_changes, trained_label_reading
+
+    trained = {"num_classes": 3, "reduce_zero_label": False, "label_map": None, "ignore_index": 255}
+    assert label_reading_changes(trained, {**trained}) is None
+    assert label_reading_changes(trained, {**trained, "reduce_zero_label": None}) is None  # unset reads as false
+    assert (
+        label_reading_changes(trained, {**trained, "reduce_zero_label": True})
+        == "data.reduce_zero_label: False -> True"
+    )
+    assert "data.label_map: None -> {7: 1}" in label_reading_changes(trained, {**trained, "label_map": {7: 1}})
+    assert trained_label_reading(trained) == (
+        "data.num_classes=3, data.reduce_zero_label=false, data.label_map=None, data.ignore_index=255"
+    )
+
+
+def test_evaluating_with_labels_read_unlike_training_says_so(trained_run, tmp_path, caplog):
+    from fcn.cli.evaluate import run_evaluation
+    from tests.conftest import compose_config
+
+    overrides = ["data.label_map={1:1}"]
+    cfg = compose_config(
+        "evaluate", [f"checkpoint={trained_run / 'checkpoints' / 'best.pt'}", "num_workers=0", *overrides]
+    )
+    run_evaluation(cfg, tmp_path, overrides=overrides)
+    assert "masks are read differently from training (data.label_map: None -> {1: 1})" in caplog.text
