@@ -20,7 +20,6 @@ def _camera(folder, names):
 
 def _linked_dataset(tmp_path):
     """root/images/{cam1 (real), cam2 -> elsewhere}, masks likewise: 3 + 3 images."""
-    _camera(tmp_path / "root" / "x", [])
     for cam in ("cam1", "cam2"):
         base = tmp_path / ("root" if cam == "cam1" else "elsewhere")
         for i in range(3):
@@ -42,7 +41,7 @@ def test_linked_camera_folders_are_followed_with_recursive(tmp_path):
 def test_a_split_list_names_images_in_linked_folders(tmp_path):
     root = _linked_dataset(tmp_path)
     (root / "lists").mkdir()
-    (root / "lists" / "train.txt").write_text("cam1/img00\ncam2/img03\ncam2/img01\n".replace("img03", "img02"))
+    (root / "lists" / "train.txt").write_text("cam1/img00\ncam2/img02\ncam2/img01\n")
     pairs = find_pairs(root, "train", split_file="lists/{split}.txt", recursive=True)
     assert [p.relative_to(root / "images").as_posix() for p, _ in pairs] == [
         "cam1/img00.jpg",
