@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fcn.errors import UserError, write_error
+from fcn.overrides import override
 
 #: Files that make a run directory worth keeping.
 CHECKPOINT_NAMES = ("last.pt", "last.prev.pt", "best.pt")
@@ -173,7 +174,7 @@ def refuse_fresh_start(run_dir: Path) -> None:
     if found:
         raise UserError(
             f"run directory {run_dir} already holds checkpoints ({', '.join(p.name for p in found)}); "
-            f"a fresh run would overwrite them: continue it with resume=auto hydra.run.dir={run_dir}, "
+            f"a fresh run would overwrite them: continue it with resume=auto {override('hydra.run.dir', run_dir)}, "
             "or choose another directory (hydra.run.dir=...)"
         )
 
@@ -285,8 +286,8 @@ def resume_command(program: str, overrides: list[str], run_dir: Path) -> str:
     a POSIX shell.
     """
     kept = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir="))]
-    words = [*kept, "resume=auto", f"hydra.run.dir={run_dir}"]
-    return " ".join([program, *(shlex.quote(w) for w in words)])
+    # the original overrides are passed back as Hydra received them; the run directory is quoted for Hydra too
+    return " ".join([program, *(shlex.quote(w) for w in [*kept, "resume=auto"]), override("hydra.run.dir", run_dir)])
 
 
 def claim_run_dir(path: str | Path, attempts: int = 1000) -> Path:

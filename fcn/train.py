@@ -29,6 +29,7 @@ from fcn.checkpoint import check_architecture, save_checkpoint
 from fcn.cli.console import log_config_changes, run_name
 from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
 from fcn.data import build
+from fcn.data.loader import short_batch_warnings
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
 from fcn.engine import Bar, NonFiniteLossError, Settings, combine_ranks, evaluate, to_model_input, train_one_epoch
@@ -90,9 +91,6 @@ def train(
         log_config_changes(cfg)  # the overrides and what they changed; the path of the full config
     # A setting left without a value (data.num_classes: ???) is named here, before any file is read.
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    for key in ("epochs", "batch_size", "val_every", "accumulate_grad_batches"):
-        if trainer[key] < 1:
-            raise UserError(f"trainer.{key}={trainer[key]}: must be at least 1")
     # Every rank checks the logger's settings (so all stop alike); only rank 0 logs.
     logger = instantiate(cfg.logger)
     logger = logger if main_rank else NullLogger()
@@ -124,18 +122,21 @@ def train(
         log.warning("%s", too_big)
     # Each rank draws its own share of every epoch's order; validation is split without repeats.
     # Images of different sizes are scored one at a time, so no padding ever reaches the model.
+    val_batch_size = trainer.batch_size if val_report is None or val_report.uniform_size else 1
     train_loader, val_loader = build.loaders(
         train_set,
         val_set,
         trainer,
         ignore_index=data.ignore_index,
         seed=cfg.seed,
-        val_batch_size=trainer.batch_size if val_report is None or val_report.uniform_size else 1,
+        val_batch_size=val_batch_size,
         rank=rank,
         world_size=world,
         val_sampler=distributed.shard(len(val_set)),
     )
     sampler = train_loader.sampler
+    for short in short_batch_warnings(trainer.batch_size, sampler.per_rank, len(val_set), val_batch_size):
+        log.warning("%s", short) if main_rank else None  # a batch larger than a split is never silent
     shape = plan_epochs(
         sampler.per_rank,
         batch_size=trainer.batch_size,

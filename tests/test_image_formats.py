@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fcn.cli.compose import scan_data
+from fcn.data.build import scan_data
 from fcn.data.folder import read_image
 from fcn.errors import UserError
 from tests.conftest import compose_config

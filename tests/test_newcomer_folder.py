@@ -88,6 +88,7 @@ def test_masks_under_another_extension_are_named_with_the_suffix_that_reads_them
     message = str(info.value)
     assert "no mask '<name>.png'" in message and "'<name>.jpg' (8 of 8)" in message
     assert "data.mask_suffix=.jpg reads them" in message and "JPEG masks are lossy" in message
+    assert not (root / "splits").exists()  # nothing written into the user's folder while its masks are not found
 
 
 def test_one_doctor_run_reports_every_problem_of_the_newcomer_folder(tmp_path):
@@ -95,7 +96,8 @@ def test_one_doctor_run_reports_every_problem_of_the_newcomer_folder(tmp_path):
     report, usable = _doctor(root, tmp_path)
     assert not usable
     kinds = {p["kind"] for s in report["splits"].values() for p in s["problems"]}
-    assert {"default_split_written", "masks_under_other_suffix", "lossy_mask", "interpolated_binary_masks"} <= kinds
+    assert {"masks_under_other_suffix", "lossy_mask", "interpolated_binary_masks"} <= kinds
+    assert "default_split_written" not in kinds  # the folder is not usable: nothing written into it
     mismatched = sum(
         p["count"] for s in report["splits"].values() for p in s["problems"] if p["kind"] == "size_mismatch"
     )
@@ -103,7 +105,7 @@ def test_one_doctor_run_reports_every_problem_of_the_newcomer_folder(tmp_path):
     messages = " ".join(p["message"] for s in report["splits"].values() for p in s["problems"])
     assert "data.mask_suffix=.jpg" in messages and "data.label_map={255:1}" in messages
     assert "num_classes=" not in messages  # never a class count from the JPEG noise
-    assert (root / "splits" / "train.txt").is_file() and (root / "splits" / "val.txt").is_file()
+    assert not (root / "splits").exists()
 
 
 def test_masks_in_a_folder_of_another_common_name_are_named_with_the_key(tmp_path):

@@ -24,6 +24,7 @@ from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
 from fcn.cli.validate import check_classes, validate_eval_config
 from fcn.data.build import build_dataset, prepare_data_root, scan_data
+from fcn.data.labels import label_reading_changes, trained_label_reading
 from fcn.data.loader import make_loader
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.device import resolve_device, resolve_precision
@@ -44,8 +45,10 @@ def data_config(checkpoint_config: dict, cfg: DictConfig, overrides: list[str]) 
     if any(o.split("=", 1)[0].lstrip("+~") == "data" for o in overrides):
         return cfg.data
     data = OmegaConf.create(checkpoint_config["data"])
-    dotlist = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("data.")]
-    return OmegaConf.merge(data, OmegaConf.from_dotlist([o.removeprefix("data.") for o in dotlist]))
+    # the values as Hydra read them (a YAML re-reading of "data.label_map={1:1}" gives {"1:1": None})
+    for key in (o.lstrip("+").split("=", 1)[0] for o in overrides if o.lstrip("+").startswith("data.")):
+        OmegaConf.update(data, key.removeprefix("data."), OmegaConf.select(cfg, key), force_add=True)
+    return data
 
 
 def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -> dict:
@@ -69,7 +72,19 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
     check_classes(data.num_classes, list(data.class_names), data.get("palette"), data.ignore_index)
     prepare_data_root(data)
     dataset = build_dataset(data, data.split, None)
-    reports = scan_data(data, [data.split])
+    trained = ckpt["config"]["data"]
+    if (changed := label_reading_changes(trained, data)) is not None:
+        log.warning(
+            "masks are read differently from training (%s): the scores are not of the labels it learnt", changed
+        )
+    try:
+        reports = scan_data(data, [data.split])
+    except UserError as exc:  # a label fix offered here would score labels read unlike those of training
+        raise UserError(
+            f"{exc}\nThe checkpoint was trained reading masks with {trained_label_reading(trained)}; a fix that "
+            "changes these scores it on labels read differently from training (say so with the scores), or "
+            "evaluate masks encoded as its training masks were"
+        ) from exc
     # Images of different sizes are scored one at a time: no padding reaches the model.
     batch_size = cfg.batch_size if not reports or reports[0].uniform_size else 1
     loader = make_loader(dataset, batch_size=batch_size, num_workers=cfg.num_workers, ignore_index=data.ignore_index)

@@ -32,6 +32,9 @@ def exit_on_user_error(task: Callable) -> Callable:
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
         try:
+            from fcn.environment import check_torchvision
+
+            check_torchvision()  # torch and torchvision that do not match: one line, before anything runs
             return task(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised below unless it is the user's mistake
             # an error of the OS on a write (full disk, ulimit -f, read-only...): one line too, naming

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,7 +160,7 @@ def resume_command(run_dir: Path) -> str:
     """The shell command that continues the run in ``run_dir``: this command's program and
     overrides, with ``resume=auto hydra.run.dir=<run_dir>``."""
     argv0 = Path(sys.argv[0])
-    program = f"python {sys.argv[0]}" if argv0.suffix == ".py" else argv0.name
+    program = f"python {shlex.quote(sys.argv[0])}" if argv0.suffix == ".py" else argv0.name
     return rundir.resume_command(program, list(HydraConfig.get().overrides.task), run_dir)
 
 

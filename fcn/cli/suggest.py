@@ -36,6 +36,12 @@ def suggest_keys(config_name: str) -> Callable[[Callable], Callable]:
     def decorate(hydra_main: Callable) -> Callable:
         @functools.wraps(hydra_main)
         def wrapper(*args, **kwargs):
+            from fcn.overrides import unreadable_override_hint
+
+            refused = unreadable_override_hint(sys.argv[1:]) or added_key_hint(config_name, sys.argv[1:])
+            if refused is not None:
+                print(refused, file=sys.stderr)  # before Hydra runs: no run directory is made
+                sys.exit(2)
             try:
                 return hydra_main(*args, **kwargs)
             except SystemExit as exc:
@@ -73,6 +79,44 @@ def unknown_key_hint(config_name: str, argv: list[str]) -> str | None:
         keys = _dotted_keys(_compose(config_name, rest))
     except Exception:  # noqa: BLE001 - a second bad override: Hydra's own message is all there is
         return None
+    return _closest_key_hint(config_name, key, keys)
+
+
+def added_key_hint(config_name: str, argv: list[str]) -> str | None:
+    """The one line refusing a ``+key=value`` override of ``argv`` that nothing reads, or None.
+
+    Hydra's own advice for a mistyped key is ``+trainer.epoch=3``; followed, the run would go on
+    with the typo ignored. A key added with ``+``/``++`` is accepted when the config already has it,
+    when it is a config group (``+experiment=camvid``), under ``hydra.``, or a keyword of a node
+    that is instantiated (``+optim.fused=false`` goes to the optimizer's constructor).
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    from fcn.cli import CONFIG_DIR
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    added = [o for o in overrides if o.startswith("+") and "=" in o]
+    added = [o for o in added if not (Path(CONFIG_DIR) / _override_key(o).replace(".", "/")).is_dir()]
+    if not added:
+        return None  # nothing composed: the common command costs nothing
+    try:
+        cfg = _compose(config_name, [o for o in overrides if o not in added])
+    except Exception:  # noqa: BLE001 - another bad override: Hydra reports it
+        return None
+    keys = _dotted_keys(cfg)
+    for override in added:
+        key = _override_key(override)
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(cfg, parent) if parent else None
+        if key in keys or key.startswith("hydra.") or (isinstance(node, DictConfig) and "_target_" in node):
+            continue
+        hint = _closest_key_hint(config_name, key, keys)
+        return f"{hint} ({override.split('=', 1)[0]} adds a key that nothing reads: refused)"
+    return None
+
+
+def _closest_key_hint(config_name: str, key: str, keys: list[str]) -> str:
+    """``error: no key 'k' in the <config> config; did you mean ...?`` from the config's ``keys``."""
     candidates = keys if key.startswith("hydra.") else [k for k in keys if not k.startswith("hydra")]
     parent, _, leaf = key.rpartition(".")
     # names other tools use for the same setting: learning_rate is optim.lr here

@@ -26,6 +26,7 @@ from fcn.data.sampler import ResumableSampler
 from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.shapes import ensure_shapes
 from fcn.errors import UserError
+from fcn.overrides import override
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def scan_data(data: DictConfig, splits: list[str]) -> list[SplitReport]:
     if any(r.errors for r in reports):
         raise UserError(
             f"the {data.name} data at {Path(data.root).resolve()} has problems:\n  {format_errors(reports)}\n"
-            f"Full report: python scripts/check_data.py data={data.name} data.root={data.root}"
+            f"Full report: python scripts/check_data.py data={data.name} {override('data.root', data.root)}"
         )
     return reports
 

@@ -19,6 +19,8 @@ a split file every image in the image folder is used.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,19 +33,62 @@ from torch.utils.data import Dataset
 from fcn.data.labels import MaskDecoder, image_to_rgb
 from fcn.data.mask_formats import AlternativeMasks, find_alternative_masks, folder_hint
 from fcn.data.pixel_limit import too_many_pixels_message
-from fcn.data.splits import default_split_applies, read_split_list, resolve_names, shown, write_default_splits
+from fcn.data.splits import (
+    default_split,
+    default_split_applies,
+    read_split_list,
+    resolve_names,
+    shown,
+    write_default_splits,
+)
 from fcn.data.transforms import reseed
 from fcn.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def _walk_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, following symbolic links to folders as ``ls -R`` and
+    ``os.walk(followlinks=True)`` do (datasets are often assembled from linked camera folders).
+
+    Raises :class:`UserError` naming the link when a linked folder contains itself (a loop).
+    """
+    files: list[Path] = []
+    # a folder whose real path is already on the way down from ``folder`` is a loop
+    stack = [(folder, (os.path.realpath(folder),))]
+    while stack:
+        current, ancestors = stack.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as exc:
+            raise UserError(f"cannot list dataset folder {current}: {exc.strerror or exc}") from exc
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_dir():  # follows links
+                real = os.path.realpath(path)
+                if real in ancestors:
+                    raise UserError(
+                        f"symbolic link loop in the dataset: {path} -> {real} contains itself; remove or "
+                        "retarget the link (linked folders are followed with data.recursive=true)"
+                    )
+                stack.append((path, (*ancestors, real)))
+            elif entry.is_file():
+                files.append(path)
+    return files
+
+
 def _files_by_key(folder: Path, suffixes: tuple[str, ...], pattern: str | None, recursive: bool) -> dict[str, Path]:
-    """Files of ``folder`` ending in one of ``suffixes``, keyed by relative path minus the suffix."""
-    if pattern:
+    """Files of ``folder`` ending in one of ``suffixes``, keyed by relative path minus the suffix.
+
+    Recursive listings (``recursive`` or a ``**`` pattern) follow linked folders (:func:`_walk_files`);
+    :meth:`Path.rglob` would skip them before Python 3.13.
+    """
+    if pattern and "**" in pattern:
+        files = [p for p in _walk_files(folder) if _glob_match(p.relative_to(folder).as_posix(), pattern)]
+    elif pattern:
         files = folder.glob(pattern)
     else:
-        files = folder.rglob("*") if recursive else folder.iterdir()
+        files = _walk_files(folder) if recursive else folder.iterdir()
     found: dict[str, Path] = {}
     for path in sorted(files):
         relative = path.relative_to(folder).as_posix()
@@ -51,6 +96,26 @@ def _files_by_key(folder: Path, suffixes: tuple[str, ...], pattern: str | None, 
         if suffix is not None and path.is_file():
             found.setdefault(relative[: len(relative) - len(suffix)], path)
     return found
+
+
+def _glob_match(relative: str, pattern: str) -> bool:
+    """Whether a relative posix path matches a glob where ``**/`` is zero or more folders."""
+    regex = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            regex, i = regex + "(?:[^/]*/)*", i + 3
+        elif pattern.startswith("**", i):
+            regex, i = regex + ".*", i + 2
+        elif pattern[i] == "[" and "]" in pattern[i + 2 :]:  # a character class, as glob has them
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end]
+            regex, i = regex + "[" + ("^" + body[1:] if body.startswith("!") else body) + "]", end + 1
+        else:
+            piece = pattern[i]
+            regex += {"*": "[^/]*", "?": "[^/]"}.get(piece) or re.escape(piece)
+            i += 1
+    return re.fullmatch(regex, relative) is not None
 
 
 def first_items(items: list[str], n: int = 5) -> str:
@@ -117,19 +182,28 @@ def list_split(
     list_path = None
     if split_file:
         list_path = root / split_file.format(split=split)
+        in_memory = False
         if not list_path.is_file() and default_split_applies(split, split_file, image_dir, root) and images:
-            default_lists = write_default_splits(root, split_file, list(images))
-        if not list_path.is_file():
+            if images.keys() <= masks.keys():
+                default_lists = write_default_splits(root, split_file, list(images))
+            else:
+                # nothing is written into the user's data before every image has its mask: the same
+                # seeded split is made in memory, and the missing masks are reported by the caller
+                in_memory = True
+        if in_memory:
+            keys = default_split(list(images))[split]
+        elif not list_path.is_file():
             raise UserError(
                 f"split list not found: {list_path.resolve()} (check data.split_file; data.split_file=null uses "
                 "every image of the folder)"
             )
-        names, list_notes = read_split_list(list_path)
-        keys, rewritten = resolve_names(names, images, image_dir.format(split=split))
-        if rewritten:
-            list_notes.append(f"names {rewritten} images with their extension or folder (matched without them)")
-        listed_without_image = [k for k in keys if k not in images]
-        keys = [k for k in keys if k in images]
+        else:
+            names, list_notes = read_split_list(list_path)
+            keys, rewritten = resolve_names(names, images, image_dir.format(split=split))
+            if rewritten:
+                list_notes.append(f"names {rewritten} images with their extension or folder (matched without them)")
+            listed_without_image = [k for k in keys if k not in images]
+            keys = [k for k in keys if k in images]
     else:
         keys = list(images)
     if split_file and not keys and not listed_without_image:

@@ -272,3 +272,33 @@ class MaskDecoder:
             )
         mapped = np.array([table[int(c)] for c in colours], dtype=self.dtype)
         return mapped[inverse.reshape(codes.shape)]
+
+
+# The settings that decide which class a stored mask value is: fixed by training.
+LABEL_READING_KEYS = ("reduce_zero_label", "label_map", "ignore_index")
+
+
+def label_reading_changes(trained: Mapping, now: Mapping) -> str | None:
+    """How the label settings ``now`` read masks differently from ``trained`` (a checkpoint's data
+    config), as ``data.reduce_zero_label: false -> true, ...``, or None when they read them the same."""
+
+    def plain(value):
+        return dict(value) if isinstance(value, Mapping) else value
+
+    changed = [
+        f"data.{k}: {plain(trained.get(k))} -> {plain(now.get(k))}"
+        for k in LABEL_READING_KEYS
+        if plain(trained.get(k)) != plain(now.get(k))
+        and not (k == "reduce_zero_label" and not trained.get(k) and not now.get(k))
+    ]
+    return ", ".join(changed) or None
+
+
+def trained_label_reading(trained: Mapping) -> str:
+    """``data.num_classes=3, data.reduce_zero_label=false, data.label_map=null``: how a checkpoint read its masks."""
+    words = [f"data.num_classes={trained.get('num_classes')}"]
+    words += [
+        f"data.{k}={str(trained.get(k)).lower() if isinstance(trained.get(k), bool) else trained.get(k)}"
+        for k in LABEL_READING_KEYS
+    ]
+    return ", ".join(words)

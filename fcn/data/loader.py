@@ -79,3 +79,24 @@ def make_loader(
         worker_init_fn=functools.partial(_init_worker, max_image_pixels=Image.MAX_IMAGE_PIXELS),
         prefetch_factor=prefetch_factor if num_workers > 0 else None,  # batches each worker loads ahead
     )
+
+
+def short_batch_warnings(batch_size: int, train_images: int, val_images: int, val_batch_size: int) -> list[str]:
+    """Warnings for a batch size larger than a split (images per process): the DataLoader then gives
+    one smaller batch per epoch without a word, so the run would not train on the batch size asked for.
+
+    Returns the lines to log (empty when both splits fill their batches).
+    """
+    lines = []
+    if 0 < train_images < batch_size:
+        lines.append(
+            f"trainer.batch_size={batch_size} is larger than the {train_images} training images (per process): "
+            f"every step trains on a batch of {train_images}; set trainer.batch_size={train_images} to say so, or "
+            "add images"
+        )
+    if 0 < val_images < val_batch_size:
+        lines.append(
+            f"validation batches hold the {val_images} val images, fewer than trainer.batch_size={val_batch_size} "
+            "(scores are the same; only memory use differs)"
+        )
+    return lines

@@ -255,7 +255,7 @@ def diagnose_values(
             Diagnosis(
                 "values_out_of_range",
                 "error",
-                "Fix: " + _value_fix(sorted(outside), raw, num_classes, ignore_index, mapped),
+                "Fix: " + _value_fix(sorted(outside), raw, num_classes, ignore_index, mapped, histogram),
             )
         )
     return found
@@ -291,15 +291,35 @@ def _grey_palette(values: set[int], palette, num_classes: int) -> dict[int, int]
     return {v: luma[v] for v in sorted(values)}
 
 
-def _value_fix(values: list[int], raw: set[int], num_classes: int, ignore_index: int, mapped: bool) -> str:
-    """How to make the stored values fit, from what they look like (never a class count from a stray value)."""
+def _value_fix(
+    values: list[int],
+    raw: set[int],
+    num_classes: int,
+    ignore_index: int,
+    mapped: bool,
+    histogram: Mapping[int, int] | None = None,
+) -> str:
+    """How to make the stored values fit, from what they look like (never a class count from a stray value),
+    the likeliest fix first, each saying what it does to the labels."""
     hints = []
     stored = sorted(raw - {ignore_index})
+    shift = f"1..{num_classes} become classes 0..{num_classes - 1}"
     # reduce_zero_label keeps num_classes classes: suggested only where that leaves at least two
     if num_classes >= 2 and not mapped and stored and stored[0] == 1 and stored[-1] == num_classes and 0 not in raw:
-        hints.append("classes are stored as 1..N: data.reduce_zero_label=true")
+        hints.append(f"classes are stored as 1..N: data.reduce_zero_label=true ({shift})")
     elif num_classes >= 2 and values == [num_classes] and 0 in raw and not mapped:
-        hints.append("if 0 means 'unlabelled' and classes start at 1: data.reduce_zero_label=true")
+        # 0..N are plainly N+1 class ids; dropping 0 is the second reading, and says what it drops
+        hints.append(f"if the values 0..{num_classes} are all classes: data.num_classes={num_classes + 1}")
+        share = _share(histogram, [0])
+        dropped = f"0 holds {100 * share:.0f}% of the pixels" if share is not None else ""
+        if share is not None and share > 0.5:
+            dropped = f"0 holds most pixels ({100 * share:.0f}%), which would never be trained or scored"
+        hints.append(
+            "if 0 means 'unlabelled' and classes start at 1: data.reduce_zero_label=true "
+            f"(pixels of 0 become data.ignore_index={ignore_index}, never trained or scored, and {shift}"
+            + (f"; {dropped}" if dropped else "")
+            + ")"
+        )
     for factor in (257, 256):
         nonzero = [v for v in stored if v]
         if not mapped and nonzero and max(nonzero) > 255 and all(v % factor == 0 for v in nonzero):

@@ -156,7 +156,11 @@ def _pairs_to_scan(files: SplitFiles, root: str | Path, split: str, layout: dict
     every other problem of the files too (the missing suffix stays an error)."""
     if files.pairs or files.alternative is None or files.alternative.readable_suffix is None:
         return files.pairs
-    return list_split(root, split, **{**layout, "mask_suffix": files.alternative.readable_suffix}).pairs
+    # listed without split lists, so that none is written into the user's data (not usable yet); the split's own
+    # images are kept
+    ours = set(files.images)
+    every = list_split(root, split, **{**layout, "mask_suffix": files.alternative.readable_suffix, "split_file": None})
+    return [(image, mask) for image, mask in every.pairs if image in ours]
 
 
 def _alpha_values(entries: list[dict]) -> list[int]:

@@ -125,6 +125,19 @@ def _candidates(name: str, prefix: str) -> list[str]:
     return out
 
 
+def default_split(
+    keys: list[str], *, seed: int = DEFAULT_SEED, val_fraction: float = DEFAULT_VAL_FRACTION
+) -> dict[str, list[str]]:
+    """The seeded default ``{"train": names, "val": names}`` of ``keys`` (see :func:`write_default_splits`)."""
+    shuffled = sorted(keys)
+    random.Random(seed).shuffle(shuffled)
+    n_val = max(1, round(len(shuffled) * val_fraction)) if len(shuffled) > 1 else 0
+    lists = {"train": sorted(shuffled[: len(shuffled) - n_val]), "val": sorted(shuffled[len(shuffled) - n_val :])}
+    if not lists["val"]:
+        lists["val"] = lists["train"]
+    return lists
+
+
 def write_default_splits(
     root: Path,
     split_file: str,
@@ -141,12 +154,7 @@ def write_default_splits(
 
     Raises :class:`UserError` when the lists cannot be written (a read-only dataset).
     """
-    shuffled = sorted(keys)
-    random.Random(seed).shuffle(shuffled)
-    n_val = max(1, round(len(shuffled) * val_fraction)) if len(shuffled) > 1 else 0
-    lists = {"train": sorted(shuffled[: len(shuffled) - n_val]), "val": sorted(shuffled[len(shuffled) - n_val :])}
-    if not lists["val"]:
-        lists["val"] = lists["train"]
+    lists = default_split(keys, seed=seed, val_fraction=val_fraction)
     written: dict[str, Path] = {}
     for split, names in lists.items():
         path = root / split_file.format(split=split)
