@@ -199,9 +199,7 @@ def train(
     loss_fn = instantiate(build.with_class_weights(cfg.loss, data, reports.get(data.train_split)))
     # An exponential moving average of the weights (and batch-norm statistics), when asked: it is what
     # validates and what best.pt holds; last.pt also keeps the trained weights, to resume from.
-    ema_decay = trainer.get("ema_decay")
-    if ema_decay is not None and not (isinstance(ema_decay, float) and 0 < ema_decay < 1):
-        raise UserError(f"trainer.ema_decay={ema_decay}: give a decay between 0 and 1 (e.g. 0.999) or null for none")
+    ema_decay = trainer.get("ema_decay")  # in (0, 1) or null: fcn/cli/settings.py
     ema = (
         None
         if ema_decay is None

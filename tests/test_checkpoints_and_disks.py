@@ -18,14 +18,14 @@ import torch
 
 from fcn.checkpoint import load_checkpoint, save_checkpoint
 from fcn.cli.exit import exit_on_user_error
-from fcn.cli.train import train
-from fcn.engine import train_one_epoch
+from fcn.engine import Settings, train_one_epoch
 from fcn.errors import UserError, write_error
 from fcn.loggers import TensorBoardLogger
 from fcn.models import FCN
 from fcn.models.buffers import restore_buffers, snapshot_buffers
 from fcn.resume import checked_best, find_resume_checkpoint
 from fcn.rundir import acquire_lock
+from fcn.train import train
 from tests.conftest import StopAtStep, compose_config, tiny_train_overrides
 from tests.test_reliability import _flip, _small_checkpoint, _tensor_offset
 
@@ -261,14 +261,8 @@ def test_skipped_nonfinite_step_restores_batch_norm_running_statistics(accumulat
         optimizer,
         scheduler,
         torch.nn.CrossEntropyLoss(),
-        device=torch.device("cpu"),
-        mean=[0.5] * 3,
-        std=[0.5] * 3,
+        Settings(device=torch.device("cpu"), mean=[0.5] * 3, std=[0.5] * 3, accumulate=accumulate, skip_nonfinite=1),
         step=0,
-        epoch=0,
-        accumulate=accumulate,
-        skip_nonfinite=1,
-        progress=False,
     )
     assert "skipped" in caplog.text and result.step == 6 // accumulate
     for name, buffer in model.named_buffers():

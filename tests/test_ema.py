@@ -5,6 +5,7 @@ import torch
 
 import fcn.train
 from fcn.checkpoint import load_checkpoint
+from fcn.cli.settings import check_settings
 from fcn.errors import UserError
 from fcn.train import TrainingInterrupted, train
 from tests.conftest import StopAtStep, compose_config, tiny_train_overrides
@@ -51,9 +52,10 @@ def test_ema_validates_the_averaged_weights_and_saves_them_as_best(shapes_root, 
     assert int(last["ema"]["n_averaged"]) == last["step"]  # one update per optimisation step
 
 
-def test_ema_decay_outside_zero_one_is_refused_naming_the_key(shapes_root, tmp_path):
-    with pytest.raises(UserError, match=r"trainer.ema_decay=1.5: give a decay between 0 and 1"):
-        train(_cfg(shapes_root, "trainer.ema_decay=1.5"), tmp_path)
+@pytest.mark.parametrize("decay", ["0", "1", "1.5", "-0.1", "true", "fast"])
+def test_ema_decay_outside_zero_one_is_refused_naming_the_key(shapes_root, decay):
+    with pytest.raises(UserError, match=r"trainer.ema_decay=.*: must be a finite number in \(0, 1\), or null"):
+        check_settings(_cfg(shapes_root, f"trainer.ema_decay={decay}"))
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def test_overlay_matches_torchvision_draw_segmentation_masks():
 def test_300_classes_train_predict_and_evaluate_with_ids_written_exactly(tmp_path):
     from fcn.cli.evaluate import run_evaluation
     from fcn.cli.predict import run_prediction
-    from fcn.cli.train import train
+    from fcn.train import train
 
     root = tmp_path / "data"
     _dataset(root)

@@ -99,7 +99,7 @@ def test_a_batch_size_larger_than_the_training_set_is_said():
 
 @pytest.mark.slow
 def test_training_with_a_batch_larger_than_the_dataset_warns(shapes_root, tmp_path, caplog):
-    from fcn.cli.train import train
+    from fcn.train import train
     from tests.conftest import compose_config, tiny_train_overrides
 
     train(compose_config("train", [*tiny_train_overrides(shapes_root), "trainer.batch_size=64"]), tmp_path / "run")

@@ -192,6 +192,7 @@ SETTINGS: dict[str, Setting] = {
     "trainer.precision": one_of("auto", "fp32", "bf16", "fp16"),
     "trainer.compile": BOOL,
     "trainer.sync_bn": BOOL,
+    "trainer.ema_decay": number(0, 1, open_low=True, open_high=True, nullable=True),
     # logger
     "logger.log_every_n_steps": whole(1),
     "logger.num_images": whole(0),
