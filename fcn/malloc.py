@@ -14,7 +14,7 @@ mapping, but torch allocates its tensors on the thread that runs the step) and k
 memory (``mallopt(M_TRIM_THRESHOLD, 2 GB - 1)``), so the next step reuses pages already mapped. That
 is what PyTorch's CPU performance guide gets by swapping in jemalloc or TCMalloc, without a new
 dependency. The price is memory: the process keeps its high water mark, and blocks of different
-sizes fragment the heap, so peak resident memory is higher (README, Performance, "Crop size: page faults": the
+sizes fragment the heap, so peak resident memory is higher (docs/performance.md, "Crop size: page faults": the
 numbers, with the command). Transparent huge pages (torch's ``THP_MEM_ALLOC_ENABLE=1``) were
 measured too: 30x fewer faults but still a quarter of the CPU time in the kernel, and gains that
 came and went between runs, so they are not used.

@@ -47,7 +47,7 @@ def implementation(factory: Callable, model: nn.Module) -> dict[str, bool]:
     An empty dict too when the config already sets ``fused`` or ``foreach`` (e.g.
     ``+optim.fused=false``): the user's choice wins. All three compute the same update; fused and
     foreach only batch the per-parameter work (an AdamW step of the tiny model and of VGG16-FCN on
-    the 2-core CPU: README, Performance).
+    the 2-core CPU: docs/performance.md).
     """
     if "fused" in factory.keywords or "foreach" in factory.keywords:
         return {}

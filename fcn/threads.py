@@ -9,7 +9,7 @@ the default until issue 17's second round) cures that but pays a futex wake-up a
 and a training step has hundreds. A short spin, ``GOMP_SPINCOUNT=1000`` (a few microseconds), keeps
 most of both: 0.90-0.94 of libgomp's speed on the quiet machine (passive: 0.77 at batch 8, 0.53
 at batch 1), and with two busy processes beside it 2.1x libgomp's speed at batch 8 (as fast as
-sleeping at once) and 2.0x at batch 1 (0.72 of passive there) (README, Performance, "A busy
+sleeping at once) and 2.0x at batch 1 (0.72 of passive there) (docs/performance.md, "A busy
 CPU", with the commands).
 
 So the entry points call :func:`set_openmp_defaults` before torch is imported. Every variable is

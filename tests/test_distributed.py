@@ -379,7 +379,7 @@ def _torchrun(args: list[str], cwd: Path, *launcher: str, watch: Path | None = N
     audit = cwd / "audit"
     audit.mkdir(exist_ok=True)
     (audit / "sitecustomize.py").write_text(AUDIT)
-    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: restarts under --standalone need it (see the README)
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: restarts under --standalone need it (see docs/distributed.md)
     env = {
         **os.environ,
         "PYTHONPATH": f"{audit}{os.pathsep}{REPO}",

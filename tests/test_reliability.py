@@ -1,4 +1,4 @@
-"""Training you can trust: every fault scenario of the README's reliability section.
+"""Training you can trust: every fault scenario of docs/reliability.md.
 
 Each test injects one fault (a kill mid-save, a signal, an interruption at a chosen step, a NaN,
 an out-of-memory error, a full disk, a corrupt or mismatched or unsafe checkpoint) and checks

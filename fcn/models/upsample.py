@@ -126,7 +126,7 @@ class BilinearUpsample(nn.Module):
         convolution, and ``f <= _offset <= 2f``). Outputs and gradients are equal to float
         rounding. On the CPU (oneDNN, torch 2.14) the backward of ``ConvTranspose2d`` with a
         large kernel on a few channels is slow; the sub-pixel form made a training step of the
-        tiny FCN-8s 1.06-1.16x faster at 128 px and FCN-32s 1.54x (README, "The upsampling").
+        tiny FCN-8s 1.06-1.16x faster at 128 px and FCN-32s 1.54x (docs/performance.md, "The upsampling").
         In eval mode (evaluation, prediction, tracing and ONNX export) or without gradients it
         runs the transposed convolution, as fast or faster there.
         """
