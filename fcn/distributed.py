@@ -287,18 +287,19 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def mean_across_ranks(value: torch.Tensor) -> float:
-    """The mean over ranks of a scalar tensor, as a float every rank agrees on.
+def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean over ranks of a tensor (float32, on its device): a value every rank agrees on.
 
-    Used for the training loss: every rank then sees the same value (a NaN on any rank is a NaN
-    on all, so all skip the same step), and the logged loss is that of the whole global batch.
+    Used for a step's training loss and gradient norm: every rank then sees the same values (a NaN
+    on any rank is a NaN on all, so all skip the same step), and the logged loss is that of the
+    whole global batch. Outside a job it returns ``value`` (detached).
     """
     value = value.detach().float()
     if dist.is_initialized():
         value = value.clone()
         _finish(dist.all_reduce(value, op=dist.ReduceOp.SUM, async_op=True))
         value /= dist.get_world_size()
-    return value.item()
+    return value
 
 
 def shard(num_samples: int) -> range:

@@ -107,16 +107,19 @@ def train_one_epoch(
     Each optimisation step accumulates the gradients of ``accumulate`` batches, each loss scaled
     by ``1 / accumulate``: with a mean-reduced loss, k batches of b give the gradient of one
     batch of k x b. A model in ``DistributedDataParallel`` averages gradients over ranks once per
-    step, on the step's last batch (``no_sync`` on the others). The loss is averaged over ranks
-    before anything else looks at it, so every rank logs, skips or stops on the same value.
+    step, on the step's last batch (``no_sync`` on the others). The step's loss stays on the
+    device until the step ends: the host reads it once per optimisation step, together with the
+    gradient norm (one synchronisation, not one per batch), averaged over ranks first, so every
+    rank logs, skips or stops on the same value.
 
-    A NaN or inf loss is never back-propagated, and gradients with a NaN or inf anywhere never
-    reach ``optimizer.step()`` (checked on their global norm: the norm clipping computes anyway
+    A step whose loss is NaN or inf, or whose gradients have a NaN or inf anywhere, never reaches
+    ``optimizer.step()`` (gradients checked on their global norm: the norm clipping computes anyway
     when ``grad_clip_norm`` is set, else one fused ``torch._foreach_norm`` reduction; with a
     ``scaler``, its own inf check skips the step and lowers the scale instead, as float16 overflow
     is expected there). The step (its whole accumulation window) is skipped with a warning naming
-    the loss or the gradients, up to ``skip_nonfinite`` times in a row, after which
-    :class:`NonFiniteLossError` is raised before any update.
+    the loss or the gradients, and batch norm's running statistics are put back as they were, up
+    to ``skip_nonfinite`` times in a row, after which :class:`NonFiniteLossError` is raised before
+    any update.
     ``on_step(step, loss, lr, grad_norm)`` is called after every optimisation step, after the
     scheduler's (``loss`` is None for a skipped step); when it returns True the epoch ends there,
     so a stop never falls inside a window. ``grad_norm`` is the global gradient norm before
@@ -144,46 +147,43 @@ def train_one_epoch(
     )
     if max_steps is not None and max_steps <= 0:
         return EpochResult(step=step, loss=0.0, batches=0)
-    window_loss = 0.0
     for images, masks in bar:
         first, last = batches % accumulate == 0, (batches + 1) % accumulate == 0
         batches += 1
         if first:
             optimizer.zero_grad(set_to_none=True)
-            window_loss = 0.0
+            window = torch.zeros((), device=device)  # the step's loss, summed on the device
             buffers = snapshot_buffers(model) if skip_nonfinite else None  # a skipped step leaves no trace
-        if math.isfinite(window_loss):  # after a non-finite batch the rest of its window is drawn, not used
-            images = to_model_input(images, device, mean, std, channels_last)
-            masks = masks.to(device, non_blocking=True)
-            # no gradient all-reduce until the window's last batch: one per optimisation step
-            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(model(images), masks)
-                value = mean_across_ranks(loss)
-                window_loss += value / accumulate
-                if math.isfinite(value):
-                    loss = loss / accumulate if accumulate > 1 else loss
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
+        images = to_model_input(images, device, mean, std, channels_last)
+        masks = masks.to(device, non_blocking=True)
+        # no gradient all-reduce until the window's last batch: one per optimisation step
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(model(images), masks)
+            loss = loss / accumulate if accumulate > 1 else loss
+            window += loss.detach().float()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         if not last:
             continue
         lr = optimizer.param_groups[0]["lr"]
         step += 1
         steps += 1
-        finite = math.isfinite(window_loss)
-        grad_norm, what, bad_value = None, "loss", window_loss
-        if finite:
-            measure = bool(grad_clip_norm) or (grad_norm_every > 0 and step % grad_norm_every == 0)
+        measure = bool(grad_clip_norm) or (grad_norm_every > 0 and step % grad_norm_every == 0)
+        if scaler is not None and measure:
+            scaler.unscale_(optimizer)  # clip and measure the true gradients, not the scaled ones
+        if grad_clip_norm:
+            norm = _clip(optimizer, grad_clip_norm)
+        else:  # without a scaler the norm is the non-finite check; with one, its own check does that
+            norm = _grad_norm(optimizer) if scaler is None or measure else torch.zeros((), device=device)
+        window_loss, norm = mean_across_ranks(torch.stack([window, norm.to(window)])).tolist()  # the one host read
+        grad_norm = norm if measure else None
+        finite, what, bad_value = math.isfinite(window_loss), "loss", window_loss
+        if finite and not math.isfinite(norm) and scaler is None:
+            finite, what, bad_value = False, "gradients", norm
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
             if scaler is not None and measure:
-                scaler.unscale_(optimizer)  # clip and measure the true gradients, not the scaled ones
-            if grad_clip_norm:
-                grad_norm = _clip(optimizer, grad_clip_norm)
-                norm = grad_norm
-            else:
-                norm = _grad_norm(optimizer) if scaler is None or measure else 0.0
-                grad_norm = norm if measure else None
-            if scaler is None and not math.isfinite(norm):  # the scaler skips such steps itself
-                finite, what, bad_value = False, "gradients", norm
-                optimizer.zero_grad(set_to_none=True)
+                scaler.update()  # unscale_ found the infs: the scale goes down, and the next unscale_ may run
         if finite:
             bad_in_a_row = 0
             if scaler is not None:
@@ -310,17 +310,17 @@ def _gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
-def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm to ``max_norm``; the norm before clipping, which clipping
-    computes anyway, is returned (for logging, and NaN or inf when any gradient is)."""
+    computes anyway, is returned as a 0-d tensor (for logging, and NaN or inf when any gradient is)."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def _grad_norm(optimizer: torch.optim.Optimizer) -> float:
-    """The global L2 norm of the gradients (one fused reduction)."""
+def _grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The global L2 norm of the gradients (one fused reduction), a 0-d tensor on their device."""
     grads = _gradients(optimizer)
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def to_model_input(images: torch.Tensor, device, mean, std, channels_last: bool) -> torch.Tensor:
