@@ -296,7 +296,7 @@ def test_an_optuna_search_records_failed_trials_goes_on_and_continues_from_its_s
     assert "FAIL" in states and "COMPLETE" in states
     rows = _summary(first)
     assert [r["status"] for r in rows] == ["completed" if b == 4 else "failed" for b in batch_sizes]
-    assert all("must be at least 1" in r["error"] for r in rows if r["status"] == "failed")
+    assert all("must be a whole number >= 1" in r["error"] for r in rows if r["status"] == "failed")
     assert all("optim.lr=" in r["overrides"] and "model.variant=" in r["overrides"] for r in rows)
     assert "best parameters (Optuna" in proc.stdout and (first / "optimization_results.yaml").exists()
     done = next(Path(r["run_dir"]) for r in rows if r["status"] == "completed")
