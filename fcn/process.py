@@ -1,13 +1,14 @@
 """Where a process starts: the settings that must be made before torch loads, and the console scripts.
 
 Importing any ``fcn`` module changes nothing in the process; :func:`start_process` does, and it is
-called first by every ``scripts/*.py`` and by the console scripts below (``fcn-evaluate`` ...,
-see ``pyproject.toml``), before the entry point's module imports torch.
+called first by :func:`launch`, which every ``scripts/*.py`` and the console scripts below
+(``fcn-evaluate`` ..., see ``pyproject.toml``) call, before the entry point's module imports torch.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 from fcn.malloc import keep_freed_memory
 from fcn.threads import set_openmp_defaults
@@ -21,41 +22,56 @@ def start_process() -> None:
     keep_freed_memory()
 
 
-def _launch(module: str) -> None:
+# Each entry point's Hydra config and the module whose ``main`` runs it.
+ENTRY_POINTS = {
+    "train": "fcn.cli.train",
+    "evaluate": "fcn.cli.evaluate",
+    "predict": "fcn.cli.predict",
+    "export": "fcn.cli.export",
+    "check_data": "fcn.cli.check_data",
+    "model_table": "fcn.cli.model_table",
+    "benchmark": "fcn.bench.run",
+}
+
+
+def launch(name: str) -> None:
+    """Start the process and run entry point ``name`` (a key of :data:`ENTRY_POINTS`) on ``sys.argv``.
+    ``--help``, ``--cfg job`` and Hydra's other information flags are answered from the config
+    alone (:mod:`fcn.cli.info`), before the entry point's module imports torch."""
     start_process()
-    importlib.import_module(module).main()
+    from fcn.cli.info import answer, asks_for_info
 
-
-def train() -> None:
-    """``fcn-train``."""
-    _launch("fcn.cli.train")
+    if name != "train" and asks_for_info(sys.argv[1:]):  # fcn.cli.train loads torch only once a run starts
+        answer(name)
+    else:
+        importlib.import_module(ENTRY_POINTS[name]).main()
 
 
 def evaluate() -> None:
     """``fcn-evaluate``."""
-    _launch("fcn.cli.evaluate")
+    launch("evaluate")
 
 
 def predict() -> None:
     """``fcn-predict``."""
-    _launch("fcn.cli.predict")
+    launch("predict")
 
 
 def export() -> None:
     """``fcn-export``."""
-    _launch("fcn.cli.export")
+    launch("export")
 
 
 def check_data() -> None:
     """``fcn-check-data``."""
-    _launch("fcn.cli.check_data")
+    launch("check_data")
 
 
 def model_table() -> None:
     """``fcn-model-table``."""
-    _launch("fcn.cli.model_table")
+    launch("model_table")
 
 
 def benchmark() -> None:
     """``fcn-benchmark``."""
-    _launch("fcn.bench.run")
+    launch("benchmark")

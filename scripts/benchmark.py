@@ -1,10 +1,6 @@
 """Measure training, loading and evaluation speed: ``python scripts/benchmark.py [overrides]``."""
 
-from fcn.process import start_process
-
-start_process()  # before the entry point imports torch
-
-from fcn.bench.run import main  # noqa: E402
+from fcn.process import launch
 
 if __name__ == "__main__":
-    main()
+    launch("benchmark")  # --help answers from the config alone, before torch loads

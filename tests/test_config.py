@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import fcn.process
 from fcn.cli import CONFIG_DIR
 from fcn.data.build import pair, with_class_weights
 from fcn.train import build_model
@@ -87,32 +88,31 @@ def test_scheduler_warms_up_then_decays_to_zero():
 
 
 HELP_WITHOUT_TORCH = """
-import sys
-from fcn.cli.{name} import main
-sys.argv = ["{name}", "{flag}"]
+import runpy, sys
+sys.argv = ["scripts/{name}.py", "{flag}"]
 try:
-    main()
+    runpy.run_path("scripts/{name}.py", run_name="__main__")
 except SystemExit:
     pass
 print("imported:", sorted(m for m in ("torch", "torchvision") if m in sys.modules))
 """
 
+ENTRY_POINTS = list(fcn.process.ENTRY_POINTS)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--help", "--cfg=job"])
-def test_train_help_and_cfg_answer_before_torch_is_imported(flag):
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_script_answers_help_and_cfg_before_torch_is_imported(name, flag):
     import subprocess
     import sys
 
-    code = HELP_WITHOUT_TORCH.format(name="train", flag=flag)
+    code = HELP_WITHOUT_TORCH.format(name=name, flag=flag)
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "imported: []" in proc.stdout
-
-
-ENTRY_POINTS = ["train", "evaluate", "predict", "export", "benchmark", "check_data", "model_table"]
-ENTRY_MODULES = {"benchmark": "fcn.bench.run"}  # the workshop's entry point; the others are fcn.cli.<name>
+    assert ("== Configuration groups ==" if flag == "--help" else "trainer:" if name == "train" else ":") in proc.stdout
 
 
 def test_a_mistyped_key_is_answered_with_the_closest_key_of_the_composed_config():
@@ -160,7 +160,7 @@ def test_every_entry_point_answers_a_mistyped_key_with_did_you_mean(name, monkey
     leaf = next(k for k in _dotted_keys(_compose(name, [])) if not k.startswith("hydra") and len(k) > 3)
     monkeypatch.setattr("sys.argv", [name, f"{leaf}x=1"])
     with pytest.raises(SystemExit) as exit_info:
-        importlib.import_module(ENTRY_MODULES.get(name, f"fcn.cli.{name}")).main()
+        importlib.import_module(fcn.process.ENTRY_POINTS[name]).main()
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: no key '{leaf}x'") and "did you mean" in last

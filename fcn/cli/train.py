@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from fcn.cli import CONFIG_DIR, hydra_run_dir, multirun  # hydra_run_dir registers ${fcn.claim_dir:...}
 from fcn.cli.exit import exit_on_user_error
+from fcn.cli.info import asks_for_info
 from fcn.cli.suggest import suggest_keys
 from fcn.errors import UserError
 from fcn.signals import GracefulStop, TrainingInterrupted
@@ -74,10 +75,6 @@ def _run_job(cfg: DictConfig, hydra_dir: Path, tell_other_ranks: bool) -> float:
     sys.exit(128 + signum)
 
 
-# Hydra flags that print and exit without running the task: no process group for those.
-_INFO_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion")
-
-
 def main() -> None:
     """``fcn-train`` / ``python scripts/train.py``: a plain run, or one process of a ``torchrun`` job.
 
@@ -90,7 +87,7 @@ def main() -> None:
 
     start_process()  # fcn-train starts here (scripts/train.py has called it already: a no-op then)
     argv = sys.argv[1:]
-    if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
+    if asks_for_info(argv):  # no process group for a command that only prints
         with hydra_run_dir.print_only():  # no run directory is made for a command that only prints
             hydra_main()  # before importing torch (fcn.distributed): --help answers in a second
         return
