@@ -31,6 +31,11 @@ def train() -> None:
     _launch("fcn.cli.train")
 
 
+def search() -> None:
+    """``fcn-search``."""
+    _launch("fcn.cli.search")
+
+
 def evaluate() -> None:
     """``fcn-evaluate``."""
     _launch("fcn.cli.evaluate")
