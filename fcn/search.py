@@ -202,14 +202,18 @@ def open_storage(storage: str | None, study_dir: Path) -> optuna.storages.BaseSt
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # workers wait for the lock
+    # A stale trial is retried once, with the same parameters (Optuna 4.9 renamed the callback).
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=60,
-            grace_period=300,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat: since 2.8
+            if retry is not None:
+                stale = {"heartbeat_stale_trial_callback": retry(max_retry=1)}
+            else:
+                stale = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=60, grace_period=300, **stale
+            )
     except (ImportError, ValueError) as exc:
         raise UserError(f"search.storage={url}: Optuna cannot open it ({exc}); check the URL and its driver") from exc
 
