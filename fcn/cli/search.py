@@ -43,6 +43,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
             "a search runs one process per worker, not under torchrun or in a job of several tasks: start "
             "several workers instead (same search.name and search.storage), e.g. -m search.worker=0,1,2,3"
         )
+    try:
+        import optuna  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            f'the search needs Optuna ({exc}): pip install -e ".[search]" (optuna >= 4, matplotlib)'
+        ) from exc
     from fcn import search
     from fcn.cli.validate import validate_train_config
     from fcn.signals import GracefulStop, TrainingInterrupted
