@@ -31,6 +31,7 @@ ENTRY_POINTS = {
     "check_data": "fcn.cli.check_data",
     "model_table": "fcn.cli.model_table",
     "benchmark": "fcn.bench.run",
+    "search": "fcn.cli.search",
 }
 
 
@@ -45,6 +46,11 @@ def launch(name: str) -> None:
         answer(name)
     else:
         importlib.import_module(ENTRY_POINTS[name]).main()
+
+
+def search() -> None:
+    """``fcn-search``."""
+    launch("search")
 
 
 def evaluate() -> None:

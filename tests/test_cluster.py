@@ -1,4 +1,4 @@
-"""SLURM through hydra-submitit-launcher and hyperparameter search with hydra-optuna-sweeper.
+"""SLURM through hydra-submitit-launcher (the search on Optuna has its own tests: test_search.py).
 
 No SLURM cluster here: the SLURM tasks are simulated (their variables set by hand, two CPU
 processes, gloo) and the launcher's path runs through ``hydra/launcher=local``, submitit's local
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from fcn.checkpoint import load_checkpoint
@@ -24,7 +23,6 @@ from tests.conftest import tiny_train_overrides
 from tests.test_distributed import _entry_point_overrides, _losses, torchrun_run  # noqa: F401 (a fixture)
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -258,62 +256,7 @@ def test_a_job_signalled_before_its_time_limit_is_requeued_and_resumes_to_the_un
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-# --- the Optuna search ---------------------------------------------------------------------------------
-
-
-def _hparams_keys(run_dir: Path) -> set[str]:
-    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-
-    # the HPARAMS record is a sub-run of tensorboard/ named by the run's overrides
-    for folder in sorted({p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}):
-        events = EventAccumulator(str(folder))
-        events.Reload()
-        try:
-            content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-        except KeyError:  # no HPARAMS record in this folder's events
-            continue
-        return set(HParamsPluginData.FromString(content).session_start_info.hparams)
-    raise AssertionError(f"no HPARAMS record under {run_dir / 'tensorboard'}")
-
-
-@pytest.mark.slow
-def test_an_optuna_search_records_failed_trials_goes_on_and_continues_from_its_sqlite_storage(shapes_root, tmp_path):
-    import optuna
-
-    # trainer.batch_size=0 is refused (one line): such a trial fails, the search goes on
-    fixed = [o for o in _launcher_overrides(shapes_root) if not o.startswith("trainer.batch_size=")]
-    search = ["-m", "hparams_search=optuna", "trainer.batch_size=choice(4,0)", *fixed]
-    first = tmp_path / "first"
-    # seeded, so that its 3 trials mix completed and failed ones (the preset's sampler is unseeded)
-    seeded = ["hydra.sweeper.sampler.seed=0"]
-    proc = _train([*search, *seeded, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={first}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    storage = f"sqlite:///{first / 'optuna.db'}"
-    trials = optuna.load_study(study_name="fcn", storage=storage).trials
-    states = [t.state.name for t in trials]
-    batch_sizes = [t.params["trainer.batch_size"] for t in trials]
-    assert len(trials) == 3 and states == ["COMPLETE" if b == 4 else "FAIL" for b in batch_sizes]
-    assert "FAIL" in states and "COMPLETE" in states
-    rows = _summary(first)
-    assert [r["status"] for r in rows] == ["completed" if b == 4 else "failed" for b in batch_sizes]
-    assert all("must be a whole number >= 1" in r["error"] for r in rows if r["status"] == "failed")
-    assert all("optim.lr=" in r["overrides"] and "model.variant=" in r["overrides"] for r in rows)
-    assert "best parameters (Optuna" in proc.stdout and (first / "optimization_results.yaml").exists()
-    done = next(Path(r["run_dir"]) for r in rows if r["status"] == "completed")
-    assert {"optim.lr", "optim.weight_decay", "model.variant", "aug", "overrides"} <= _hparams_keys(done)
-
-    # continued: two more trials in the same study, in a new sweep directory
-    second = tmp_path / "second"
-    proc = _train(
-        [*search, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={second}", f"hydra.sweeper.storage={storage}"], tmp_path
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    continued = optuna.load_study(study_name="fcn", storage=storage).trials
-    assert len(continued) == 5
-    # the continued search proposes new trials, not a replay of the first invocation's
-    first_lrs = {t.params["optim.lr"] for t in continued[:3]}
-    assert not first_lrs & {t.params["optim.lr"] for t in continued[3:]}
-    assert len(_summary(second)) == 2
+# --- the sweep's summary --------------------------------------------------------------------------------
 
 
 def test_summary_csv_has_one_row_per_job_in_job_order_with_each_jobs_own_overrides(tmp_path):

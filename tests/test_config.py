@@ -16,8 +16,10 @@ from fcn.train import build_model
 from tests.conftest import compose_config
 
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
-# the eval group belongs to evaluate.yaml and predict.yaml; every other group to train.yaml
-OPTIONS = [(g, p.stem) for g in GROUPS if g != "eval" for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
+# the eval group belongs to evaluate.yaml and predict.yaml, search to search.yaml; every other group to train.yaml
+OPTIONS = [
+    (g, p.stem) for g in GROUPS if g not in ("eval", "search") for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))
+]
 # data=folder describes the user's own data: these are the settings it asks the user for.
 USER_DATA = ["data.num_classes=3", "data.class_names=[a,b,c]"]
 
@@ -48,6 +50,14 @@ def test_every_option_composes_and_builds(group, option):
     assert out["image"].shape[:2] == pair(cfg.data.crop_size)
     logger = instantiate(cfg.logger)  # every logger offers the loop's small interface
     assert all(callable(getattr(logger, m)) for m in ("open", "log_scalar", "log_image", "log_text", "close"))
+
+
+@pytest.mark.parametrize("option", [p.stem for p in sorted((Path(CONFIG_DIR) / "search").glob("*.yaml"))])
+def test_the_search_config_is_the_training_config_plus_its_search_group(option):
+    cfg = compose_config("search", [f"search={option}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert set(compose_config("train", [])) | {"search"} == set(cfg)  # every training key, and search
+    assert resolved["search"]["dir"].endswith(resolved["search"]["name"]) and resolved["search"]["space"]
 
 
 @pytest.mark.parametrize("option", [p.stem for p in sorted((Path(CONFIG_DIR) / "data").glob("*.yaml"))])

@@ -1,4 +1,4 @@
-"""What one job of a multirun (``-m``: a sweep, an Optuna search, jobs on SLURM) needs beyond a
+"""What one job of a multirun (``-m``: a sweep, jobs on SLURM) needs beyond a
 plain run: the sweep's ``summary.csv``, failures reported to the sweeper instead of ending it, the
 swept keys for TensorBoard's HPARAMS tab, and the hand-over to submitit's requeue on preemption.
 
@@ -35,12 +35,13 @@ COLUMNS = ("job", "overrides", "status", "best_val_miou", "pixel_acc", "time_s",
 class JobFailed(RuntimeError):
     """A job of a multirun that stopped on the user's kind of error (a diverged loss, out of
     memory, bad values): raised instead of exiting, so that Hydra records the job as failed and
-    a sweeper (Optuna) marks the trial failed and goes on with the next."""
+    a sweeper that records failed jobs (a plugin's, such as Nevergrad's) goes on with the next.
+    The search on Optuna (``scripts/search.py``) runs its trials in one process: see :mod:`fcn.search`."""
 
 
 def failures_go_on() -> bool:
-    """True inside a job of a multirun whose sweeper records a failed job and goes on (Optuna's,
-    with ``max_failure_rate``). Hydra's basic sweeper ends the sweep at a failed job anyway, so
+    """True inside a job of a multirun whose sweeper records a failed job and goes on (a sweeper
+    plugin other than Hydra's basic one). Hydra's basic sweeper ends the sweep at a failed job anyway, so
     there a user's mistake keeps its one-line message and exit code 2."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return False
@@ -92,14 +93,13 @@ def hand_over_to_submitit(signum: int) -> None:
 
 class SweepSummary(Callback):
     """Writes ``summary.csv`` (one row per job: overrides, best val mIoU, pixel accuracy, time,
-    run directory) in the sweep directory at the end of every multirun, and prints it; after an
-    Optuna search also the best parameters found."""
+    run directory) in the sweep directory at the end of every multirun, and prints it."""
 
     def __init__(self) -> None:
         self._started = time.time()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # The Optuna study's default SQLite storage lives in the sweep directory: it must exist first.
+        # A sweeper's files (a plugin's database) may live in the sweep directory: it exists from the start.
         Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -132,11 +132,6 @@ class SweepSummary(Callback):
         if path is None:
             return
         print(f"\nsweep summary ({path}):\n{table}")
-        best = sweep_dir / "optimization_results.yaml"  # written by the Optuna sweeper
-        if best.exists():
-            results = OmegaConf.load(best)
-            print(f"best parameters (Optuna, whole study): {OmegaConf.to_container(results.best_params)}")
-            print(f"best value: {results.best_value}  ({best})")
 
 
 def write_summary(sweep_dir: Path, common: set[str] = frozenset()) -> tuple[Path | None, str]:

@@ -249,6 +249,18 @@ SETTINGS: dict[str, Setting] = {
     "bench.large_image": Setting("list", item=whole(1), length=2),
     "bench.window": Setting("list", item=whole(1), length=2),
     "bench.stride": Setting("list", item=whole(1), length=2),
+    # search.py (search.space is checked by fcn.search.parse_space)
+    "search.name": Setting("str"),
+    "search.dir": Setting("path"),
+    "search.n_trials": whole(1),
+    "search.direction": one_of("maximize", "minimize"),
+    "search.storage": Setting("str", nullable=True),
+    "search.sampler.seed": whole(0, nullable=True),
+    "search.sampler.n_startup_trials": whole(0),
+    "search.pruner": one_of("median", "hyperband", "none"),
+    "search.pruner_startup_trials": whole(0),
+    "search.pruner_warmup_epochs": whole(0),
+    "search.worker": whole(0),
     # model_table.py
     "table.models": Setting("list", item=Setting("str")),
     "table.variants": Setting("list", item=one_of("32s", "16s", "8s", "4s")),

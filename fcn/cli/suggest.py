@@ -87,8 +87,10 @@ def added_key_hint(config_name: str, argv: list[str]) -> str | None:
 
     Hydra's own advice for a mistyped key is ``+trainer.epoch=3``; followed, the run would go on
     with the typo ignored. A key added with ``+``/``++`` is accepted when the config already has it,
-    when it is a config group (``+experiment=camvid``), under ``hydra.``, or a keyword of a node
-    that is instantiated (``+optim.fused=false`` goes to the optimizer's constructor).
+    when it is a config group (``+experiment=camvid``), under ``hydra.``, a keyword of a node
+    that is instantiated (``+optim.fused=false`` goes to the optimizer's constructor), or a
+    search's dimension (``+search.space.optim.momentum={...}``: :func:`fcn.search.parse_space`
+    checks it against the training config).
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -108,7 +110,11 @@ def added_key_hint(config_name: str, argv: list[str]) -> str | None:
         key = _override_key(override)
         parent = key.rpartition(".")[0]
         node = OmegaConf.select(cfg, parent) if parent else None
-        if key in keys or key.startswith("hydra.") or (isinstance(node, DictConfig) and "_target_" in node):
+        if (
+            key in keys
+            or key.startswith(("hydra.", "search.space."))
+            or (isinstance(node, DictConfig) and "_target_" in node)
+        ):
             continue
         hint = _closest_key_hint(config_name, key, keys)
         return f"{hint} ({override.split('=', 1)[0]} adds a key that nothing reads: refused)"
