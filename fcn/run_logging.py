@@ -17,8 +17,8 @@ from fcn.visualize import comparison_grid, confusion_image
 # "val" < "val_best" < "weights"), and opens the first two groups. So the curves are "train" and
 # "val"; everything else is in a group that sorts after them: the run's best scores (one point,
 # the HPARAMS tab's columns), per-class scores, diagnostics, evaluate's one-point scores
-# (fcn/cli/evaluate.py). In "val" the loss and mIoU come early ("fwIoU" < "loss" < "mIoU" <
-# "mean_acc"), the sample predictions after the scores.
+# (fcn/cli/evaluate.py). In "val" the loss and mIoU are the first two cards ("loss" < "mIoU" <
+# "mean_acc" < "pixel_acc" < "samples" < "weighted_IoU", the frequency-weighted IoU).
 BEST_GROUP = "val_best"  # the HPARAMS tab's columns: their tags sort val mIoU first
 PER_CLASS_GROUP = "val_per_class"
 EVAL_GROUP = "z_eval"  # "z_": an evaluation is one point per checkpoint; it sorts after the curves
@@ -50,7 +50,7 @@ def log_validation(logger, step: int, metrics: dict, confusion: torch.Tensor, cl
     logger.log_scalar("val/mIoU", metrics["miou"], step)
     logger.log_scalar("val/pixel_acc", metrics["pixel_acc"], step)
     logger.log_scalar("val/mean_acc", metrics["mean_acc"], step)
-    logger.log_scalar("val/fwIoU", metrics["fwiou"], step)
+    logger.log_scalar("val/weighted_IoU", metrics["fwiou"], step)  # frequency-weighted: sorts after mIoU
     for name, iou in metrics["per_class_iou"].items():
         if iou is not None:
             logger.log_scalar(f"{PER_CLASS_GROUP}/IoU/{name}", iou, step)

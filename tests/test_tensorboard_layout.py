@@ -64,8 +64,8 @@ def test_a_run_directory_opens_on_the_train_and_val_curves_with_loss_and_miou_ea
     assert _open_groups(trained_run) == CURVES
     assert _cards(trained_run, "train") == ["train/loss", "train/lr"]
     val = _cards(trained_run, "val")
-    # the scores of every validation, then the sample predictions; loss and mIoU in the first row
-    assert val == ["val/fwIoU", "val/loss", "val/mIoU", "val/mean_acc", "val/pixel_acc", "val/samples"]
+    # the scores of every validation and the sample predictions; loss and mIoU the first two cards
+    assert val == ["val/loss", "val/mIoU", "val/mean_acc", "val/pixel_acc", "val/samples", "val/weighted_IoU"]
     # nothing but curves in them: every card of the open groups has a point per validation or step
     groups = [name for name, _ in time_series_groups(trained_run)]
     assert groups == ["train", "val", "val_best", "val_per_class", "weights"]
@@ -79,11 +79,11 @@ def test_outputs_with_training_and_evaluate_runs_opens_on_the_curves(outputs):
     groups = [name for name, _ in time_series_groups(outputs)]
     assert groups[-2:] == ["z_eval", "z_eval_per_class"]  # evaluate's one-point scores come last
     assert _cards(outputs, "z_eval") == [
-        "z_eval/fwIoU",
         "z_eval/mIoU",
         "z_eval/mean_acc",
         "z_eval/mean_dice",
         "z_eval/pixel_acc",
+        "z_eval/weighted_IoU",
         "z_eval/worst_images",
     ]
     assert "z_eval_per_class/confusion_matrix" in _cards(outputs, "z_eval_per_class")
@@ -127,6 +127,7 @@ def test_a_sweep_opens_on_the_curves_and_its_hparams_rows_differ_by_the_swept_ke
         assert _open_groups(logdir) == CURVES
         settings, scores = hparams_columns(logdir)
         assert scores[0] == "val_best/mIoU"
-        assert settings[0] == "optim.lr"  # the swept key first: it differs between the rows
+        # what differs between the rows first: the swept key (as the run saw it, and as given)
+        assert settings[:3] == ["lr", "optim.lr", "overrides"]
     rows = hparams_sessions(sweep)
     assert len(rows) == 2 and all("optim.lr=0.0" in row for row in rows)

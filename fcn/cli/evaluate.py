@@ -150,9 +150,10 @@ def _log_tensorboard(
     logger = TensorBoardLogger()
     logger.open(out_dir)
     try:
-        for key, name in (("miou", "mIoU"), ("pixel_acc", "pixel_acc"), ("mean_acc", "mean_acc"), ("fwiou", "fwIoU")):
+        # the names of a training run's val/* scores, and the Dice score
+        names = {"miou": "mIoU", "pixel_acc": "pixel_acc", "mean_acc": "mean_acc", "fwiou": "weighted_IoU"}
+        for key, name in (names | {"mean_dice": "mean_dice"}).items():
             logger.log_scalar(f"{EVAL_GROUP}/{name}", metrics[key], step)
-        logger.log_scalar(f"{EVAL_GROUP}/mean_dice", metrics["mean_dice"], step)
         for name, iou in metrics["per_class_iou"].items():
             if iou is not None:
                 logger.log_scalar(f"{EVAL_PER_CLASS_GROUP}/IoU/{name}", iou, step)
