@@ -44,9 +44,10 @@ class NullLogger:
     def log_layout(self, layout: dict) -> None:
         """Charts that belong together: ``{category: {chart title: ["Multiline", [tags]]}}``."""
 
-    def log_hparams(self, hparams: dict, metrics: dict, run_name: str = "") -> None:
-        """The run's main settings beside its final scores (``hparams`` values: str, int, float, bool);
-        ``run_name`` (e.g. the run's overrides) names the run in a table of several runs."""
+    def log_hparams(self, hparams: dict, metrics: dict, run_name: str = "", step: int = 0) -> None:
+        """The run's main settings beside its final scores (``hparams`` values: str, int, float, bool;
+        ``metrics``: tag -> score, logged at ``step``, e.g. the best checkpoint's); ``run_name`` (e.g.
+        the run's overrides) names the run in a table of several runs."""
 
     def close(self) -> None:
         """Flush and release files; safe to call twice."""
@@ -124,7 +125,7 @@ class TensorBoardLogger(NullLogger):
         self._writer.add_custom_scalars(layout)
 
     @_one_line_on_write_error
-    def log_hparams(self, hparams: dict, metrics: dict, run_name: str = "") -> None:
+    def log_hparams(self, hparams: dict, metrics: dict, run_name: str = "", step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
@@ -132,13 +133,15 @@ class TensorBoardLogger(NullLogger):
         # lists the run by that folder's path), less its "experiment" record: with one, TensorBoard
         # takes some one run's list of settings as everyone's, sorted by name, and shows the first
         # five. Without it, TensorBoard gathers the settings of all runs and puts those that differ
-        # between them (a sweep's swept keys) first.
+        # between them (a sweep's swept keys) first. Its columns of scores are the scalars of this
+        # sub-run, sorted by tag; TensorBoard's Time Series shows them too, so their tags belong in a
+        # group that sorts after the curves (fcn/run_logging.py).
         _, session_start, session_end = hparams_summaries(hparams, metrics)
         with SummaryWriter(log_dir=str(self._dir / hparams_run_name(run_name))) as writer:
             writer.file_writer.add_summary(session_start)
             writer.file_writer.add_summary(session_end)
             for tag, value in metrics.items():
-                writer.add_scalar(tag, value)
+                writer.add_scalar(tag, value, step)
 
     @_one_line_on_write_error
     def close(self) -> None:

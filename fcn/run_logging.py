@@ -11,9 +11,20 @@ from fcn.data.loader import pad_collate
 from fcn.summary import decoder_drift, decoder_kernels
 from fcn.visualize import comparison_grid, confusion_image
 
-# TensorBoard's Custom Scalars tab: the curves a user looks at first, side by side. (On the Time
-# Series page tag groups sort by name and the first two open expanded: ``train`` and ``val``; the
-# diagnostics are in ``val_class_IoU`` and ``weights``, which sort after them.)
+# The tags' layout. TensorBoard opens on its Time Series page, which puts the cards of all runs
+# under the logdir (sub-runs and evaluate runs included) in groups named by the tag's first part,
+# sorts the groups and the cards in them by tag ("/" and digits first, then by character code:
+# "val" < "val_best" < "weights"), and opens the first two groups. So the curves are "train" and
+# "val"; everything else is in a group that sorts after them: the run's best scores (one point,
+# the HPARAMS tab's columns), per-class scores, diagnostics, evaluate's one-point scores
+# (fcn/cli/evaluate.py). In "val" the loss and mIoU are the first two cards ("loss" < "mIoU" <
+# "mean_acc" < "pixel_acc" < "samples" < "weighted_IoU", the frequency-weighted IoU).
+BEST_GROUP = "val_best"  # the HPARAMS tab's columns: their tags sort val mIoU first
+PER_CLASS_GROUP = "val_per_class"
+EVAL_GROUP = "z_eval"  # "z_": an evaluation is one point per checkpoint; it sorts after the curves
+EVAL_PER_CLASS_GROUP = "z_eval_per_class"
+
+# TensorBoard's Custom Scalars tab: the curves a user looks at first, side by side.
 OVERVIEW_LAYOUT = {
     "overview": {
         "loss (train, val)": ["Multiline", ["train/loss", "val/loss"]],
@@ -39,11 +50,12 @@ def log_validation(logger, step: int, metrics: dict, confusion: torch.Tensor, cl
     logger.log_scalar("val/mIoU", metrics["miou"], step)
     logger.log_scalar("val/pixel_acc", metrics["pixel_acc"], step)
     logger.log_scalar("val/mean_acc", metrics["mean_acc"], step)
-    logger.log_scalar("val/fwIoU", metrics["fwiou"], step)
+    logger.log_scalar("val/weighted_IoU", metrics["fwiou"], step)  # frequency-weighted: sorts after mIoU
     for name, iou in metrics["per_class_iou"].items():
         if iou is not None:
-            logger.log_scalar(f"val_class_IoU/{name}", iou, step)
-    logger.log_image("val/confusion_matrix", np.asarray(confusion_image(confusion, class_names).convert("RGB")), step)
+            logger.log_scalar(f"{PER_CLASS_GROUP}/IoU/{name}", iou, step)
+    picture = np.asarray(confusion_image(confusion, class_names).convert("RGB"))
+    logger.log_image(f"{PER_CLASS_GROUP}/confusion_matrix", picture, step)
     # How far each learned upsampling has moved from bilinear interpolation, and what it became.
     for name, drift in decoder_drift(model).items():
         logger.log_scalar(f"weights/decoder_drift/{name}", drift, step)
@@ -51,6 +63,12 @@ def log_validation(logger, step: int, metrics: dict, confusion: torch.Tensor, cl
         logger.log_image(f"weights/decoder_kernel/{name}", kernel, step)
     weight_norm = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
     logger.log_scalar("weights/norm", weight_norm, step)
+
+
+def best_scores(best: dict) -> dict[str, float]:
+    """The HPARAMS tab's columns of scores, from a run's best validation (``state.best``): the
+    tab shows them sorted by tag, so val mIoU is the first."""
+    return {f"{BEST_GROUP}/mIoU": best["miou"], f"{BEST_GROUP}/pixel_acc": best["pixel_acc"]}
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ from fcn.resume import (
     restore_training_state,
 )
 from fcn.rng import capture_rng_state, seed_everything
-from fcn.run_logging import log_run_start, log_validation, sample_grid
+from fcn.run_logging import best_scores, log_run_start, log_validation, sample_grid
 from fcn.rundir import check_resume_config, refuse_fresh_start
 from fcn.signals import GracefulStop, TrainingInterrupted
 from fcn.summary import model_summary
@@ -416,8 +416,7 @@ def train(
 
     # --- The report: the best checkpoint's scores, as computed when it was chosen.
     if state.best is not None:
-        best = {"hparam/best_val_miou": state.best["miou"], "hparam/best_pixel_acc": state.best["pixel_acc"]}
-        logger.log_hparams(_hparams(cfg), best, run_name=run_name())
+        logger.log_hparams(_hparams(cfg), best_scores(state.best), run_name=run_name(), step=state.best["step"])
     return _report(state.best, out_dir, data, write=main_rank)
 
 

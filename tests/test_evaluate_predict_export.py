@@ -53,7 +53,7 @@ def test_evaluation_writes_every_report(trained_run, tmp_path):
     assert Image.open(tmp_path / "confusion_matrix.png").size[0] > 100
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
-    assert {"eval/confusion_matrix", "eval/worst_images"} <= set(events.Tags()["images"])
+    assert {"z_eval_per_class/confusion_matrix", "z_eval/worst_images"} <= set(events.Tags()["images"])
     # saved predictions: index PNGs in the image's size with the checkpoint's palette, plus overlays
     masks = sorted((tmp_path / "predictions").glob("*[0-9].png"))
     assert len(masks) == report["images"] == 5

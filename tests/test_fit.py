@@ -126,7 +126,7 @@ def test_tensorboard_hparams_are_a_run_named_by_the_overrides_with_the_settings_
 
     logger = TensorBoardLogger(log_every_n_steps=1, num_images=0)
     logger.open(tmp_path)
-    logger.log_hparams({"model": "tiny-fcn8s", "lr": 0.01}, {"hparam/best_val_miou": 0.5}, run_name="optim.lr=0.01")
+    logger.log_hparams({"model": "tiny-fcn8s", "lr": 0.01}, {"val_best/mIoU": 0.5}, run_name="optim.lr=0.01", step=7)
     logger.close()
     run = tmp_path / "tensorboard" / "optim.lr=0.01"
     events = EventAccumulator(str(run))
@@ -134,4 +134,4 @@ def test_tensorboard_hparams_are_a_run_named_by_the_overrides_with_the_settings_
     hparams_tags = set(events.PluginTagToContent("hparams"))
     # a session of its own, and no "experiment" record (TensorBoard would take one run's as everyone's)
     assert hparams_tags == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
-    assert [e.value for e in events.Scalars("hparam/best_val_miou")] == [0.5]
+    assert [(e.step, e.value) for e in events.Scalars("val_best/mIoU")] == [(7, 0.5)]

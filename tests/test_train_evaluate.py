@@ -45,7 +45,7 @@ def test_tensorboard_events_have_the_curves_and_images(run_dir):
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    expected = {"train/loss", "train/lr", "val/loss", "val/mIoU", "val/pixel_acc", "val_class_IoU/background"}
+    expected = {"train/loss", "train/lr", "val/loss", "val/mIoU", "val/pixel_acc", "val_per_class/IoU/background"}
     assert expected <= scalars
     assert len(events.Scalars("train/loss")) == 6  # one per step with log_every_n_steps=1
     assert [e.step for e in events.Scalars("val/mIoU")] == [3, 6]
@@ -60,9 +60,10 @@ def test_tensorboard_puts_train_and_val_first_with_an_overview_layout_and_the_co
     events.Reload()
     tags = events.Tags()
     # Time Series groups cards by the tag's first part, sorted by name, and opens the first two:
-    # train and val; the per-class IoU and the diagnostics sort after them.
+    # train and val; the per-class scores and the diagnostics sort after them (the whole logdir,
+    # sub-runs and evaluate runs included: tests/test_tensorboard_layout.py).
     groups = sorted({tag.split("/")[0] for tag in tags["scalars"] + tags["images"]})
-    assert groups == ["train", "val", "val_class_IoU", "weights"]
+    assert groups == ["train", "val", "val_per_class", "weights"]
     assert {"weights/norm", "weights/decoder_drift/up_final"} <= set(tags["scalars"])
     # Custom Scalars: the loss of train and val in one chart, val mIoU beside it.
     layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])

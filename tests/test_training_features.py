@@ -89,7 +89,7 @@ def test_early_stopping_and_tensorboard_entries(shapes_root, tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("val/mIoU")] == [3, 6, 9]
-    assert {"val/confusion_matrix", "weights/decoder_kernel/up_final"} <= set(events.Tags()["images"])
+    assert {"val_per_class/confusion_matrix", "weights/decoder_kernel/up_final"} <= set(events.Tags()["images"])
     assert "weights/decoder_drift/up_final" in events.Tags()["scalars"]
     assert "model/summary" in events.Tags()["tensors"] or "model/summary/text_summary" in events.Tags()["tensors"]
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())

@@ -35,6 +35,7 @@ from fcn.loggers import TensorBoardLogger
 from fcn.metrics import format_table, scores
 from fcn.models.fold import fold_batch_norm
 from fcn.report import PredictionWriter, WorstImages, write_metrics
+from fcn.run_logging import EVAL_GROUP, EVAL_PER_CLASS_GROUP
 from fcn.visualize import comparison_grid
 
 log = logging.getLogger(__name__)
@@ -144,15 +145,20 @@ def _log_tensorboard(
     palette,
     ignore_index: int,
 ) -> None:
+    # One point per score, at the checkpoint's step, in groups that sort after a training run's
+    # curves (fcn/run_logging.py): with ``tensorboard --logdir outputs`` the curves open first.
     logger = TensorBoardLogger()
     logger.open(out_dir)
     try:
-        for key in ("miou", "pixel_acc", "mean_acc", "fwiou", "mean_dice"):
-            logger.log_scalar(f"eval/{key}", metrics[key], step)
+        # the names of a training run's val/* scores, and the Dice score
+        names = {"miou": "mIoU", "pixel_acc": "pixel_acc", "mean_acc": "mean_acc", "fwiou": "weighted_IoU"}
+        for key, name in (names | {"mean_dice": "mean_dice"}).items():
+            logger.log_scalar(f"{EVAL_GROUP}/{name}", metrics[key], step)
         for name, iou in metrics["per_class_iou"].items():
             if iou is not None:
-                logger.log_scalar(f"eval/IoU/{name}", iou, step)
-        logger.log_image("eval/confusion_matrix", np.asarray(confusion_picture.convert("RGB")), step)
+                logger.log_scalar(f"{EVAL_PER_CLASS_GROUP}/IoU/{name}", iou, step)
+        confusion = np.asarray(confusion_picture.convert("RGB"))
+        logger.log_image(f"{EVAL_PER_CLASS_GROUP}/confusion_matrix", confusion, step)
         ranked = worst.worst()
         if ranked:
             # crop to a common size so images of different sizes fit one grid
@@ -161,9 +167,10 @@ def _log_tensorboard(
             images = torch.stack([i[:, :height, :width] for _, i, _, _ in ranked])
             masks = torch.stack([m[:height, :width] for _, _, m, _ in ranked])
             preds = torch.stack([p[:height, :width] for _, _, _, p in ranked])
-            logger.log_image("eval/worst_images", comparison_grid(images, masks, preds, palette, ignore_index), step)
+            grid = comparison_grid(images, masks, preds, palette, ignore_index)
+            logger.log_image(f"{EVAL_GROUP}/worst_images", grid, step)
             scores = ", ".join(f"{100 * m:.1f}" for m, *_ in ranked)
-            logger.log_text("eval/worst_images", f"mIoU (%) of each: {scores}", step)
+            logger.log_text(f"{EVAL_GROUP}/worst_images", f"mIoU (%) of each: {scores}", step)
     finally:
         logger.close()
 
