@@ -65,7 +65,7 @@ class FCN(nn.Module):
         learnable_upsampling: which transposed convolutions learn: True / "all", "intermediate"
             (the 2x layers learn and the final one stays bilinear, as in the paper) or
             False / "none". Frozen layers keep their bilinear kernel through ``requires_grad``.
-        pretrained: load the backbone's ImageNet weights through torchvision.
+        pretrained: load the backbone's ImageNet weights from torchvision's cache (downloaded there if missing).
         backbone_weights: path of a local state dict for the backbone (wins over ``pretrained``).
         scaled_skips: multiply pool4 / pool3 / pool2 features by 1e-2 / 1e-4 / 1e-6 before
             scoring, the paper's "at-once" FCN-8s.
