@@ -204,11 +204,11 @@ def test_surgery_fc6_fc7_convolutions_compute_the_classifier_on_a_7x7_input(monk
 
 
 def test_intermediate_upsampling_learns_the_2x_layers_and_keeps_the_final_one_bilinear():
-    model = FCN(num_classes=3, variant="4s", width=4, learnable_upsampling="intermediate")
+    model = FCN(num_classes=3, variant="4s", width=4, upsampling="intermediate")
     learnable = {n: m.learnable for n, m in model.named_modules() if isinstance(m, BilinearUpsample)}
     assert learnable == {"up_out": True, "up_pool4": True, "up_pool3": True, "up_final": False}
-    with pytest.raises(UserError, match="model.learnable_upsampling='final'"):
-        FCN(num_classes=3, width=4, learnable_upsampling="final")
+    with pytest.raises(UserError, match="model.upsampling='final': choose one of learned, frozen"):
+        FCN(num_classes=3, width=4, upsampling="final")
 
 
 def test_scaled_skips_multiply_pool4_and_pool3_features_before_scoring():
@@ -281,7 +281,7 @@ def test_staged_experiments_chain_32s_16s_8s_through_init_from(shapes_root, tmp_
     before = {"16s": "fcn32s", "8s": "fcn16s"}
     for variant in ("32s", "16s", "8s"):
         cfg = compose_config("train", [*common, f"experiment=staged_fcn{variant}"])
-        assert cfg.model.variant == variant and cfg.model.learnable_upsampling == "intermediate"
+        assert cfg.model.variant == variant and cfg.model.upsampling == "intermediate"
         # each stage starts from the best checkpoint the stage before wrote in its pinned directory
         with caplog.at_level(logging.INFO):
             train(cfg, tmp_path / f"fcn{variant}")

@@ -71,7 +71,7 @@ def test_every_shipped_option_passes_its_declarations(group):
         ("trainer.precision=fp8", "trainer.precision=fp8: must be one of auto, fp32, bf16, fp16"),
         ("model.variant=2s", "model.variant=2s: must be one of 32s, 16s, 8s, 4s"),
         ("model.backbone=resnet101", "model.backbone=resnet101: must be one of tiny"),
-        ("model.learnable_upsampling=maybe", "must be one of true, false, intermediate"),
+        ("model.upsampling=maybe", "must be one of learned, frozen, intermediate, random, interpolate"),
         ("trainer.deterministic=1", "trainer.deterministic=1: must be true or false"),
         ("aug.hflip=1.5", "aug.hflip=1.5: must be a finite number in [0, 1]"),
         ("optim.lr=nan", "optim.lr=nan: must be a finite number >= 0"),

@@ -159,7 +159,7 @@ SETTINGS: dict[str, Setting] = {
     "model.backbone": one_of(*BACKBONES),
     "model.variant": one_of("32s", "16s", "8s", "4s"),
     "model.width": whole(1),
-    "model.learnable_upsampling": one_of(True, False, "intermediate"),
+    "model.upsampling": one_of("learned", "frozen", "intermediate", "random", "interpolate"),
     "model.pretrained": BOOL,
     "model.backbone_weights": PATH_OR_NULL,
     "model.scaled_skips": BOOL,
