@@ -111,7 +111,16 @@ def test_train_help_and_cfg_answer_before_torch_is_imported(flag):
     assert "imported: []" in proc.stdout
 
 
-ENTRY_POINTS = ["train", "evaluate", "predict", "export", "benchmark", "check_data", "model_table"]
+ENTRY_POINTS = [
+    "train",
+    "evaluate",
+    "predict",
+    "export",
+    "benchmark",
+    "check_data",
+    "model_table",
+    "upsampling_ablation",
+]
 ENTRY_MODULES = {"benchmark": "fcn.bench.run"}  # the workshop's entry point; the others are fcn.cli.<name>
 
 

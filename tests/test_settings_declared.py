@@ -15,7 +15,16 @@ from fcn.errors import UserError
 from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ("train", "evaluate", "predict", "export", "benchmark", "check_data", "model_table")
+ENTRY_POINTS = (
+    "train",
+    "evaluate",
+    "predict",
+    "export",
+    "benchmark",
+    "check_data",
+    "model_table",
+    "upsampling_ablation",
+)
 # Keys whose values are checked elsewhere with their relations (label maps, loss weights per class)
 # or that name the constructor: not single values a table can judge.
 FREE = {"_target_", "_partial_", "label_map", "ignore_colors", "class_weights", "weights", "losses", "num_classes"}

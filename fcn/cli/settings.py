@@ -258,6 +258,11 @@ SETTINGS: dict[str, Setting] = {
     "table.min_seconds": number(0),
     "table.repeats": whole(1),
     "table.train": BOOL,
+    # upsampling_ablation.py
+    "ablation.variants": Setting("list", item=one_of("learned", "frozen", "intermediate", "random", "interpolate")),
+    "ablation.seeds": Setting("list", item=whole(0)),
+    "ablation.boundary_px": whole(1),
+    "ablation.train_overrides": Setting("list", item=Setting("str")),
 }
 
 # Keys of each loss node (``loss``, and every ``loss.losses.N`` of a weighted sum).
