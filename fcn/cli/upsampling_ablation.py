@@ -168,7 +168,7 @@ def plot(summary: list[dict], path: Path, boundary_px: int) -> bool:
     ax.set_xticks(list(x), names)
     ax.set_ylabel("score (mean ± std over seeds)")
     ax.set_ylim(0, 1)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
