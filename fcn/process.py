@@ -32,6 +32,7 @@ ENTRY_POINTS = {
     "model_table": "fcn.cli.model_table",
     "benchmark": "fcn.bench.run",
     "search": "fcn.cli.search",
+    "upsampling_ablation": "fcn.cli.upsampling_ablation",
 }
 
 
@@ -81,3 +82,8 @@ def model_table() -> None:
 def benchmark() -> None:
     """``fcn-benchmark``."""
     launch("benchmark")
+
+
+def upsampling_ablation() -> None:
+    """``fcn-upsampling-ablation``."""
+    launch("upsampling_ablation")

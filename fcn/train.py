@@ -494,7 +494,7 @@ def _hparams(cfg: DictConfig) -> dict:
         "epochs": cfg.trainer.epochs,
         "setup.data": cfg.data.name,
         "setup.width": cfg.model.width,
-        "setup.learnable_upsampling": str(cfg.model.learnable_upsampling),  # true, false or intermediate
+        "setup.upsampling": str(cfg.model.upsampling),  # learned, frozen, intermediate, random or interpolate
         "setup.scaled_skips": bool(cfg.model.get("scaled_skips", False)),
         "setup.init_from": str(cfg.init_from or ""),  # staged training: which stage this one started from
         "setup.seed": cfg.seed,

@@ -2,9 +2,10 @@
 staged training (init_from a coarser variant) and the at-once variant's scaled skips."""
 
 import functools
+import hashlib
 import logging
 import math
-import urllib.error
+import socket
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from fcn.checkpoint import save_checkpoint
 from fcn.errors import UserError
-from fcn.models import BACKBONES, FCN, VARIANTS, BilinearUpsample
+from fcn.models import BACKBONES, FCN, VARIANTS, BilinearUpsample, backbones
 from fcn.models.backbones import STRIDES
 from tests.conftest import compose_config, tiny_train_overrides
 
@@ -89,15 +90,95 @@ def test_a_state_dict_of_another_backbone_is_a_clear_error(tmp_path):
         FCN(num_classes=3, backbone="resnet50", backbone_weights=str(path))
 
 
-@pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "mobilenet_v3_large"])  # one code path for all
-def test_pretrained_offline_says_how_to_pass_a_local_file(backbone, monkeypatch):
-    def offline(self, *args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+def _block_network(monkeypatch):
+    """Every connection attempt (name lookup or connect) fails at once, as on an offline node."""
 
-    # every torchvision weights download goes through WeightsEnum.get_state_dict
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(UserError, match=rf"{backbone} ImageNet weights.*model\.backbone_weights=PATH"):
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution (network blocked by the test)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setattr(socket.socket, "connect", offline)
+
+
+def _hub_in(tmp_path, monkeypatch):
+    """torch.hub.get_dir() -> tmp_path/hub, through $TORCH_HOME as on a user's machine."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    return tmp_path / "hub" / "checkpoints"
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pretrained_loads_a_hand_copied_file_from_the_torch_cache_without_network(tmp_path, monkeypatch, caplog):
+    checkpoints = _hub_in(tmp_path, monkeypatch)
+    _block_network(monkeypatch)
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None).eval()
+    checkpoints.mkdir(parents=True)
+    staged = checkpoints / "staged.pth"
+    torch.save(reference.state_dict(), staged)
+    # the file under its torchvision-style name: <arch>-<first 8 hex digits of its sha256>.pth
+    file = checkpoints / f"resnet18-{_sha256(staged)[:8]}.pth"
+    staged.rename(file)
+    url = f"https://download.pytorch.org/models/{file.name}"
+    monkeypatch.setattr(backbones, "_imagenet_weights_url", lambda name: url)
+    torch.manual_seed(1)  # another random init: equality below means "loaded from the file"
+    with caplog.at_level(logging.INFO, logger="fcn.models.backbones"):
+        model = FCN(num_classes=3, backbone="resnet18", pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = nn.Sequential(*list(reference.children())[:-2])(x)
+        torch.testing.assert_close(model.encoder(x)["out"], expected)
+    assert str(file) in caplog.text and _sha256(file) in caplog.text  # the path and the full hash
+
+
+def test_the_real_torchvision_file_name_is_looked_for_in_the_torch_cache(tmp_path, monkeypatch):
+    checkpoints = _hub_in(tmp_path, monkeypatch)
+    _block_network(monkeypatch)
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    expected = checkpoints / url.rsplit("/", 1)[-1]  # resnet18-f37072fd.pth
+    with pytest.raises(UserError) as error:
+        FCN(num_classes=3, backbone="resnet18", pretrained=True)
+    message = str(error.value)
+    assert f"fetch {url} " in message and f"copy it to {expected} " in message
+    assert "network blocked by the test" in message  # the download was tried and failed, with no hang
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet18", "mobilenet_v3_large"])  # one code path for all
+def test_pretrained_offline_with_no_file_says_what_to_fetch_and_where(backbone, tmp_path, monkeypatch):
+    checkpoints = _hub_in(tmp_path, monkeypatch)
+    _block_network(monkeypatch)
+    url = backbones._imagenet_weights_url(backbone)
+    with pytest.raises(UserError, match=rf"{backbone} ImageNet weights.*fetch {url} .*{checkpoints}.*backbone_weights"):
         FCN(num_classes=3, backbone=backbone, pretrained=True)
+    assert not any(checkpoints.glob("*.pth"))  # no partial file left behind for the next run to trust
+
+
+def test_a_cached_file_whose_hash_does_not_match_its_name_is_refused(tmp_path, monkeypatch):
+    checkpoints = _hub_in(tmp_path, monkeypatch)
+    _block_network(monkeypatch)
+    checkpoints.mkdir(parents=True)
+    file = checkpoints / "resnet18-00000000.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), file)
+    monkeypatch.setattr(backbones, "_imagenet_weights_url", lambda name: f"https://example.org/{file.name}")
+    with pytest.raises(UserError, match=rf"{file} is not torchvision's resnet18.*name says 00000000.*delete it"):
+        FCN(num_classes=3, backbone="resnet18", pretrained=True)
+
+
+def test_pretrained_through_the_cli_offline_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from fcn.cli.exit import exit_on_user_error
+
+    _hub_in(tmp_path, monkeypatch)
+    _block_network(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_user_error(lambda: FCN(num_classes=3, backbone="resnet18", pretrained=True))()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "resnet18-f37072fd.pth" in err and "Traceback" not in err
 
 
 def test_fixed_width_backbones_name_the_setting_and_the_config():
@@ -123,11 +204,11 @@ def test_surgery_fc6_fc7_convolutions_compute_the_classifier_on_a_7x7_input(monk
 
 
 def test_intermediate_upsampling_learns_the_2x_layers_and_keeps_the_final_one_bilinear():
-    model = FCN(num_classes=3, variant="4s", width=4, learnable_upsampling="intermediate")
+    model = FCN(num_classes=3, variant="4s", width=4, upsampling="intermediate")
     learnable = {n: m.learnable for n, m in model.named_modules() if isinstance(m, BilinearUpsample)}
     assert learnable == {"up_out": True, "up_pool4": True, "up_pool3": True, "up_final": False}
-    with pytest.raises(UserError, match="model.learnable_upsampling='final'"):
-        FCN(num_classes=3, width=4, learnable_upsampling="final")
+    with pytest.raises(UserError, match="model.upsampling='final': choose one of learned, frozen"):
+        FCN(num_classes=3, width=4, upsampling="final")
 
 
 def test_scaled_skips_multiply_pool4_and_pool3_features_before_scoring():
@@ -200,7 +281,7 @@ def test_staged_experiments_chain_32s_16s_8s_through_init_from(shapes_root, tmp_
     before = {"16s": "fcn32s", "8s": "fcn16s"}
     for variant in ("32s", "16s", "8s"):
         cfg = compose_config("train", [*common, f"experiment=staged_fcn{variant}"])
-        assert cfg.model.variant == variant and cfg.model.learnable_upsampling == "intermediate"
+        assert cfg.model.variant == variant and cfg.model.upsampling == "intermediate"
         # each stage starts from the best checkpoint the stage before wrote in its pinned directory
         with caplog.at_level(logging.INFO):
             train(cfg, tmp_path / f"fcn{variant}")

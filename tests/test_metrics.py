@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from fcn.metrics import confusion_matrix, format_table, scores
+from fcn.metrics import boundary_band, boundary_confusion, confusion_matrix, format_table, scores
 
 
 def test_confusion_matrix_matches_a_hand_count():
@@ -124,3 +124,47 @@ def test_the_metrics_table_prints_percent_and_labels_it():
     assert "IoU (%)" in table.splitlines()[0]
     assert any(line.startswith("mean IoU (%)") and line.endswith("37.5") for line in table.splitlines())
     assert "pixel acc (%)" in table and "90.0" in table
+
+
+def _two_halves() -> torch.Tensor:
+    """A 6 x 8 mask: class 0 in columns 0-3, class 1 in columns 4-7 (one vertical boundary)."""
+    target = torch.zeros(1, 6, 8, dtype=torch.int64)
+    target[..., 4:] = 1
+    return target
+
+
+def _columns(band: torch.Tensor) -> list[int]:
+    return sorted(set(band[0].nonzero()[:, 1].tolist()))
+
+
+def test_boundary_band_is_the_columns_either_side_of_the_boundary_and_widens_with_width():
+    target = _two_halves()
+    assert _columns(boundary_band(target, 1, ignore_index=255)) == [3, 4]
+    assert _columns(boundary_band(target, 2, ignore_index=255)) == [2, 3, 4, 5]
+    assert boundary_band(target, 1, ignore_index=255).sum() == 12  # every row, nothing at the image border
+    with pytest.raises(ValueError, match=">= 1 pixel"):
+        boundary_band(target, 0, ignore_index=255)
+
+
+def test_ignored_pixels_make_no_boundary_and_are_never_in_the_band():
+    target = _two_halves()
+    target[0, 0] = 255  # a void first row
+    target[0, 2, 1] = 255  # a void pixel inside class 0
+    band = boundary_band(target, 1, ignore_index=255)[0]
+    expected = torch.zeros(6, 8, dtype=torch.bool)
+    expected[1:, 3:5] = True
+    assert torch.equal(band, expected)
+
+
+def test_boundary_miou_by_hand_for_a_prediction_one_pixel_off_the_boundary():
+    target = _two_halves()
+    pred = torch.zeros_like(target)
+    pred[..., 5:] = 1  # the boundary drawn one column too far right
+    # band (width 1) = columns 3 and 4, 6 rows: column 3 is right (class 0), column 4 is class 1 called 0
+    confusion = boundary_confusion(pred, target, num_classes=2, ignore_index=255, width=1)
+    assert confusion.tolist() == [[6, 0], [6, 0]]
+    boundary = scores(confusion)
+    assert boundary["per_class_iou"] == {"0": 0.5, "1": 0.0}  # 6 / (6 + 6) and 0 / 6
+    assert boundary["miou"] == pytest.approx(0.25)
+    # the whole image hides the error: (24/30 + 18/24) / 2
+    assert scores(confusion_matrix(pred, target, 2, 255))["miou"] == pytest.approx(0.775)

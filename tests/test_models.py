@@ -33,7 +33,7 @@ def test_variants_fuse_the_expected_skips(variant, layers):
 
 
 def test_frozen_upsampling_leaves_only_the_decoder_frozen():
-    model = FCN(num_classes=3, variant="8s", width=4, learnable_upsampling=False)
+    model = FCN(num_classes=3, variant="8s", width=4, upsampling="frozen")
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {"up_out.deconv.weight", "up_pool4.deconv.weight", "up_final.deconv.weight"}
 

@@ -15,7 +15,16 @@ from fcn.errors import UserError
 from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ("train", "evaluate", "predict", "export", "benchmark", "check_data", "model_table")
+ENTRY_POINTS = (
+    "train",
+    "evaluate",
+    "predict",
+    "export",
+    "benchmark",
+    "check_data",
+    "model_table",
+    "upsampling_ablation",
+)
 # Keys whose values are checked elsewhere with their relations (label maps, loss weights per class)
 # or that name the constructor: not single values a table can judge.
 FREE = {"_target_", "_partial_", "label_map", "ignore_colors", "class_weights", "weights", "losses", "num_classes"}
@@ -71,7 +80,7 @@ def test_every_shipped_option_passes_its_declarations(group):
         ("trainer.precision=fp8", "trainer.precision=fp8: must be one of auto, fp32, bf16, fp16"),
         ("model.variant=2s", "model.variant=2s: must be one of 32s, 16s, 8s, 4s"),
         ("model.backbone=resnet101", "model.backbone=resnet101: must be one of tiny"),
-        ("model.learnable_upsampling=maybe", "must be one of true, false, intermediate"),
+        ("model.upsampling=maybe", "must be one of learned, frozen, intermediate, random, interpolate"),
         ("trainer.deterministic=1", "trainer.deterministic=1: must be true or false"),
         ("aug.hflip=1.5", "aug.hflip=1.5: must be a finite number in [0, 1]"),
         ("optim.lr=nan", "optim.lr=nan: must be a finite number >= 0"),

@@ -32,7 +32,7 @@ def test_no_weight_decay_on_biases_and_norms_and_a_faster_decoder():
 
 
 def test_frozen_parameters_are_in_no_group():
-    model = FCN(num_classes=3, width=4, learnable_upsampling=False)
+    model = FCN(num_classes=3, width=4, upsampling="frozen")
     grouped = {id(p) for g in param_groups(model, 0.0) for p in g["params"]}
     assert id(model.up_final.deconv.weight) not in grouped
 
@@ -58,7 +58,7 @@ def test_gradient_clipping_bounds_the_update():
 
 
 def test_summary_counts_parameters_and_flops_without_touching_batch_norm():
-    model = FCN(num_classes=3, width=4, learnable_upsampling=False)
+    model = FCN(num_classes=3, width=4, upsampling="frozen")
     stats = model.encoder.stem_to_pool3[0][1].running_mean.clone()
     summary = model_summary(model, (64, 64), torch.device("cpu"))
     assert summary["trainable"] + summary["frozen"] == summary["parameters"] and summary["frozen"] > 0

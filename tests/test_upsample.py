@@ -135,3 +135,95 @@ def test_replicate_pad_gives_the_values_and_gradients_of_torch_replicate_padding
     (F.pad(theirs, (1, 1, 1, 1), mode="replicate") * weight).sum().backward()
     assert torch.equal(replicate_pad1(x), F.pad(x, (1, 1, 1, 1), mode="replicate"))
     assert torch.allclose(ours.grad, theirs.grad, atol=1e-6)
+
+
+# --- The five decoders of the upsampling ablation (model.upsampling) --------------------------
+
+
+def _fcn(upsampling: str, seed: int = 0):
+    from fcn.models import FCN
+
+    torch.manual_seed(seed)
+    model = FCN(num_classes=3, variant="8s", width=4, upsampling=upsampling)
+    with torch.no_grad():  # score layers start at zero: give them weights so the decoder matters
+        for name, param in model.named_parameters():
+            if name.startswith("score_"):
+                param.normal_(std=0.1)
+    return model
+
+
+def _up_layers(model):
+    from fcn.models import InterpolateUpsample
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (BilinearUpsample, InterpolateUpsample)) and n}
+
+
+# which upsampling layers of FCN-8s learn, per variant (interpolate: none has weights)
+LEARNS = {
+    "learned": {"up_out": True, "up_pool4": True, "up_final": True},
+    "frozen": {"up_out": False, "up_pool4": False, "up_final": False},
+    "intermediate": {"up_out": True, "up_pool4": True, "up_final": False},
+    "random": {"up_out": True, "up_pool4": True, "up_final": True},
+    "interpolate": {"up_out": False, "up_pool4": False, "up_final": False},
+}
+
+
+@pytest.mark.parametrize("upsampling", sorted(LEARNS))
+def test_every_upsampling_variant_gives_full_size_scores_and_gradients_only_where_it_learns(upsampling):
+    model = _fcn(upsampling).train()
+    x = torch.randn(2, 3, 45, 61)
+    out = model(x)
+    assert out.shape == (2, 3, 45, 61) and torch.isfinite(out).all()
+    F.cross_entropy(out, torch.randint(0, 3, (2, 45, 61))).backward()
+    layers = _up_layers(model)
+    assert set(layers) == set(LEARNS[upsampling])
+    for name, layer in layers.items():
+        weights = list(layer.parameters())
+        if upsampling == "interpolate":
+            assert weights == []  # no transposed convolution at all
+            continue
+        (weight,) = weights
+        assert weight.requires_grad == LEARNS[upsampling][name], name
+        if weight.requires_grad:
+            assert weight.grad is not None and weight.grad.abs().sum() > 0, name
+        else:
+            assert weight.grad is None, name
+    # the gradient reaches the encoder through every decoder, fixed or learned
+    assert model.encoder.stem_to_pool3[0][0].weight.grad.abs().sum() > 0
+
+
+def test_random_upsampling_starts_far_from_bilinear_and_the_bilinear_ones_start_on_it():
+    random_ = _up_layers(_fcn("random"))
+    bilinear = _up_layers(_fcn("learned"))
+    assert all(layer.drift() == 0 for layer in bilinear.values())
+    assert all(layer.drift() > 0.5 for layer in random_.values())
+    # ConvTranspose2d's own init: every channel pair non-zero, not bilinear's diagonal
+    assert (random_["up_final"].deconv.weight[0, 1] != 0).any()
+
+
+def test_interpolate_upsampling_computes_what_the_frozen_transposed_convolution_computes():
+    frozen, interpolate = _fcn("frozen").eval(), _fcn("interpolate").eval()
+    # same encoder and score layers (the state dicts differ only by the frozen kernels)
+    state = {k: v for k, v in frozen.state_dict().items() if ".deconv." not in k}
+    interpolate.load_state_dict(state)
+    x = torch.randn(1, 3, 37, 53)
+    with torch.no_grad():
+        torch.testing.assert_close(interpolate(x), frozen(x), rtol=1e-4, atol=1e-5)
+
+
+def test_interpolate_upsample_doubles_and_refuses_factor_1():
+    from fcn.models import InterpolateUpsample
+
+    assert InterpolateUpsample(4)(torch.randn(1, 2, 3, 5)).shape == (1, 2, 12, 20)
+    with pytest.raises(ValueError, match="factor >= 2"):
+        InterpolateUpsample(1)
+
+
+@pytest.mark.parametrize(("old", "new"), [(True, "learned"), (False, "frozen"), ("intermediate", "intermediate")])
+def test_old_checkpoints_learnable_upsampling_setting_still_builds_the_same_decoder(old, new):
+    from fcn.models import FCN
+
+    model = FCN(num_classes=3, width=4, learnable_upsampling=old)
+    assert model.upsampling == new
+    learnable = {n: m.learnable for n, m in _up_layers(model).items()}
+    assert learnable == LEARNS[new]

@@ -159,7 +159,7 @@ SETTINGS: dict[str, Setting] = {
     "model.backbone": one_of(*BACKBONES),
     "model.variant": one_of("32s", "16s", "8s", "4s"),
     "model.width": whole(1),
-    "model.learnable_upsampling": one_of(True, False, "intermediate"),
+    "model.upsampling": one_of("learned", "frozen", "intermediate", "random", "interpolate"),
     "model.pretrained": BOOL,
     "model.backbone_weights": PATH_OR_NULL,
     "model.scaled_skips": BOOL,
@@ -270,6 +270,11 @@ SETTINGS: dict[str, Setting] = {
     "table.min_seconds": number(0),
     "table.repeats": whole(1),
     "table.train": BOOL,
+    # upsampling_ablation.py
+    "ablation.variants": Setting("list", item=one_of("learned", "frozen", "intermediate", "random", "interpolate")),
+    "ablation.seeds": Setting("list", item=whole(0)),
+    "ablation.boundary_px": whole(1),
+    "ablation.train_overrides": Setting("list", item=Setting("str")),
 }
 
 # Keys of each loss node (``loss``, and every ``loss.losses.N`` of a weighted sum).

@@ -123,6 +123,8 @@ def added_key_hint(config_name: str, argv: list[str]) -> str | None:
 
 def _closest_key_hint(config_name: str, key: str, keys: list[str]) -> str:
     """``error: no key 'k' in the <config> config; did you mean ...?`` from the config's ``keys``."""
+    if key in RENAMED:
+        return f"error: no key '{key}' in the {config_name} config; it is now {RENAMED[key]}"
     candidates = keys if key.startswith("hydra.") else [k for k in keys if not k.startswith("hydra")]
     parent, _, leaf = key.rpartition(".")
     # names other tools use for the same setting: learning_rate is optim.lr here
@@ -138,6 +140,12 @@ def _closest_key_hint(config_name: str, key: str, keys: list[str]) -> str:
         return f"error: no key '{key}' in the {config_name} config{where}"
     return f"error: no key '{key}' in the {config_name} config; did you mean {close[0]}?"
 
+
+# Settings of this project that were renamed: the old key -> the new one and how values map.
+RENAMED = {
+    "model.learnable_upsampling": "model.upsampling (true -> learned, false -> frozen, intermediate -> intermediate; "
+    "also random, interpolate)",
+}
 
 # Other tools' names for settings of this config (leaf name -> ours).
 SYNONYMS = {

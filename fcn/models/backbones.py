@@ -19,6 +19,10 @@ Adding a backbone is one function here that returns an :class:`Encoder`, one ent
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import re
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +35,8 @@ from fcn.state_dict import load_into
 
 TAPS = ("pool2", "pool3", "pool4", "out")
 STRIDES = {"pool2": 4, "pool3": 8, "pool4": 16, "out": 32}
+
+log = logging.getLogger(__name__)
 
 
 class Encoder(nn.Module):
@@ -121,27 +127,95 @@ def _torchvision_net(name: str, pretrained: bool, weights_path: str | None) -> n
     """torchvision's ``name`` network: random, from a local state dict, or with ImageNet weights.
 
     A local file wins over ``pretrained``, so a config that asks for pretrained weights also
-    works offline once ``model.backbone_weights`` is given.
+    works offline once ``model.backbone_weights`` is given. ImageNet weights come from
+    torchvision's cache (see :func:`_imagenet_weights_file`), downloaded there first only when
+    the file is missing.
     """
     import torchvision.models
 
     builder = getattr(torchvision.models, name)
+    net = builder(weights=None)
     if weights_path:
-        net = builder(weights=None)
         _load_state_dict(net, weights_path)
-        return net
-    if not pretrained:
-        return builder(weights=None)
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    try:
-        return builder(weights=weights)
-    except Exception as exc:  # noqa: BLE001 - urllib, ssl, hash errors all mean "no weights"
+    elif pretrained:
+        file = _imagenet_weights_file(name)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        load_into(net, state, f"ImageNet weights {file}", fix=f"delete {file} and fetch it again")
+    return net
+
+
+def _imagenet_weights_url(name: str) -> str:
+    """The URL of torchvision's default ImageNet weights for ``name`` (its file name ends in
+    ``-<first hex digits of the file's sha256>.pth``)."""
+    import torchvision.models
+
+    return torchvision.models.get_model_weights(name).DEFAULT.url
+
+
+# A download that cannot reach the server gives up after this many seconds of silence instead
+# of hanging (urllib has no timeout of its own).
+DOWNLOAD_TIMEOUT_S = 30
+
+
+def _imagenet_weights_file(name: str) -> Path:
+    """The checked path of ``name``'s ImageNet weights in torchvision's cache.
+
+    The file is ``torch.hub.get_dir()/checkpoints/<file name of the URL>``, i.e.
+    ``$TORCH_HOME/hub/checkpoints/`` (``~/.cache/torch/hub/checkpoints/`` by default), where
+    torchvision itself caches downloads, so a file copied there by hand loads with no network
+    call. A missing file is downloaded there (with a timeout); its sha256 must start with the
+    hex digits between the last ``-`` and ``.pth`` of the name, as torch.hub checks.
+
+    Raises:
+        UserError: the file is missing and cannot be downloaded, or its hash is wrong; the
+            message names the URL to fetch and the exact path to put it at.
+    """
+    import socket
+
+    url = _imagenet_weights_url(name)
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    fetch = (
+        f"fetch {url} on a machine with network access and copy it to {file} "
+        "(or pass model.backbone_weights=PATH, or set model.pretrained=false)"
+    )
+    if not file.is_file():
+        log.info("downloading %s ImageNet weights %s to %s", name, url, file)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            torch.hub.download_url_to_file(url, str(file), hash_prefix=_hash_prefix(file), progress=False)
+        except Exception as exc:  # noqa: BLE001 - DNS, refused, timeout, ssl, hash: all mean "no weights"
+            raise UserError(
+                f"model.pretrained=true but the {name} ImageNet weights are not in {file.parent} and could "
+                f"not be downloaded ({exc.__class__.__name__}: {exc}): {fetch}"
+            ) from exc
+        finally:
+            socket.setdefaulttimeout(previous)
+    digest = _sha256(file)
+    expected = _hash_prefix(file)
+    if expected and not digest.startswith(expected):
         raise UserError(
-            f"model.pretrained=true but torchvision could not get the {name} ImageNet weights {weights} "
-            f"({exc.__class__.__name__}: {exc}). Offline, save "
-            f"torchvision.models.{name}(weights='DEFAULT').state_dict() with torch.save on a machine with "
-            "network access, copy the file here and pass model.backbone_weights=PATH"
-        ) from exc
+            f"{file} is not torchvision's {name} ImageNet weights: its sha256 starts {digest[: len(expected)]}, "
+            f"the file name says {expected} (a partial or other file); delete it and {fetch}"
+        )
+    log.info("%s ImageNet weights: %s (sha256 %s)", name, file, digest)
+    return file
+
+
+def _hash_prefix(file: Path) -> str | None:
+    """The hex digits after the last ``-`` of ``file``'s stem (``resnet18-f37072fd`` ->
+    ``f37072fd``), torch.hub's convention for the start of the file's sha256; None when absent."""
+    match = re.search(r"-([0-9a-f]{6,})$", file.stem)
+    return match.group(1) if match else None
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_width(name: str, width: int | None, fixed: int) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from fcn.errors import UserError
 from fcn.models.backbones import BACKBONES
-from fcn.models.upsample import BilinearUpsample
+from fcn.models.upsample import BilinearUpsample, InterpolateUpsample
 
 VARIANTS = ("32s", "16s", "8s", "4s")
 # The taps each variant fuses, coarsest first, and the stride of its final upsampling.
@@ -23,7 +23,21 @@ FINAL_STRIDE = {"32s": 32, "16s": 16, "8s": 8, "4s": 4}
 # before scoring, so the finer skips start small next to the stride-32 stream and the net first
 # learns what staged training learns first; pool2 (4s only) continues the pattern.
 AT_ONCE_SKIP_SCALE = {"pool4": 1e-2, "pool3": 1e-4, "pool2": 1e-6}
-UPSAMPLING_CHOICES = ("all", "intermediate", "none")
+# How the decoder upsamples (the ablation in docs/upsampling-ablation.md compares them):
+# learned: every transposed convolution starts bilinear and learns (FCN's idea, the default);
+# frozen: they stay bilinear; intermediate: the 2x ones learn, the final one stays bilinear (the
+# paper's FCN-8s); random: they learn from ConvTranspose2d's default (random) initialisation;
+# interpolate: F.interpolate(mode="bilinear"), no transposed convolution and no weights.
+UPSAMPLING = ("learned", "frozen", "intermediate", "random", "interpolate")
+# The values of the old setting model.learnable_upsampling (checkpoints written before
+# model.upsampling existed carry it) and what they mean now.
+LEGACY_UPSAMPLING = {
+    True: "learned",
+    False: "frozen",
+    "all": "learned",
+    "none": "frozen",
+    "intermediate": "intermediate",
+}
 
 
 def _score(in_channels: int, num_classes: int) -> nn.Conv2d:
@@ -41,16 +55,25 @@ def _crop_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x[..., :height, :width]
 
 
-def _upsampling_mode(learnable_upsampling: bool | str) -> str:
-    if learnable_upsampling is True:
-        return "all"
-    if learnable_upsampling is False:
-        return "none"
-    if learnable_upsampling not in UPSAMPLING_CHOICES:
-        raise UserError(
-            f"model.learnable_upsampling={learnable_upsampling!r}: choose true (all), false (none) or intermediate"
-        )
-    return learnable_upsampling
+def _upsampling_mode(upsampling: str, learnable_upsampling: bool | str | None) -> str:
+    if learnable_upsampling is not None:  # a checkpoint's config from before model.upsampling
+        if learnable_upsampling not in LEGACY_UPSAMPLING:
+            raise UserError(
+                f"model.learnable_upsampling={learnable_upsampling!r}: the setting is now model.upsampling, "
+                f"one of {', '.join(UPSAMPLING)}"
+            )
+        return LEGACY_UPSAMPLING[learnable_upsampling]
+    if upsampling not in UPSAMPLING:
+        raise UserError(f"model.upsampling={upsampling!r}: choose one of {', '.join(UPSAMPLING)}")
+    return upsampling
+
+
+def _upsample(num_classes: int, factor: int, mode: str, final: bool) -> nn.Module:
+    """The upsampling layer ``mode`` asks for, by ``factor`` (``final``: the last one, to the image)."""
+    if mode == "interpolate":
+        return InterpolateUpsample(factor)
+    learnable = mode in ("learned", "random") or (mode == "intermediate" and not final)
+    return BilinearUpsample(num_classes, factor, learnable, init="random" if mode == "random" else "bilinear")
 
 
 class FCN(nn.Module):
@@ -62,10 +85,16 @@ class FCN(nn.Module):
         variant: "32s", "16s", "8s" or "4s": which pooling stages are fused before the last
             upsampling.
         width: channel width of the encoder; None for the backbone's own (only "tiny" lets it vary).
-        learnable_upsampling: which transposed convolutions learn: True / "all", "intermediate"
-            (the 2x layers learn and the final one stays bilinear, as in the paper) or
-            False / "none". Frozen layers keep their bilinear kernel through ``requires_grad``.
-        pretrained: load the backbone's ImageNet weights through torchvision.
+        upsampling: how the decoder upsamples: ``"learned"`` (transposed convolutions that
+            start bilinear and learn, the default), ``"frozen"`` (they stay bilinear),
+            ``"intermediate"`` (the 2x layers learn and the final one stays bilinear, as in the
+            paper), ``"random"`` (they learn from ``ConvTranspose2d``'s random initialisation) or
+            ``"interpolate"`` (``F.interpolate``, bilinear, no weights). Frozen layers keep their
+            kernel through ``requires_grad``.
+        learnable_upsampling: the setting ``upsampling`` replaced, still read from old
+            checkpoints' configs: True = "learned", False = "frozen", "intermediate"; None
+            (the default) leaves ``upsampling`` in charge.
+        pretrained: load the backbone's ImageNet weights from torchvision's cache (downloaded there if missing).
         backbone_weights: path of a local state dict for the backbone (wins over ``pretrained``).
         scaled_skips: multiply pool4 / pool3 / pool2 features by 1e-2 / 1e-4 / 1e-6 before
             scoring, the paper's "at-once" FCN-8s.
@@ -79,17 +108,19 @@ class FCN(nn.Module):
         backbone: str = "tiny",
         variant: str = "8s",
         width: int | None = None,
-        learnable_upsampling: bool | str = True,
+        upsampling: str = "learned",
         pretrained: bool = False,
         backbone_weights: str | None = None,
         scaled_skips: bool = False,
+        learnable_upsampling: bool | str | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise UserError(f"unknown FCN variant {variant!r} (model.variant): choose one of {VARIANTS}")
         if backbone not in BACKBONES:
             raise UserError(f"unknown backbone {backbone!r} (model.backbone): choose one of {sorted(BACKBONES)}")
-        mode = _upsampling_mode(learnable_upsampling)
+        mode = _upsampling_mode(upsampling, learnable_upsampling)
+        self.upsampling = mode
         self.num_classes = num_classes
         self.variant = variant
         self.encoder = BACKBONES[backbone](width=width, pretrained=pretrained, weights_path=backbone_weights)
@@ -104,9 +135,9 @@ class FCN(nn.Module):
         coarser = "out"
         for tap in self.skips:
             setattr(self, f"score_{tap}", _score(channels[tap], num_classes))
-            setattr(self, f"up_{coarser}", BilinearUpsample(num_classes, 2, mode != "none"))
+            setattr(self, f"up_{coarser}", _upsample(num_classes, 2, mode, final=False))
             coarser = tap
-        self.up_final = BilinearUpsample(num_classes, FINAL_STRIDE[variant], mode == "all")
+        self.up_final = _upsample(num_classes, FINAL_STRIDE[variant], mode, final=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]

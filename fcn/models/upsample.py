@@ -4,7 +4,8 @@ FCN does not resize its coarse scores with a fixed interpolation: it upsamples t
 transposed convolution whose kernel starts as bilinear interpolation and is then learned.
 This module owns that layer and the kernel it starts from; in training it computes the
 transposed convolution as its equivalent sub-pixel convolution (same outputs and gradients;
-faster on the CPU).
+faster on the CPU). :class:`InterpolateUpsample` is the fixed alternative the ablation compares
+against (``F.interpolate``, no weights).
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ class BilinearUpsample(nn.Module):
     Args:
         channels: number of input (and output) channels, usually the number of classes.
         factor: integer upsampling factor (>= 2).
-        learnable: when False the kernel stays bilinear; it is frozen through ``requires_grad``
-            so it is visible as frozen in any parameter count, not left out of the optimizer.
+        learnable: when False the kernel stays at its initialisation; it is frozen through
+            ``requires_grad`` so it is visible as frozen in any parameter count, not left out of
+            the optimizer.
+        init: ``"bilinear"`` (the default, FCN's) or ``"random"``: ``ConvTranspose2d``'s own
+            initialisation (Kaiming-uniform over all channel pairs), the ablation's control for
+            the bilinear start. The padding and crop are the same either way.
 
     Attributes:
         subpixel_training: True (the default) computes training passes (training mode, gradients
@@ -57,14 +62,17 @@ class BilinearUpsample(nn.Module):
             ``ConvTranspose2d`` there too (``scripts/measure_fast_paths.py`` compares the two).
     """
 
-    def __init__(self, channels: int, factor: int, learnable: bool = True) -> None:
+    def __init__(self, channels: int, factor: int, learnable: bool = True, init: str = "bilinear") -> None:
         super().__init__()
         if factor < 2:
             raise ValueError(f"BilinearUpsample needs factor >= 2, got {factor}")
+        if init not in ("bilinear", "random"):
+            raise ValueError(f"BilinearUpsample init must be 'bilinear' or 'random', got {init!r}")
         self.factor = factor
         kernel = bilinear_kernel(factor)
         self.deconv = nn.ConvTranspose2d(channels, channels, kernel_size=kernel.shape[-1], stride=factor, bias=False)
-        self.reset_parameters()
+        if init == "bilinear":
+            self.reset_parameters()
         self.deconv.weight.requires_grad_(learnable)
         self.subpixel_training = True
         # Offset of output pixel 0 inside the transposed convolution of the padded input.
@@ -88,7 +96,9 @@ class BilinearUpsample(nn.Module):
             self.deconv.weight.copy_(self.bilinear_weight())
 
     def drift(self) -> float:
-        """Relative L2 distance of the kernel from its bilinear initialisation (0 at the start)."""
+        """Relative L2 distance of the kernel from bilinear interpolation,
+        ``||W - W_bilinear||_2 / ||W_bilinear||_2`` over the whole weight tensor (0 at a bilinear
+        start; about 1 or more for a random start)."""
         start = self.bilinear_weight()
         return float((self.deconv.weight.detach() - start).norm() / start.norm())
 
@@ -140,3 +150,24 @@ class BilinearUpsample(nn.Module):
             y = self.deconv(replicate_pad1(x))
             o = self._offset
         return y[..., o : o + h * f, o : o + w * f]
+
+
+class InterpolateUpsample(nn.Module):
+    """``F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)``: a fixed
+    upsampling with no weights, ``N x C x H x W`` -> ``N x C x (factor * H) x (factor * W)``.
+
+    It computes what a frozen :class:`BilinearUpsample` computes (the same values up to float
+    rounding, tested), without the transposed convolution.
+
+    Args:
+        factor: integer upsampling factor (>= 2).
+    """
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        if factor < 2:
+            raise ValueError(f"InterpolateUpsample needs factor >= 2, got {factor}")
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.factor, mode="bilinear", align_corners=False)
