@@ -32,7 +32,7 @@ ENTRY_POINTS = {
     "model_table": "fcn.cli.model_table",
     "benchmark": "fcn.bench.run",
     "search": "fcn.cli.search",
-    "upsampling_ablation": "fcn.cli.upsampling_ablation",
+    "upsampling_ablation": "fcn.bench.upsampling_ablation",
 }
 
 

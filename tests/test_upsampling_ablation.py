@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fcn.cli.upsampling_ablation import format_markdown, run_overrides, summarise
+from fcn.bench.upsampling_ablation import format_markdown, run_overrides, summarise
 from tests.conftest import tiny_train_overrides
 
 
@@ -55,7 +55,7 @@ def test_the_ablation_trains_scores_and_tabulates_every_variant(shapes_root, tmp
     from hydra import compose, initialize_config_dir
 
     from fcn.cli import CONFIG_DIR
-    from fcn.cli.upsampling_ablation import run_ablation
+    from fcn.bench.upsampling_ablation import run_ablation
 
     overrides = [
         *tiny_train_overrides(shapes_root),
