@@ -54,8 +54,8 @@ def test_each_run_sets_its_own_decoder_and_seed_after_the_shared_schedule_and_th
 def test_the_ablation_trains_scores_and_tabulates_every_variant(shapes_root, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from fcn.cli import CONFIG_DIR
     from fcn.bench.upsampling_ablation import run_ablation
+    from fcn.cli import CONFIG_DIR
 
     overrides = [
         *tiny_train_overrides(shapes_root),
