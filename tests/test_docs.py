@@ -5,6 +5,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,3 +54,23 @@ def test_every_relative_link_in_the_readme_points_to_an_existing_file():
     assert relative, "the README links into the docs"
     missing = [t for t in relative if not (ROOT / t.split("#")[0]).exists()]
     assert not missing, f"README.md links to missing files: {missing}"
+
+
+def test_the_per_class_plot_draws_a_run_and_written_out_scores(tmp_path):
+    import json
+
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("plot_per_class", ROOT / "scripts" / "plot_per_class.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"miou": 0.5, "per_class_iou": {"sky": 0.9, "pole": 0.1, "car": None}}))
+    assert module.read_source(f"run={metrics}") == ("run", {"sky": 90.0, "pole": 10.0})  # absent class skipped
+    assert module.read_source("old=sky:92.0,pole:10.2") == ("old", {"sky": 92.0, "pole": 10.2})
+    out = tmp_path / "plot.png"
+    module.main([str(out), f"run={metrics}", "old=sky:92.0,pole:10.2"])
+    assert Image.open(out).size == (900, 320)
+    with pytest.raises(SystemExit, match="no such metrics file"):
+        module.read_source(f"run={tmp_path / 'missing.json'}")
