@@ -70,3 +70,14 @@ class StopAtStep(GracefulStop):
         if step >= self.k:
             self.requested = signal.SIGTERM
         return self.requested is not None
+
+
+# A child process's first lines that start ``scripts/train.py`` as a user does (``--cfg=job``, which
+# answers without training and without importing torch), its printed config silenced; the code after
+# them sees the process as every entry point leaves it before torch loads.
+START_AS_THE_TRAIN_SCRIPT = """
+import contextlib, io, runpy, sys
+sys.argv = ["scripts/train.py", "--cfg=job"]
+with contextlib.redirect_stdout(io.StringIO()):
+    runpy.run_path("scripts/train.py", run_name="__main__")
+"""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fcn.malloc import _glibc, keep_freed_memory, user_malloc_setting
+from tests.conftest import START_AS_THE_TRAIN_SCRIPT
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 64 * 2**20
@@ -85,5 +86,5 @@ def test_keep_freed_memory_serves_large_blocks_from_the_heap():
     [({}, True), ({"FCN_KEEP_FREED_MEMORY": "0"}, False), ({"MALLOC_MMAP_MAX_": "65536"}, False)],
 )
 def test_entry_points_keep_freed_memory_unless_the_user_chose(env_changes, heap):
-    mmapped = _run("import scripts.train", **env_changes)  # what every entry point imports first
+    mmapped = _run(START_AS_THE_TRAIN_SCRIPT, **env_changes)  # what every entry point does first
     assert (mmapped < BLOCK) is heap

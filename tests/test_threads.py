@@ -11,6 +11,7 @@ import torch
 
 from fcn import device as device_module
 from fcn.threads import OPENMP_DEFAULTS, set_openmp_defaults, usable_cpus
+from tests.conftest import START_AS_THE_TRAIN_SCRIPT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,10 +65,8 @@ def test_entry_points_set_a_short_spin_before_torch_unless_the_user_chose(user_v
     env["PYTHONPATH"] = str(ROOT)
     if user_value:
         env["GOMP_SPINCOUNT"] = user_value
-    probe = (
-        "import sys; import scripts.train; import os; "
-        "print('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"  # scripts/train.py imports no torch
-    )
+    # scripts/train.py --cfg=job imports no torch
+    probe = START_AS_THE_TRAIN_SCRIPT + "import os\nprint('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", user_value or "1000"]
 
