@@ -100,8 +100,13 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="scripts/config_reference.py")
+    parser.add_argument("--check", action="store_true", help="exit 1 when the page is out of date; write nothing")
+    args = parser.parse_args(argv)  # --help prints the usage, an unknown flag exits 2: neither writes the page
     text = render()
-    if "--check" in argv:
+    if args.check:
         if not PAGE.exists() or PAGE.read_text(encoding="utf-8") != text:
             print(f"{PAGE.relative_to(ROOT)} is out of date: run python scripts/config_reference.py", file=sys.stderr)
             return 1

@@ -7,6 +7,10 @@
 #   (both with trainer.channels_last=auto, NHWC on GPUs, and the fused AdamW: "optimizer" in the JSON)
 #   deterministic/      two short deterministic-mode runs that must give identical metrics
 set -euo pipefail
+if [ $# -gt 0 ]; then  # it takes no arguments: --help (or anything else) prints this header and runs nothing
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  [ "$1" = "-h" ] || [ "$1" = "--help" ]; exit $?
+fi
 cd "$(dirname "$0")/.."
 out=${OUT:-outputs/gpu_check}
 mkdir -p "$out"

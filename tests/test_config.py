@@ -123,6 +123,8 @@ def test_every_script_answers_help_and_cfg_before_torch_is_imported(name, flag):
     assert proc.returncode == 0, proc.stderr
     assert "imported: []" in proc.stdout
     assert ("== Configuration groups ==" if flag == "--help" else "trainer:" if name == "train" else ":") in proc.stdout
+    if flag == "--help":  # its own description and example, not another entry point's
+        assert proc.stdout.startswith(f"fcn-{name.replace('_', '-')}: ")
 
 
 def test_a_mistyped_key_is_answered_with_the_closest_key_of_the_composed_config():

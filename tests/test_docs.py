@@ -74,3 +74,15 @@ def test_the_per_class_plot_draws_a_run_and_written_out_scores(tmp_path):
     assert Image.open(out).size == (900, 320)
     with pytest.raises(SystemExit, match="no such metrics file"):
         module.read_source(f"run={tmp_path / 'missing.json'}")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--bogus"]])
+def test_the_reference_script_answers_help_and_refuses_unknown_flags_without_writing(argv, monkeypatch, capsys):
+    module = _config_reference()
+    written = []
+    monkeypatch.setattr(module.Path, "write_text", lambda self, *a, **k: written.append(self))
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == (0 if argv == ["--help"] else 2) and written == []
+    captured = capsys.readouterr()
+    assert "usage: scripts/config_reference.py" in captured.out + captured.err

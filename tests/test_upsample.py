@@ -227,3 +227,40 @@ def test_old_checkpoints_learnable_upsampling_setting_still_builds_the_same_deco
     assert model.upsampling == new
     learnable = {n: m.learnable for n, m in _up_layers(model).items()}
     assert learnable == LEARNS[new]
+
+
+@pytest.mark.parametrize(
+    ("override", "fix"),
+    [
+        ("model.learnable_upsampling=false", "write model.upsampling=frozen"),
+        ("+model.learnable_upsampling=false", "write model.upsampling=frozen"),  # Hydra's own advice
+        ("++model.learnable_upsampling=true", "write model.upsampling=learned"),
+        ("~model.learnable_upsampling", "model.upsampling (true -> learned"),
+    ],
+)
+def test_the_old_upsampling_key_is_refused_in_one_line_in_every_form(override, fix, monkeypatch, capsys):
+    from fcn.cli.train import main
+
+    monkeypatch.setattr("sys.argv", ["train", override])  # refused before Hydra runs
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and err[0].startswith("error: model.learnable_upsampling is now model.upsampling")
+        and fix in err[0]
+    )
+
+
+def test_a_config_file_that_still_sets_the_old_upsampling_key_is_refused_before_anything_runs():
+    from omegaconf import OmegaConf
+
+    from fcn.cli.settings import check_settings
+    from fcn.errors import UserError
+
+    cfg = OmegaConf.create({"model": {"upsampling": "learned", "learnable_upsampling": False}})
+    with pytest.raises(
+        UserError, match=r"learnable_upsampling is now model.upsampling .*write model.upsampling=frozen"
+    ):
+        check_settings(cfg)

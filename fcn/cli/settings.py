@@ -277,6 +277,24 @@ SETTINGS: dict[str, Setting] = {
     "ablation.train_overrides": Setting("list", item=Setting("str")),
 }
 
+# Settings that were renamed: the old key -> the new key and the new value of each old value.
+RENAMED: dict[str, tuple[str, dict[str, str]]] = {
+    "model.learnable_upsampling": (
+        "model.upsampling",
+        {"true": "learned", "false": "frozen", "intermediate": "intermediate"},
+    ),
+}
+
+
+def renamed(key: str, value: str | None = None) -> str:
+    """What a renamed ``key`` is now, in words; with the old ``value`` (as written), the override to write."""
+    new, values = RENAMED[key]
+    text = f"{key} is now {new} (" + ", ".join(f"{a} -> {b}" for a, b in values.items()) + ")"
+    if value is not None and value.lower() in values:
+        text += f": write {new}={values[value.lower()]}"
+    return text
+
+
 # Keys of each loss node (``loss``, and every ``loss.losses.N`` of a weighted sum).
 LOSS_SETTINGS: dict[str, Setting] = {
     "ignore_index": whole(0, high=65535),
@@ -289,7 +307,12 @@ LOSS_SETTINGS: dict[str, Setting] = {
 
 def check_settings(cfg: DictConfig) -> None:
     """Check every declared key present in ``cfg`` (resolved); raises :class:`UserError` with one
-    line for the first value that is not allowed: ``trainer.epochs=2.5: must be a whole number >= 1``."""
+    line for the first value that is not allowed: ``trainer.epochs=2.5: must be a whole number >= 1``,
+    or for a renamed key (a config file that still sets ``model.learnable_upsampling``)."""
+    for key in RENAMED:
+        found, value = _lookup(cfg, key)
+        if found:
+            raise UserError(renamed(key, _show(value)))
     for key, setting in SETTINGS.items():
         found, value = _lookup(cfg, key)
         if found:

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fcn.cli.settings import RENAMED, renamed
+
 # The messages of Hydra 1.3's ConfigCompositionException that name an unknown key.
 _UNKNOWN_KEY = (
     re.compile(r"Could not override '([^']+)'"),
@@ -38,7 +40,8 @@ def suggest_keys(config_name: str) -> Callable[[Callable], Callable]:
         def wrapper(*args, **kwargs):
             from fcn.overrides import unreadable_override_hint
 
-            refused = unreadable_override_hint(sys.argv[1:]) or added_key_hint(config_name, sys.argv[1:])
+            argv = sys.argv[1:]
+            refused = unreadable_override_hint(argv) or renamed_key_hint(argv) or added_key_hint(config_name, argv)
             if refused is not None:
                 print(refused, file=sys.stderr)  # before Hydra runs: no run directory is made
                 sys.exit(2)
@@ -80,6 +83,17 @@ def unknown_key_hint(config_name: str, argv: list[str]) -> str | None:
     except Exception:  # noqa: BLE001 - a second bad override: Hydra's own message is all there is
         return None
     return _closest_key_hint(config_name, key, keys)
+
+
+def renamed_key_hint(argv: list[str]) -> str | None:
+    """The one line refusing an override of ``argv`` that names a renamed setting (with or without
+    ``+``/``++``/``~``: added, the old key would be taken by the model's constructor while the run
+    records the new key's value), or None."""
+    for override in argv:
+        key = _override_key(override)
+        if not override.startswith("-") and key in RENAMED:
+            return "error: " + renamed(key, override.partition("=")[2] if "=" in override else None)
+    return None
 
 
 def added_key_hint(config_name: str, argv: list[str]) -> str | None:
@@ -124,7 +138,7 @@ def added_key_hint(config_name: str, argv: list[str]) -> str | None:
 def _closest_key_hint(config_name: str, key: str, keys: list[str]) -> str:
     """``error: no key 'k' in the <config> config; did you mean ...?`` from the config's ``keys``."""
     if key in RENAMED:
-        return f"error: no key '{key}' in the {config_name} config; it is now {RENAMED[key]}"
+        return f"error: no key '{key}' in the {config_name} config; {renamed(key)}"
     candidates = keys if key.startswith("hydra.") else [k for k in keys if not k.startswith("hydra")]
     parent, _, leaf = key.rpartition(".")
     # names other tools use for the same setting: learning_rate is optim.lr here
@@ -140,12 +154,6 @@ def _closest_key_hint(config_name: str, key: str, keys: list[str]) -> str:
         return f"error: no key '{key}' in the {config_name} config{where}"
     return f"error: no key '{key}' in the {config_name} config; did you mean {close[0]}?"
 
-
-# Settings of this project that were renamed: the old key -> the new one and how values map.
-RENAMED = {
-    "model.learnable_upsampling": "model.upsampling (true -> learned, false -> frozen, intermediate -> intermediate; "
-    "also random, interpolate)",
-}
 
 # Other tools' names for settings of this config (leaf name -> ours).
 SYNONYMS = {
