@@ -85,7 +85,7 @@ def test_every_shipped_option_passes_its_declarations(group):
         ("aug.hflip=1.5", "aug.hflip=1.5: must be a finite number in [0, 1]"),
         ("optim.lr=nan", "optim.lr=nan: must be a finite number >= 0"),
         ("data.crop_size=[64]", "data.crop_size=[64]: must be two positive integers [height, width] (or one for both)"),
-        ("eval.scales=[1.0,0]", "eval.scales=[1.0, 0]: must be a list of values, each a finite number > 0"),
+        ("eval.scales=[1.0,0]", "eval.scales=[1.0, 0]: must be a list of at least 1 values, each a finite number > 0"),
         ("logger.num_images=-2", "logger.num_images=-2: must be a whole number >= 0"),
         ("seed=-1", "seed=-1: must be a whole number >= 0"),
         ("loss=ohem", None),
@@ -155,3 +155,18 @@ def test_a_refused_setting_keeps_a_pinned_directory_that_existed_before(tmp_path
     )
     assert result.returncode == 2
     assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "key", ["ablation.seeds", "ablation.variants", "eval.scales", "table.models", "data.class_names"]
+)
+def test_a_list_that_must_hold_something_refuses_an_empty_one_naming_the_key(key):
+    from omegaconf import OmegaConf
+
+    from fcn.cli.settings import check_settings
+    from fcn.errors import UserError
+
+    cfg = OmegaConf.create({})
+    OmegaConf.update(cfg, key, [], force_add=True)
+    with pytest.raises(UserError, match=rf"^{key}=\[\]: must be a list of at least 1 values"):
+        check_settings(cfg)

@@ -24,7 +24,8 @@ class Setting:
     ``kind``: ``int`` (whole numbers, not booleans), ``float`` (any finite number), ``bool``,
     ``str``, ``choice`` (one of ``choices``; a bool among them matches true/false), ``path`` (a
     string), ``list`` (a list; ``item`` checks each element), ``int_or_pair`` (an int or
-    ``[height, width]``). ``low``/``high`` bound numbers (``open_low``/``open_high`` exclude them);
+    ``[height, width]``). ``length``/``min_length``: a list's exact or least length.
+    ``low``/``high`` bound numbers (``open_low``/``open_high`` exclude them);
     ``nullable``: null is allowed.
     """
 
@@ -37,6 +38,7 @@ class Setting:
     nullable: bool = False
     item: Setting | None = None
     length: int | None = None
+    min_length: int = 0
 
     def allowed(self) -> str:
         """What is allowed, in words: ``a whole number >= 1, or null``."""
@@ -58,7 +60,7 @@ class Setting:
         elif self.kind == "int_or_pair":
             text = "two positive integers [height, width] (or one for both)"
         else:  # list
-            count = f"{self.length} " if self.length else ""
+            count = f"{self.length} " if self.length else f"at least {self.min_length} " if self.min_length else ""
             text = f"a list of {count}values" + (f", each {self.item.allowed()}" if self.item else "")
         return text + (", or null" if self.nullable else "")
 
@@ -89,6 +91,8 @@ class Setting:
             )
         if self.kind == "list":
             if not isinstance(value, list) or (self.length is not None and len(value) != self.length):
+                return False
+            if len(value) < self.min_length:
                 return False
             return self.item is None or all(self.item.accepts(v) for v in value)
         raise ValueError(f"unknown setting kind {self.kind!r}")
@@ -131,7 +135,7 @@ SETTINGS: dict[str, Setting] = {
     "data.name": Setting("str"),
     "data.root": Setting("path"),
     "data.num_classes": whole(2),
-    "data.class_names": Setting("list", item=Setting("str")),
+    "data.class_names": Setting("list", item=Setting("str"), min_length=1),
     "data.ignore_index": whole(0, high=65535),
     "data.palette": Setting("list", item=_RGB, nullable=True),
     "data.mean": Setting("list", item=number(0, 1), length=3),
@@ -211,7 +215,7 @@ SETTINGS: dict[str, Setting] = {
     # eval (validation, evaluate.py, predict.py)
     "eval.window": Setting("int_or_pair", nullable=True),
     "eval.stride": Setting("int_or_pair", nullable=True),
-    "eval.scales": Setting("list", item=number(0, open_low=True)),
+    "eval.scales": Setting("list", item=number(0, open_low=True), min_length=1),
     "eval.hflip": BOOL,
     "eval.save_predictions": BOOL,
     "eval.worst_images": whole(0),
@@ -245,7 +249,7 @@ SETTINGS: dict[str, Setting] = {
     "bench.checkpoint_repeats": whole(1),
     "bench.scan_repeats": whole(1),
     "bench.scan_only": BOOL,
-    "bench.tta_scales": Setting("list", item=number(0, open_low=True)),
+    "bench.tta_scales": Setting("list", item=number(0, open_low=True), min_length=1),
     "bench.large_image": Setting("list", item=whole(1), length=2),
     "bench.window": Setting("list", item=whole(1), length=2),
     "bench.stride": Setting("list", item=whole(1), length=2),
@@ -262,8 +266,8 @@ SETTINGS: dict[str, Setting] = {
     "search.pruner_warmup_epochs": whole(0),
     "search.worker": whole(0),
     # model_table.py
-    "table.models": Setting("list", item=Setting("str")),
-    "table.variants": Setting("list", item=one_of("32s", "16s", "8s", "4s")),
+    "table.models": Setting("list", item=Setting("str"), min_length=1),
+    "table.variants": Setting("list", item=one_of("32s", "16s", "8s", "4s"), min_length=1),
     "table.flops_size": Setting("list", item=whole(1), length=2),
     "table.warmup": whole(0),
     "table.steps": whole(1),
@@ -271,8 +275,10 @@ SETTINGS: dict[str, Setting] = {
     "table.repeats": whole(1),
     "table.train": BOOL,
     # upsampling_ablation.py
-    "ablation.variants": Setting("list", item=one_of("learned", "frozen", "intermediate", "random", "interpolate")),
-    "ablation.seeds": Setting("list", item=whole(0)),
+    "ablation.variants": Setting(
+        "list", item=one_of("learned", "frozen", "intermediate", "random", "interpolate"), min_length=1
+    ),
+    "ablation.seeds": Setting("list", item=whole(0), min_length=1),
     "ablation.boundary_px": whole(1),
     "ablation.train_overrides": Setting("list", item=Setting("str")),
 }
