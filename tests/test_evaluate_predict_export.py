@@ -174,7 +174,7 @@ def test_safetensors_export_rebuilds_the_model_without_the_checkpoint(trained_ru
         (["eval=sliding", "eval.stride=[600,600]"], "larger than eval.window"),
         (["eval.window=[0,32]"], "two positive integers"),
         (["eval.stride=[8,8]"], "eval.stride needs eval.window"),
-        (["eval.scales=[]"], "positive scales"),
+        (["eval.scales=[]"], r"eval.scales=\[\]: must be a list of at least 1 values"),
     ],
 )
 def test_bad_inference_settings_name_the_key(trained_run, tmp_path, overrides, message):
