@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc  # Optuna's database layer: its errors name a bad storage URL
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -192,15 +193,19 @@ def open_storage(storage: str | None, study_dir: Path) -> optuna.storages.BaseSt
         from optuna.storages.journal import JournalFileBackend
 
         path = Path(url.removeprefix("journal:")).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        _make_parent(url, path)
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise UserError(f"search.storage={url}: cannot open {path} ({reason}); give a file you can write") from exc
     if "://" not in url:
         raise UserError(
             f"search.storage={url}: give a database URL (sqlite:///PATH, postgresql://...), "
             "journal:PATH, or null for SQLite in the study's directory"
         )
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(url, Path(url.removeprefix("sqlite:///")).expanduser())
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # workers wait for the lock
     # A stale trial is retried once, with the same parameters (Optuna 4.9 renamed the callback).
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
@@ -214,8 +219,19 @@ def open_storage(storage: str | None, study_dir: Path) -> optuna.storages.BaseSt
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=60, grace_period=300, **stale
             )
-    except (ImportError, ValueError) as exc:
-        raise UserError(f"search.storage={url}: Optuna cannot open it ({exc}); check the URL and its driver") from exc
+    except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:  # no driver, a bad URL, no database
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"search.storage={url}: Optuna cannot open it ({first}); check the URL and its driver") from exc
+
+
+def _make_parent(url: str, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"search.storage={url}: cannot make the directory {path.parent} ({exc.strerror}); "
+            "give a path in a directory you can write"
+        ) from exc
 
 
 def make_sampler(seed: int | None, n_startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -276,8 +292,12 @@ def retry_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
             continue
         if _alive(int(pid)):
             continue
+        note = f"its worker (pid {pid}) stopped without recording the trial (killed?); enqueued again"
+        storage.set_trial_user_attr(trial._trial_id, "error", note)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        if "run_dir" in trial.user_attrs:
+            _write_trial_file(Path(trial.user_attrs["run_dir"]), trial.number, "FAIL", None, trial.params, note)
         log.warning(
             "trial %d was left running by a stopped worker (pid %s): marked failed, enqueued again", trial.number, pid
         )
@@ -384,6 +404,18 @@ def run_search(settings: SearchSettings, train_trial: TrainTrial) -> optuna.Stud
     enough = optuna.study.MaxTrialsCallback(settings.n_trials, states=FINISHED)
     study.optimize(objective, n_trials=left, callbacks=[enough], catch=(UserError,), gc_after_trial=True)
     return study
+
+
+def check_some_finished(study: optuna.Study, summary: Path) -> None:
+    """Raises :class:`UserError` naming the first failed trial's error and ``summary`` when the
+    study holds failed trials and none that finished (completed or pruned)."""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    if failed and not finished(study):
+        error = failed[0].user_attrs.get("error", "no message recorded")
+        raise UserError(
+            f"no trial of study {study.study_name} finished: all {len(failed)} failed (trial {failed[0].number}: "
+            f"{error}); see {summary} and each trial's train.log"
+        )
 
 
 def _write_trial_file(run_dir: Path, number: int, state: str, value: float | None, params: dict, note: str) -> None:

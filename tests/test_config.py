@@ -178,6 +178,30 @@ def test_every_entry_point_answers_a_mistyped_key_with_did_you_mean(name, monkey
     assert last.startswith(f"error: no key '{leaf}x'") and "did you mean" in last
 
 
+@pytest.mark.parametrize(
+    ("name", "removed", "named"),
+    [
+        ("train", "~optim", "optim"),
+        ("train", "~data.root", "data.root"),
+        ("check_data", "~data.root", "data.root"),
+        ("search", "~search.space", "search.space"),
+    ],
+)
+def test_removing_a_needed_key_with_tilde_is_one_line_naming_it(name, removed, named, monkeypatch, capsys, tmp_path):
+    import importlib
+
+    if name == "search":
+        pytest.importorskip("optuna")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", [name, removed, f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(fcn.process.ENTRY_POINTS[name]).main()
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: setting {named} is needed, but the override {removed} removed it: drop {removed}")
+    assert not (tmp_path / "run").exists()  # the failed command leaves no run directory
+
+
 def test_train_with_a_correct_key_still_composes(monkeypatch, capsys):
     from fcn.cli.train import main
 

@@ -17,7 +17,15 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from fcn.errors import UserError  # noqa: E402
-from fcn.search import SearchSettings, parse_space, retry_dead_trials, run_search  # noqa: E402
+from fcn.search import (  # noqa: E402
+    SearchSettings,
+    check_some_finished,
+    open_storage,
+    parse_space,
+    retry_dead_trials,
+    run_search,
+    summary_rows,
+)
 from tests.conftest import tiny_train_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,6 +184,54 @@ def test_a_trial_left_running_by_a_killed_worker_is_failed_and_enqueued_again(tm
     assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
     assert trials[2].params == {} and trials[2].system_attrs["fixed_params"] == lost.params
     assert trials[2].user_attrs["retry_of"] == lost.number
+    assert "stopped without recording the trial" in trials[0].user_attrs["error"]  # the summary's note
+    assert "stopped without recording" in summary_rows(study)[0]["note"]
+
+
+def test_a_search_whose_every_trial_failed_is_an_error_naming_the_first_failure(tmp_path):
+    def fails(overrides, run_dir, on_validation):
+        raise UserError("loss became non-finite at step 3")
+
+    study = run_search(_settings(tmp_path, n_trials=2), fails)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]  # n_trials bounds the attempts of a start
+    with pytest.raises(UserError, match=r"all 2 failed \(trial 0: loss became non-finite at step 3\); see "):
+        check_some_finished(study, tmp_path / "summary.csv")
+
+    def trains(overrides, run_dir, on_validation):
+        return {"miou": 0.5}
+
+    study = run_search(_settings(tmp_path, n_trials=1), trains)  # the same study: one trial completes
+    check_some_finished(study, tmp_path / "summary.csv")  # failures beside a finished trial: no error
+
+
+@pytest.mark.parametrize(
+    ("storage", "says"),
+    [
+        ("bogus://x", "Optuna cannot open it (Can't load plugin"),
+        ("mysql://u@localhost/db", "Optuna cannot open it"),
+        ("sqlite:///{file}/study.db", "cannot make the directory"),
+        ("journal:{file}/journal.log", "cannot make the directory"),
+        ("journal:{dir}", "cannot open"),
+        ("localhost/db", "give a database URL"),
+    ],
+)
+def test_a_storage_that_cannot_be_opened_is_one_line_naming_search_storage(storage, says, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    url = storage.format(file=tmp_path / "a_file", dir=tmp_path)
+    with pytest.raises(UserError) as info:
+        open_storage(url, tmp_path / "study")
+    assert str(info.value).startswith(f"search.storage={url}: ") and says in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_key_both_given_and_searched_is_refused_before_any_trial(tmp_path):
+    proc = _search([f"search.dir={tmp_path / 'study'}", "optim.lr=0.01"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        "error: optim.lr is both given on the command line (optim.lr=0.01) and searched (search.space.optim.lr): "
+        "drop optim.lr=0.01, or stop searching it with ~search.space.optim.lr"
+    )
+    assert not (tmp_path / "study" / "trials").exists()
 
 
 # --- The entry point: real trials -------------------------------------------------------------------

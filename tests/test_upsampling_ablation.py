@@ -1,6 +1,7 @@
 """The upsampling ablation (scripts/upsampling_ablation.py): the table's arithmetic, and one
 tiny end-to-end run of two decoders."""
 
+import json
 import math
 
 import pytest
@@ -60,6 +61,7 @@ def test_the_ablation_trains_scores_and_tabulates_every_variant(shapes_root, tmp
     overrides = [
         *tiny_train_overrides(shapes_root),
         "model.width=4",
+        "eval=half",  # scored as each run validated: at half resolution, logits resized back
         "ablation.variants=[learned,interpolate]",
         "ablation.seeds=[0]",
         'ablation.train_overrides=["trainer.epochs=1","logger=none"]',
@@ -69,7 +71,25 @@ def test_the_ablation_trains_scores_and_tabulates_every_variant(shapes_root, tmp
     assert [r["upsampling"] for r in rows] == ["learned", "interpolate"]
     for row in rows:
         assert 0 <= row["boundary_miou"] <= 1 and 0 <= row["miou"] <= 1 and row["minutes"] > 0
-        assert (tmp_path / f"{row['upsampling']}-seed0" / "checkpoints" / "best.pt").is_file()
+        run_dir = tmp_path / f"{row['upsampling']}-seed0"
+        assert (run_dir / "checkpoints" / "best.pt").is_file()
+        assert row["miou"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["miou"], abs=1e-6)
     assert rows[0]["drift_final"] >= 0 and math.isnan(rows[1]["drift_final"])
     assert {"runs.csv", "summary.csv", "summary.md"} <= {p.name for p in tmp_path.iterdir()}
     assert "| `interpolate` | 1 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_checkpoint_is_scored_as_its_run_validated(trained_run, shapes_root, monkeypatch):
+    import fcn.bench.upsampling_ablation as ablation
+    from tests.conftest import compose_config
+
+    seen = []
+    real = ablation.evaluate
+    monkeypatch.setattr(ablation, "evaluate", lambda *a, **kw: seen.append(kw["infer"]) or real(*a, **kw))
+    cfg = compose_config("train", [*tiny_train_overrides(shapes_root), "eval=half"])
+    scored = ablation.score_checkpoint(trained_run / "checkpoints" / "best.pt", cfg, boundary_px=3)
+    assert seen[0].keywords["scales"] == [0.5] and not seen[0].keywords["hflip"]  # eval=half, as in training
+    assert 0 <= scored["miou"] <= 1
+    plain = compose_config("train", tiny_train_overrides(shapes_root))
+    ablation.score_checkpoint(trained_run / "checkpoints" / "best.pt", plain, boundary_px=3)
+    assert seen[1] is None  # the default eval: one plain forward pass at full size

@@ -44,6 +44,7 @@ from fcn.cli.suggest import suggest_keys
 from fcn.data.build import build_dataset
 from fcn.data.loader import make_loader
 from fcn.engine import Settings, evaluate
+from fcn.inference import inference_fn
 from fcn.metrics import boundary_confusion, scores
 from fcn.models import BilinearUpsample
 from fcn.train import train
@@ -65,7 +66,8 @@ def run_overrides(train_overrides: list[str], task_overrides: list[str], upsampl
 
 
 def score_checkpoint(path: Path, cfg: DictConfig, boundary_px: int) -> dict:
-    """Val mIoU, boundary mIoU and kernel drift of the checkpoint at ``path`` (on the CPU, eval mode)."""
+    """Val mIoU, boundary mIoU and kernel drift of the checkpoint at ``path`` (on the CPU, eval mode),
+    inferred as the run validated (``cfg.eval``: e.g. half resolution with the logits resized back)."""
     data = cfg.data
     model, _ = load_model(path)
     val_set = build_dataset(data, data.val_split, None)
@@ -78,7 +80,8 @@ def score_checkpoint(path: Path, cfg: DictConfig, boundary_px: int) -> dict:
         boundary += boundary_confusion(preds, masks, data.num_classes, data.ignore_index, boundary_px)
 
     with torch.no_grad():
-        result = evaluate(model, loader, settings, on_batch=count_boundary, desc=None)
+        infer = inference_fn(cfg.eval, data.num_classes)
+        result = evaluate(model, loader, settings, infer=infer, on_batch=count_boundary, desc=None)
     drift = {n: m.drift() for n, m in model.named_modules() if isinstance(m, BilinearUpsample)}
     two_x = [d for n, d in drift.items() if n != "up_final"]
     return {

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
 from fcn.errors import UserError, write_error
 
@@ -40,9 +40,16 @@ def exit_on_user_error(task: Callable) -> Callable:
             # an error of the OS on a write (full disk, ulimit -f, read-only...): one line too, naming
             # the run directory when the error names no file
             cause = _user_error_in_chain(exc) or write_error(exc, fallback_dir=_run_dir())
-            if cause is None:
+            deleted = _deleted_key(exc) if cause is None else None
+            if cause is None and deleted is None:
                 raise
-            if isinstance(cause, MissingMandatoryValue):
+            if deleted is not None:
+                key, removed = deleted
+                message = (
+                    f"error: setting {key} is needed, but the override ~{removed} removed it: drop ~{removed} "
+                    f"(to change the value, give {removed}=VALUE)"
+                )
+            elif isinstance(cause, MissingMandatoryValue):
                 key = cause.full_key
                 message = f"error: setting {key} has no value: pass {key}=VALUE on the command line"
             else:
@@ -142,6 +149,25 @@ def _user_error_in_chain(exc: BaseException) -> BaseException | None:
         if isinstance(exc, (UserError, MissingMandatoryValue)):
             return exc
         seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _deleted_key(exc: BaseException) -> tuple[str, str] | None:
+    """(key read, key deleted) when ``exc`` (or its cause) is a read of a key that a ``~KEY``
+    override of the command removed (``~optim``, ``~data.root``); None otherwise (a bug)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    removed = [o[1:].split("=", 1)[0] for o in HydraConfig.get().overrides.task if o.startswith("~")]
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        key = getattr(exc, "full_key", None) if isinstance(exc, (ConfigAttributeError, ConfigKeyError)) else None
+        for gone in removed:
+            if key and (key == gone or key.startswith(f"{gone}.") or gone.startswith(f"{key}.")):
+                return key, gone
         exc = exc.__cause__ or exc.__context__
     return None
 

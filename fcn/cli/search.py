@@ -59,6 +59,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     validate_train_config(base)  # a bad training value ends here, before any trial
     space = OmegaConf.to_container(cfg.search.space, resolve=True)
     groups = {key: _group_options(key) for key in search.space_leaves(space or {}) if "." not in key}
+    _refuse_fixed_and_searched(overrides, search.space_leaves(space or {}))
     settings = search.SearchSettings(
         name=cfg.search.name,
         dir=Path(cfg.search.dir),
@@ -82,10 +83,22 @@ def hydra_main(cfg: DictConfig) -> float | None:
             log.warning("%s: the trial is recorded as failed and runs again first. Continue with:\n  %s", exc, command)
             multirun.hand_over_to_submitit(exc.signum)  # under submitit: requeued, then continues the study
             sys.exit(128 + exc.signum)
-    _, text = search.write_summary(study, settings)
+    summary, text = search.write_summary(study, settings)
     print(text)
+    search.check_some_finished(study, summary)  # every trial failed: exit 2, not a "best" of nothing
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     return study.best_value if complete else None
+
+
+def _refuse_fixed_and_searched(overrides: list[str], leaves: dict) -> None:
+    """A key both given on the command line and sampled would leave each trial two values for it."""
+    for item in overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key in leaves:
+            raise UserError(
+                f"{key} is both given on the command line ({item}) and searched (search.space.{key}): "
+                f"drop {item}, or stop searching it with ~search.space.{key}"
+            )
 
 
 def train_trial(overrides: list[str], run_dir: Path, on_validation: Callable[[int, dict], None], stop) -> dict:
