@@ -80,7 +80,8 @@ def render() -> str:
         "[Configuration](../configuration.md).",
         "",
     ]
-    files = sorted(CONFIGS.rglob("*.yaml"), key=lambda p: (p.parent != CONFIGS, str(p.relative_to(CONFIGS))))
+    # by folder, then file: a group's options stay together before its subfolders (data, then data/base)
+    files = sorted(CONFIGS.rglob("*.yaml"), key=lambda p: (p.parent != CONFIGS, str(p.parent), p.name))
     group = None
     for path in files:
         rel = path.relative_to(CONFIGS)

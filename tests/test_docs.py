@@ -21,6 +21,8 @@ def test_configuration_reference_is_up_to_date_with_configs():
     ref = _config_reference()
     page = ref.PAGE.read_text(encoding="utf-8")
     assert page == ref.render(), "out of date: run python scripts/config_reference.py"
+    groups = [line for line in page.splitlines() if line.startswith("## ")]
+    assert len(groups) == len(set(groups)), "a group's section is split (one heading per group)"
 
 
 def test_configuration_reference_lists_every_key_with_its_default_and_comment(tmp_path):
