@@ -101,6 +101,11 @@ def train(
     config["trainer"]["channels_last"] = channels_last  # checkpoints store what ran, not "auto"
     crop = build.pair(data.crop_size)
 
+    # --- Model first: missing pretrained weights or a bad init_from end the run before a data scan.
+    model = build_model(cfg.model, device, channels_last)
+    if cfg.init_from:
+        init_weights(model, Path(cfg.init_from), config["model"])
+
     # --- Data: files on disk through albumentations; uint8 until normalised on the device. Rank 0
     # goes first: it generates the built-in dataset and fills the scan cache, the others reuse them.
     with distributed.rank_zero_first():
@@ -157,10 +162,7 @@ def train(
             shape.steps_per_epoch,
         )
 
-    # --- Model, optimiser, schedule, loss.
-    model = build_model(cfg.model, device, channels_last)
-    if cfg.init_from:
-        init_weights(model, Path(cfg.init_from), config["model"])
+    # --- Optimiser, schedule, loss.
     summary = model_summary(model, crop, device)
     log.info(
         "model %s-fcn%s: %.2fM parameters (%.2fM trainable, %.2fM frozen), %.2f GFLOPs/image forward at %s, device %s",

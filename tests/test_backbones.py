@@ -181,6 +181,18 @@ def test_pretrained_through_the_cli_offline_is_one_line_and_exit_2(tmp_path, mon
     assert "resnet18-f37072fd.pth" in err and "Traceback" not in err
 
 
+def test_a_training_run_without_the_weights_ends_before_reading_any_data(tmp_path, monkeypatch):
+    from fcn.train import train
+    from tests.conftest import compose_config
+
+    _hub_in(tmp_path, monkeypatch)
+    _block_network(monkeypatch)
+    cfg = compose_config("train", ["model=resnet18_fcn8s", "model.pretrained=true", f"data.root={tmp_path / 'none'}"])
+    with pytest.raises(Exception, match="resnet18 ImageNet weights"):  # not "dataset root not found"
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "none").exists()  # the built-in dataset was not generated first
+
+
 def test_fixed_width_backbones_name_the_setting_and_the_config():
     with pytest.raises(UserError, match=r"model.width=16.*model=resnet18_fcn8s"):
         FCN(num_classes=3, backbone="resnet18", width=16)
