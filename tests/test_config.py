@@ -263,3 +263,12 @@ def test_train_script_with_a_mistyped_key_exits_2_with_did_you_mean(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last == "error: no key 'trainer.epoch' in the train config; did you mean trainer.epochs?"
     assert not (tmp_path / "outputs").exists()  # nothing left behind
+
+
+def test_camvid_long_is_the_camvid_recipe_on_three_times_its_schedule():
+    recipe = OmegaConf.to_container(compose_config("train", ["experiment=camvid"]), resolve=True)
+    long = OmegaConf.to_container(compose_config("train", ["experiment=camvid_long"]), resolve=True)
+    assert long["trainer"].pop("epochs") == 3 * recipe["trainer"].pop("epochs") == 360
+    assert long["trainer"].pop("val_every") == 4
+    recipe["trainer"].pop("val_every")
+    assert long == recipe  # model, data, resolution, augmentation, loss and optimiser unchanged
