@@ -108,15 +108,15 @@ def _pair_setting(value, key: str) -> list[int] | None:
 
 
 def eval_config(checkpoint_config: dict, cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """How to infer: as the run validated (its ``eval`` settings, e.g. half resolution) unless
-    ``eval=...`` or ``eval.*`` is given on the command line."""
-    if any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "eval" for o in overrides):
-        return cfg.eval
+    """How to infer: as the run validated (its ``eval`` settings, e.g. half resolution), with each
+    ``eval.KEY=VALUE`` of the command line on top; ``eval=NAME`` replaces them all (configs/eval/)."""
+    named = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
     trained = checkpoint_config.get("eval")
-    if not trained:
+    if "eval" in named or not trained:
         return cfg.eval
+    told = {n.split(".")[1] for n in named if n.startswith("eval.")}
     keys = ("window", "stride", "scales", "hflip")
-    return OmegaConf.merge(cfg.eval, {k: trained[k] for k in keys if k in trained})
+    return OmegaConf.merge(cfg.eval, {k: trained[k] for k in keys if k in trained and k not in told})
 
 
 def inference_fn(eval_cfg: DictConfig, num_classes: int) -> Callable | None:

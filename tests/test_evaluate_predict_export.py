@@ -85,6 +85,13 @@ def test_evaluation_infers_as_the_run_validated_unless_told_otherwise(trained_ru
     assert run_evaluation(cfg, tmp_path / "as_trained", overrides=[])["eval"]["scales"] == [0.5]
     cfg = compose_config("evaluate", [f"checkpoint={half}", "num_workers=0", "eval.scales=[1.0]"])
     assert run_evaluation(cfg, tmp_path / "told", overrides=["eval.scales=[1.0]"])["eval"]["scales"] == [1.0]
+    # one key on the command line changes that key only: flips added, still at the run's half resolution
+    cfg = compose_config("evaluate", [f"checkpoint={half}", "num_workers=0", "eval.hflip=true"])
+    report = run_evaluation(cfg, tmp_path / "flip", overrides=["eval.hflip=true"])["eval"]
+    assert (report["scales"], report["hflip"]) == ([0.5], True)
+    # a group choice replaces the run's settings: eval=tta's scales, not the run's
+    cfg = compose_config("evaluate", [f"checkpoint={half}", "num_workers=0", "eval=tta"])
+    assert run_evaluation(cfg, tmp_path / "tta", overrides=["eval=tta"])["eval"]["scales"] == [0.75, 1.0, 1.25]
 
 
 def _images(folder: Path) -> None:
