@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -21,6 +22,20 @@ start_process()  # the test session is a process as the entry points are (OpenMP
 os.environ["FCN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fcn-test-cache-")
 
 TINY_SHAPES = {"num_train": 12, "num_val": 5, "size": 48, "seed": 3}
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """An entry point run in-process (Hydra's job logging) leaves handlers on the root logger bound
+    to that test's captured stderr; the next test's logs would hit the closed stream. Put them back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
