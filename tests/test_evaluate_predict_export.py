@@ -94,6 +94,23 @@ def test_evaluation_infers_as_the_run_validated_unless_told_otherwise(trained_ru
     assert run_evaluation(cfg, tmp_path / "tta", overrides=["eval=tta"])["eval"]["scales"] == [0.75, 1.0, 1.25]
 
 
+@pytest.mark.parametrize(
+    "told, window, stride",
+    [
+        (["eval.window=[32,32]"], [32, 32], None),  # a new window: its own default stride, not the run's 48
+        (["eval.window=null"], None, None),  # windows off: the run's stride goes with them
+        (["eval.stride=[16,16]"], None, [16, 16]),  # told alone, as given (inference_fn says it needs a window)
+        (["eval.hflip=true"], [64, 64], [48, 48]),  # another key: the run's pair kept
+    ],
+)
+def test_eval_window_and_stride_are_one_setting_over_the_run(told, window, stride):
+    from fcn.inference import eval_config
+
+    saved = {"eval": {"window": [64, 64], "stride": [48, 48], "scales": [1.0], "hflip": False}}
+    merged = eval_config(saved, compose_config("evaluate", told), told)
+    assert (merged.window, merged.stride) == (window, stride)
+
+
 def _images(folder: Path) -> None:
     folder.mkdir()
     rng = np.random.default_rng(0)

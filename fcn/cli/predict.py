@@ -74,7 +74,8 @@ def read_oriented(path: Path, apply_exif: bool) -> np.ndarray:
 def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Predict every input; returns the images written and the ``(file, reason)`` of those skipped.
 
-    Inference follows the checkpoint's own ``eval`` settings unless ``overrides`` set ``eval``."""
+    Inference follows the checkpoint's own ``eval`` settings with ``overrides`` on top
+    (:func:`fcn.inference.eval_config`)."""
     validate_eval_config(cfg)  # values checked before any checkpoint or image is read
     if cfg.checkpoint is None:
         raise UserError("no checkpoint given: pass checkpoint=PATH (predict never runs with random weights)")
