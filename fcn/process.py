@@ -46,6 +46,8 @@ def launch(name: str) -> None:
     if name != "train" and asks_for_info(sys.argv[1:]):  # fcn.cli.train loads torch only once a run starts
         answer(name)
     else:
+        # every config built on configs/train.yaml names its run directory with ${fcn.claim_dir:...}
+        importlib.import_module("fcn.cli.hydra_run_dir")
         importlib.import_module(ENTRY_POINTS[name]).main()
 
 

@@ -141,6 +141,31 @@ def test_a_refused_setting_exits_2_in_one_line_and_leaves_no_pinned_run_director
     assert not run_dir.exists() and not run_dir.parent.exists()
 
 
+BUILT_ON_TRAIN = sorted(
+    p.stem for p in Path(CONFIG_DIR).glob("*.yaml") if p.stem != "train" and "\n  - train\n" in p.read_text()
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUILT_ON_TRAIN)
+def test_every_entry_point_built_on_train_names_its_default_run_directory(tmp_path, name):
+    # configs/train.yaml's hydra.run.dir is ${fcn.claim_dir:...}: each entry point must know the resolver
+    # (one with no pinned directory once ended in an omegaconf traceback, exit 1)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / f"{name}.py"), "trainer.epochs=2.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["error: trainer.epochs=2.5: must be a whole number >= 1"]
+    # the refused command writes nothing (a search's study directory, ${now:...}, may stay, empty)
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    if name != "search":
+        assert not (tmp_path / "outputs").exists()  # the claimed run directory is removed again
+
+
 @pytest.mark.slow
 def test_a_refused_setting_keeps_a_pinned_directory_that_existed_before(tmp_path):
     run_dir = tmp_path / "mine"
