@@ -198,7 +198,7 @@ def train(
     scheduler = instantiate(cfg.sched)(optimizer, total_steps=shape.total_steps)
     if (too_long := warmup_warning(cfg.sched.get("warmup_steps"), shape.total_steps)) and main_rank:
         log.warning("%s", too_long)
-    loss_fn = instantiate(build.with_class_weights(cfg.loss, data, reports.get(data.train_split)))
+    loss_fn = build.build_loss(cfg.loss, data, reports.get(data.train_split))
     # An exponential moving average of the weights (and batch-norm statistics), when asked: it is what
     # validates and what best.pt holds; last.pt also keeps the trained weights, to resume from.
     ema_decay = trainer.get("ema_decay")  # in (0, 1) or null: fcn/cli/settings.py

@@ -322,6 +322,7 @@ def test_model_table_measures_each_row_with_the_same_overrides(shapes_root, tmp_
         "table.warmup=1",
         "table.min_seconds=0",
         "table.flops_size=[64,64]",
+        "loss.class_weights=auto",  # computed from the scan, as training does
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         rows = run_table(compose("model_table", overrides), tmp_path, overrides)

@@ -44,6 +44,8 @@ def test_benchmark_reports_every_figure_and_writes_json(shapes_root, tmp_path):
         "bench.window=[32,32]",
         "bench.stride=[24,24]",
         "bench.bare=true",
+        "loss=ce_dice",
+        "loss.losses.0.class_weights=auto",  # computed from the scan, as training does
     ]
     result = run_benchmark(compose_config("benchmark", overrides), tmp_path)
     assert FIELDS <= set(result)

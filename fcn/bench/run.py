@@ -41,7 +41,7 @@ from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
-from fcn.data.build import build_dataset, data_layout, loaders, mask_decoder, pair, prepare_data_root
+from fcn.data.build import build_dataset, build_loss, data_layout, loaders, mask_decoder, pair, prepare_data_root
 from fcn.data.transforms import normalize
 from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
 from fcn.inference import inference_fn
@@ -73,7 +73,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     amp_dtype = resolve_precision(trainer.precision, device)
     net = maybe_compile(model, trainer.compile, trainer.batch_size, pair(data.crop_size), trainer.channels_last)
     optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
-    loss_fn = instantiate(cfg.loss)
+    loss_fn = build_loss(cfg.loss, data)  # class_weights: auto as training computes them
     common = {
         "device": device,
         "mean": data.mean,

@@ -37,7 +37,7 @@ from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
-from fcn.data.build import build_dataset, loaders, prepare_data_root
+from fcn.data.build import build_dataset, build_loss, loaders, prepare_data_root
 from fcn.device import resolve_channels_last, resolve_device, resolve_precision
 from fcn.errors import UserError
 from fcn.optim import build_optimizer
@@ -56,14 +56,13 @@ def row_overrides(task_overrides: list[str], model: str, variant: str) -> list[s
     return [*keep, f"model={model}", f"model.variant={variant}", "model.pretrained=false"]
 
 
-def measure_row(cfg: DictConfig, batches: list, flops_size: tuple[int, int], timing: dict) -> dict:
+def measure_row(cfg: DictConfig, loss_fn, batches: list, flops_size: tuple[int, int], timing: dict) -> dict:
     """Parameters, forward GFLOPs at ``flops_size`` and training images/s of the model ``cfg`` describes."""
     device = resolve_device(cfg.trainer.device, cfg.trainer.threads)
     trainer, data = cfg.trainer, cfg.data
     channels_last = resolve_channels_last(trainer.channels_last, cfg.model.backbone, device)
     model = build_model(cfg.model, device, channels_last)
     optimizer = build_optimizer(instantiate(cfg.optim), model, trainer.decoder_lr_mult)
-    loss_fn = instantiate(cfg.loss)
     common = {
         "batch_size": trainer.batch_size,
         "device": device,
@@ -126,6 +125,7 @@ def run_table(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]) -
     held = list(islice(iter(loader), 2))
     batches = [held[i % len(held)] for i in range(max(table.warmup, 1))]
     crop = list(held[0][0].shape[-2:])
+    loss_fn = build_loss(cfg.loss, data)  # every row trains with the same loss (class_weights: auto resolved)
     rows: list[dict] = []
     for model_option in table.models:
         for variant in table.variants:
@@ -136,7 +136,7 @@ def run_table(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]) -
                 "model": model_option,
                 "backbone": row_cfg.model.backbone,
                 "variant": variant,
-                **measure_row(row_cfg, batches, flops_size, timing),
+                **measure_row(row_cfg, loss_fn, batches, flops_size, timing),
             }
             if table.train:
                 log.info("%s: training for the mIoU column", name)

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
@@ -137,6 +137,14 @@ def with_class_weights(loss_cfg: DictConfig, data: DictConfig, train_report: Spl
                 f"loss.class_weights={weights}: give auto or one weight per class ({data.num_classes} for {data.name})"
             )
     return loss_cfg
+
+
+def build_loss(loss_cfg: DictConfig, data: DictConfig, train_report: SplitReport | None = None):
+    """The loss module of ``loss_cfg`` as training builds it (:func:`with_class_weights`); without
+    ``train_report``, the train split's scan (cached) provides it when ``data.scan`` is on."""
+    if train_report is None:
+        train_report = next(iter(scan_data(data, [data.train_split])), None)
+    return instantiate(with_class_weights(loss_cfg, data, train_report))
 
 
 def pair(size: int | list | tuple) -> tuple[int, int]:
