@@ -109,15 +109,16 @@ def _pair_setting(value, key: str) -> list[int] | None:
 
 def eval_config(checkpoint_config: dict, cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """How to infer: as the run validated (its ``eval`` settings, e.g. half resolution), with each
-    ``eval.KEY=VALUE`` of the command line on top (``eval.window`` or ``eval.stride`` sets both: the
-    other one comes from the command line, not the run); ``eval=NAME`` replaces them all (configs/eval/)."""
+    ``eval.KEY=VALUE`` of the command line on top (a new ``eval.window`` takes the command line's
+    ``eval.stride``, not the run's; a new stride alone keeps the run's window); ``eval=NAME`` replaces
+    them all (configs/eval/)."""
     named = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
     trained = checkpoint_config.get("eval")
     if "eval" in named or not trained:
         return cfg.eval
     told = {n.split(".")[1] for n in named if n.startswith("eval.")}
-    if told & {"window", "stride"}:  # a pair: a new window gets its own (default) stride, not the run's
-        told |= {"window", "stride"}
+    if "window" in told:  # a new window gets its own stride (default: two thirds of it), not the run's
+        told.add("stride")
     keys = ("window", "stride", "scales", "hflip")
     return OmegaConf.merge(cfg.eval, {k: trained[k] for k in keys if k in trained and k not in told})
 

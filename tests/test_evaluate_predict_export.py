@@ -99,11 +99,11 @@ def test_evaluation_infers_as_the_run_validated_unless_told_otherwise(trained_ru
     [
         (["eval.window=[32,32]"], [32, 32], None),  # a new window: its own default stride, not the run's 48
         (["eval.window=null"], None, None),  # windows off: the run's stride goes with them
-        (["eval.stride=[16,16]"], None, [16, 16]),  # told alone, as given (inference_fn says it needs a window)
+        (["eval.stride=[16,16]"], [64, 64], [16, 16]),  # a new stride over the run's window
         (["eval.hflip=true"], [64, 64], [48, 48]),  # another key: the run's pair kept
     ],
 )
-def test_eval_window_and_stride_are_one_setting_over_the_run(told, window, stride):
+def test_a_new_eval_window_takes_its_own_stride_not_the_runs(told, window, stride):
     from fcn.inference import eval_config
 
     saved = {"eval": {"window": [64, 64], "stride": [48, 48], "scales": [1.0], "hflip": False}}
