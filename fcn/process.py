@@ -41,13 +41,13 @@ def launch(name: str) -> None:
     ``--help``, ``--cfg job`` and Hydra's other information flags are answered from the config
     alone (:mod:`fcn.cli.info`), before the entry point's module imports torch."""
     start_process()
+    from fcn.cli import hydra_run_dir  # ${fcn.claim_dir:...}, the run directory of every config built on train
     from fcn.cli.info import answer, asks_for_info
 
     if name != "train" and asks_for_info(sys.argv[1:]):  # fcn.cli.train loads torch only once a run starts
-        answer(name)
+        with hydra_run_dir.print_only():  # names the run directory without making it
+            answer(name)
     else:
-        # every config built on configs/train.yaml names its run directory with ${fcn.claim_dir:...}
-        importlib.import_module("fcn.cli.hydra_run_dir")
         importlib.import_module(ENTRY_POINTS[name]).main()
 
 

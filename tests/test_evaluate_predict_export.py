@@ -94,6 +94,22 @@ def test_evaluation_infers_as_the_run_validated_unless_told_otherwise(trained_ru
     assert run_evaluation(cfg, tmp_path / "tta", overrides=["eval=tta"])["eval"]["scales"] == [0.75, 1.0, 1.25]
 
 
+def test_a_new_eval_stride_alone_slides_the_runs_window(trained_run, tmp_path):
+    import torch
+
+    ckpt = load_checkpoint(_best(trained_run))
+    ckpt["config"]["eval"] = {**ckpt["config"]["eval"], "window": [32, 32], "stride": [24, 24]}
+    windowed = tmp_path / "windowed.pt"
+    torch.save(ckpt, windowed)
+    told = ["eval.stride=[16,16]"]
+    report = run_evaluation(compose_config("evaluate", [f"checkpoint={windowed}", *told]), tmp_path / "a", told)
+    assert (report["eval"]["window"], report["eval"]["stride"]) == ([32, 32], [16, 16])
+    told = ["eval.stride=[40,40]"]  # larger than the run's window: one line, before any image is read
+    with pytest.raises(UserError, match=r"eval.stride=\[40, 40\] is larger than eval.window=\[32, 32\]"):
+        run_evaluation(compose_config("evaluate", [f"checkpoint={windowed}", *told]), tmp_path / "b", told)
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize(
     "told, window, stride",
     [

@@ -151,15 +151,18 @@ BUILT_ON_TRAIN = sorted(
 def test_every_entry_point_built_on_train_names_its_default_run_directory(tmp_path, name):
     # configs/train.yaml's hydra.run.dir is ${fcn.claim_dir:...}: each entry point must know the resolver
     # (one with no pinned directory once ended in an omegaconf traceback, exit 1)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / f"{name}.py"), "trainer.epochs=2.5"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == ["error: trainer.epochs=2.5: must be a whole number >= 1"]
+    from fcn.process import ENTRY_POINTS
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    for command in ([str(REPO / "scripts" / f"{name}.py")], ["-m", ENTRY_POINTS[name]]):
+        result = run(*command, "trainer.epochs=2.5")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == ["error: trainer.epochs=2.5: must be a whole number >= 1"]
+    if name != "search":  # search's hydra.run.dir is ${search.dir}, outside what --cfg hydra shows
+        shown = run(str(REPO / "scripts" / f"{name}.py"), "--cfg", "hydra", "--resolve")
+        assert shown.returncode == 0 and "dir: outputs/" in shown.stdout, shown.stderr
     # the refused command writes nothing (a search's study directory, ${now:...}, may stay, empty)
     assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
     if name != "search":

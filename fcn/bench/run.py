@@ -235,4 +235,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fcn.process import launch
+
+    launch("benchmark")  # python -m: as scripts/benchmark.py

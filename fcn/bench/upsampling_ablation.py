@@ -225,4 +225,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fcn.process import launch
+
+    launch("upsampling_ablation")  # python -m: as scripts/upsampling_ablation.py

@@ -69,6 +69,8 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
             f"has {data.num_classes}; evaluate on the dataset it was trained for"
         )
     class_names, palette = ckpt["class_names"], ckpt["palette"]
+    eval_cfg = eval_config(ckpt["config"], cfg, overrides)
+    infer = inference_fn(eval_cfg, data.num_classes)  # the run's settings with the command line's, checked
 
     check_classes(data.num_classes, list(data.class_names), data.get("palette"), data.ignore_index)
     prepare_data_root(data)
@@ -89,7 +91,6 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
     # Images of different sizes are scored one at a time: no padding reaches the model.
     batch_size = cfg.batch_size if not reports or reports[0].uniform_size else 1
     loader = make_loader(dataset, batch_size=batch_size, num_workers=cfg.num_workers, ignore_index=data.ignore_index)
-    eval_cfg = eval_config(ckpt["config"], cfg, overrides)
     log.info("evaluating %s on %s/%s (%d images) on %s", cfg.checkpoint, data.name, data.split, len(dataset), device)
     worst = WorstImages(eval_cfg.worst_images if cfg.tensorboard else 0, data.num_classes, data.ignore_index)
     writer = None
@@ -113,7 +114,7 @@ def run_evaluation(cfg: DictConfig, out_dir: str | Path, overrides: list[str]) -
             channels_last=cfg.channels_last,
             amp_dtype=resolve_precision(cfg.precision, device),
         ),
-        infer=inference_fn(eval_cfg, data.num_classes),
+        infer=infer,
         on_batch=on_batch,
         desc=data.split,
     )

@@ -170,4 +170,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fcn.process import launch
+
+    launch("model_table")  # python -m: as scripts/model_table.py

@@ -75,7 +75,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     if "data" in cfg:
         check_max_image_pixels(cfg.data.get("max_image_pixels"))
     if "eval" in cfg:
-        check_eval(cfg.eval)
+        check_eval(cfg.eval, window_here=False)  # the window may come from the checkpoint's run
     if "batch_size" in cfg and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
         raise UserError(f"batch_size={_show(cfg.batch_size)}: must be a whole number of images, at least 1")
 
@@ -217,16 +217,18 @@ def check_loss(loss: dict, key: str, num_classes: int) -> None:
                 raise UserError(f"{path}.weights has {len(node['weights'])} values for {len(node['losses'])} losses")
 
 
-def check_eval(eval_cfg: Any) -> None:
-    """Sliding windows and strides of positive sides, stride no larger than the window, positive scales."""
+def check_eval(eval_cfg: Any, window_here: bool = True) -> None:
+    """Sliding windows and strides of positive sides, stride no larger than the window, positive scales.
+    ``window_here=False``: a stride without a window may take the checkpoint's run's window
+    (evaluate/predict; :func:`fcn.inference.inference_fn` checks the merged settings)."""
     window, stride = eval_cfg.get("window"), eval_cfg.get("stride")
     if window is not None:
         window = check_crop(_plain(window), "eval.window")
     if stride is not None:
         stride = check_crop(_plain(stride), "eval.stride")
-        if window is None:
+        if window is None and window_here:
             raise UserError("eval.stride needs eval.window")
-        if stride[0] > window[0] or stride[1] > window[1]:
+        if window is not None and (stride[0] > window[0] or stride[1] > window[1]):
             raise UserError(
                 f"eval.stride={list(stride)} is larger than eval.window={list(window)}: pixels between "
                 "windows would never be predicted"
