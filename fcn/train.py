@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fcn import distributed
-from fcn.checkpoint import check_architecture, save_checkpoint
+from fcn.checkpoint import save_checkpoint
 from fcn.cli.console import log_config_changes, run_name
 from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
 from fcn.data import build
@@ -40,18 +40,10 @@ from fcn.metrics import format_table, scores
 from fcn.optim import build_optimizer
 from fcn.progress import RunClock, epoch_description, format_duration, validations_left
 from fcn.report import to_json
-from fcn.resume import (
-    METRIC_KEYS,
-    TrainState,
-    agreed_resume_checkpoint,
-    check_same_run_shape,
-    init_weights,
-    plan_epochs,
-    restore_training_state,
-)
+from fcn.resume import METRIC_KEYS, TrainState, init_weights, plan_epochs, resume_training
 from fcn.rng import capture_rng_state, seed_everything
 from fcn.run_logging import best_scores, log_run_start, log_validation, sample_grid
-from fcn.rundir import check_resume_config, refuse_fresh_start
+from fcn.rundir import refuse_fresh_start
 from fcn.signals import GracefulStop, TrainingInterrupted
 from fcn.summary import model_summary
 from fcn.throughput import ThroughputWatch
@@ -214,30 +206,18 @@ def train(
     state = TrainState()
     if world > 1:  # the model is built (alike everywhere): from here on each rank draws its own dropout masks
         seed_everything(cfg.seed + rank)
-    resumed = agreed_resume_checkpoint(cfg.resume, out_dir / "checkpoints")
-    if resumed is not None:
-        saved, source = resumed
-        check_architecture(saved["config"]["model"], config["model"], source)
-        check_same_run_shape(saved["progress"], dataclasses.asdict(shape), source)
-        # Every other changed key: refused if it changes what is learned, else applied and listed.
-        if applied := check_resume_config(saved["config"], config, source):
-            log.warning(
-                "resuming %s with changed settings that do not change what is learned: %s", source, "; ".join(applied)
-            )
-        state = TrainState.from_progress(restore_training_state(saved, model, optimizer, scheduler, scaler, rank))
-        if ema is not None and saved.get("ema") is not None:
-            ema.load_state_dict(saved["ema"])  # else it starts from the resumed weights
-        log.info("resumed from %s at epoch %d, batch %d, step %d", source, state.epoch, state.epoch_batches, state.step)
-        if state.step >= shape.total_steps:  # nothing left to train: say so rather than look like a run
-            log.warning(
-                "%s is a finished run (step %d of %d, trainer.epochs=%d): nothing to train; its best checkpoint's "
-                "scores follow. To train on, start a new run from it with init_from=%s",
-                source,
-                state.step,
-                shape.total_steps,
-                trainer.epochs,
-                source,
-            )
+    resumed = resume_training(
+        cfg.resume,
+        out_dir,
+        config,
+        shape,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        ema=ema,
+    )
+    state = resumed or state
     # After the resume: DistributedDataParallel starts every rank from rank 0's weights and buffers.
     train_net = distributed.wrap(net, device)
 
