@@ -32,14 +32,16 @@ from torch.optim.swa_utils import AveragedModel
 from fcn import distributed, rundir
 from fcn.checkpoint import check_architecture, check_writable, load_checkpoint, load_resumable
 from fcn.errors import UserError
+from fcn.metrics import METRICS
 from fcn.overrides import override
 from fcn.rng import restore_rng_state
 from fcn.state_dict import match_keys, mismatch
 
 log = logging.getLogger(__name__)
 
-# The validation scores kept for the best checkpoint (and reported at the end).
-METRIC_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou", "per_class_iou")
+# The validation scores kept for the best checkpoint (and reported at the end): every score of the
+# metrics table, and the per-class IoU.
+METRIC_KEYS = (*METRICS, "per_class_iou")
 
 
 @dataclass

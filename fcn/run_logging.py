@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from fcn.data.loader import pad_collate
+from fcn.metrics import METRICS
 from fcn.summary import decoder_drift, decoder_kernels
 from fcn.visualize import comparison_grid, confusion_image
 
@@ -18,7 +19,8 @@ from fcn.visualize import comparison_grid, confusion_image
 # "val"; everything else is in a group that sorts after them: the run's best scores (one point,
 # the HPARAMS tab's columns), per-class scores, diagnostics, evaluate's one-point scores
 # (fcn/cli/evaluate.py). In "val" the loss and mIoU are the first two cards ("loss" < "mIoU" <
-# "mean_acc" < "pixel_acc" < "samples" < "weighted_IoU", the frequency-weighted IoU).
+# "mean_acc" < "mean_dice" < "pixel_acc" < "samples" < "weighted_IoU", the frequency-weighted IoU;
+# the score tags are fcn.metrics.METRICS').
 BEST_GROUP = "val_best"  # the HPARAMS tab's columns: their tags sort val mIoU first
 PER_CLASS_GROUP = "val_per_class"
 EVAL_GROUP = "z_eval"  # "z_": an evaluation is one point per checkpoint; it sorts after the curves
@@ -47,10 +49,8 @@ def log_validation(logger, step: int, metrics: dict, confusion: torch.Tensor, cl
     if not logger.enabled:
         return  # nobody looks: skip drawing the confusion picture and kernels
     logger.log_scalar("val/loss", metrics["val_loss"], step)
-    logger.log_scalar("val/mIoU", metrics["miou"], step)
-    logger.log_scalar("val/pixel_acc", metrics["pixel_acc"], step)
-    logger.log_scalar("val/mean_acc", metrics["mean_acc"], step)
-    logger.log_scalar("val/weighted_IoU", metrics["fwiou"], step)  # frequency-weighted: sorts after mIoU
+    for key, metric in METRICS.items():  # val/mIoU, val/mean_dice, val/pixel_acc, ...
+        logger.log_scalar(f"val/{metric.tag}", metrics[key], step)
     for name, iou in metrics["per_class_iou"].items():
         if iou is not None:
             logger.log_scalar(f"{PER_CLASS_GROUP}/IoU/{name}", iou, step)
