@@ -1,7 +1,6 @@
 """The warning, during training, that a stretch of steps ran far slower than this run's best, with
 what was measured and the fix."""
 
-
 from fcn.throughput import ThroughputWatch
 
 
