@@ -494,13 +494,13 @@ def validate(run: Run, step: int) -> dict:
 def keep_best(run: Run, state: TrainState, metrics: dict) -> TrainState:
     """``state`` after a validation: a better val mIoU becomes the best (saved as ``best.pt``, its
     scores recorded); else one more validation without improvement."""
-    if state.best is not None and metrics["miou"] <= state.best["miou"]:
-        return dataclasses.replace(state, stale=state.stale + 1)
-    best = {k: metrics[k] for k in METRIC_KEYS}
-    best |= {"epoch": state.epoch, "step": state.step, "checkpoint": str(run.best_pt)}
-    state = dataclasses.replace(state, best=best, stale=0)
-    save(run, run.best_pt, state, metrics)
-    return state
+    if state.best is None or metrics["miou"] > state.best["miou"]:
+        best = {k: metrics[k] for k in METRIC_KEYS}
+        best |= {"epoch": state.epoch, "step": state.step, "checkpoint": str(run.best_pt)}
+        state = dataclasses.replace(state, best=best, stale=0)
+        save(run, run.best_pt, state, metrics)
+        return state
+    return dataclasses.replace(state, stale=state.stale + 1)
 
 
 def save(run: Run, path: Path, state: TrainState, metrics: dict | None = None) -> None:
