@@ -1,6 +1,6 @@
 """The training entry point's run directory, on the Hydra side: claimed exclusively, never
 overwritten, resumed where it is, removed again when a command fails before writing anything
-of value. The rules themselves (plain arguments, no Hydra) are in :mod:`fcn.rundir`.
+of value. The rules themselves (plain arguments, no Hydra) are in :mod:`fcn.rundir` and :mod:`fcn.resume`.
 
 - ``${fcn.claim_dir:PATH}`` (configs/train.yaml, ``hydra.run.dir``) makes the default run
   directory with an atomic ``mkdir`` before Hydra writes into it (:func:`claim_run_dir`).
