@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -393,8 +393,8 @@ def run_epoch(
         run.settings,
         step=state.step,
         max_steps=(shape.batches_per_epoch - state.epoch_batches) // shape.accumulate_grad_batches,
-        on_step=functools.partial(after_step, run, state, stop),
-        bar=Bar(epoch_description(epoch, epochs), functools.partial(_eta, clock, to_validate=to_validate))
+        on_step=partial(after_step, run, state, stop),
+        bar=Bar(epoch_description(epoch, epochs), partial(_eta, clock, to_validate=to_validate))
         if distributed.is_main()
         else None,
     )
@@ -475,19 +475,9 @@ def validate(run: Run, step: int) -> dict:
     log_validation(run.logger, step, metrics, evaluation.confusion, class_names, run.model)
     if len(run.sample_indices):
         s = run.settings
-        to_input = functools.partial(
-            to_model_input, device=s.device, mean=s.mean, std=s.std, channels_last=s.channels_last
-        )
-        grid = sample_grid(
-            run.eval_net,
-            run.val_loader.dataset,
-            run.sample_indices,
-            run.info["palette"],
-            s.ignore_index,
-            to_input,
-            s.amp_dtype,
-        )
-        run.logger.log_image("val/samples", grid, step)
+        to_input = partial(to_model_input, device=s.device, mean=s.mean, std=s.std, channels_last=s.channels_last)
+        samples = (run.val_loader.dataset, run.sample_indices, run.info["palette"], s.ignore_index)
+        run.logger.log_image("val/samples", sample_grid(run.eval_net, *samples, to_input, s.amp_dtype), step)
     return metrics
 
 
