@@ -128,11 +128,7 @@ def train_one_epoch(
     """
     device, mean, std, channels_last = settings.device, settings.mean, settings.std, settings.channels_last
     amp_dtype, scaler, accumulate = settings.amp_dtype, settings.scaler, settings.accumulate
-    grad_clip_norm, grad_norm_every, skip_nonfinite = (
-        settings.grad_clip_norm,
-        settings.grad_norm_every,
-        settings.skip_nonfinite,
-    )
+    grad_clip_norm, grad_norm_every = settings.grad_clip_norm, settings.grad_norm_every
     model.train()
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel only
     total, count, batches, steps, bad_in_a_row, first_bad = 0.0, 0, 0, 0, 0, 0
@@ -153,7 +149,7 @@ def train_one_epoch(
         if first:
             optimizer.zero_grad(set_to_none=True)
             window = torch.zeros((), device=device)  # the step's loss, summed on the device
-            buffers = snapshot_buffers(model) if skip_nonfinite else None  # a skipped step leaves no trace
+            buffers = snapshot_buffers(model) if settings.skip_nonfinite else None  # a skipped step leaves no trace
         images = to_model_input(images, device, mean, std, channels_last)
         masks = masks.to(device, non_blocking=True)
         # no gradient all-reduce until the window's last batch: one per optimisation step
@@ -186,11 +182,7 @@ def train_one_epoch(
                 scaler.update()  # unscale_ found the infs: the scale goes down, and the next unscale_ may run
         if finite:
             bad_in_a_row = 0
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            _optimizer_step(optimizer, scaler)
             total += window_loss
             count += 1
             extra = postfix(step) if postfix is not None and bar.disable is not True else {}
@@ -199,11 +191,13 @@ def train_one_epoch(
             restore_buffers(buffers)  # batch norm's running statistics as before the bad batch
             bad_in_a_row += 1
             first_bad = step if bad_in_a_row == 1 else first_bad
-            if bad_in_a_row > skip_nonfinite:
+            if bad_in_a_row > settings.skip_nonfinite:
                 raise NonFiniteLossError(step, bad_value, bad_in_a_row, what, first_bad)
             skipped = "batch" if accumulate == 1 else f"step ({accumulate} batches)"
             bad = f"loss {bad_value}" if what == "loss" else f"gradients non-finite (norm {bad_value}, loss finite)"
-            log.warning("%s at step %d: %s skipped (%d/%d in a row)", bad, step, skipped, bad_in_a_row, skip_nonfinite)
+            log.warning(
+                "%s at step %d: %s skipped (%d/%d in a row)", bad, step, skipped, bad_in_a_row, settings.skip_nonfinite
+            )
         scheduler.step()
         # after the scheduler: a checkpoint written by on_step holds the state of the next step;
         # called every step, also the epoch's last, so a stop is seen after the same step on every rank
@@ -211,6 +205,15 @@ def train_one_epoch(
         if stop or (max_steps is not None and steps >= max_steps):
             break
     return EpochResult(step=step, loss=total / max(1, count), batches=batches)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Update the weights; with a float16 ``scaler``, through it (it skips a step whose gradients overflowed)."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 @dataclass

@@ -1,15 +1,21 @@
-"""Segmentation metrics from a confusion matrix: the four FCN scores and per-class IoU.
+"""Segmentation metrics from a confusion matrix: the four FCN scores, mean Dice and per-class scores.
 
 The confusion matrix is built on the device with one ``torch.bincount`` per batch (rows are
 ground truth, columns are predictions); everything else is a few lines on that matrix, using
 the formulas of the original FCN ``score.py``. :func:`boundary_confusion` restricts the matrix
 to a band around the true class boundaries (the "trimap" score), where upsampling matters.
+
+:data:`METRICS` (one score per run) and :data:`PER_CLASS` (one score per class) are the one table
+of scores: :func:`scores`, the printed tables, a training run's validation log (TensorBoard
+``val/<tag>``), its ``metrics.json`` and best checkpoint's record (:data:`fcn.resume.METRIC_KEYS`),
+and evaluate's report all read them. A new confusion-matrix metric is one entry here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,48 +79,89 @@ def boundary_confusion(
     return confusion_matrix(pred, torch.where(band, target, ignore_index), num_classes, ignore_index)
 
 
+# Each function takes the confusion matrix as float64 counts (rows: ground truth, columns:
+# predictions). 0/0 gives nan: a score with nothing to score (left out of the means, as ``nanmean``
+# does in FCN's ``score.py``).
+
+
+def _iou(hist: torch.Tensor) -> torch.Tensor:
+    tp = hist.diag()
+    return tp / (hist.sum(1) + hist.sum(0) - tp)
+
+
+def _dice(hist: torch.Tensor) -> torch.Tensor:
+    return 2 * hist.diag() / (hist.sum(1) + hist.sum(0))
+
+
+def _recall(hist: torch.Tensor) -> torch.Tensor:
+    return hist.diag() / hist.sum(1)
+
+
+def _precision(hist: torch.Tensor) -> torch.Tensor:
+    return hist.diag() / hist.sum(0)
+
+
+def _pixel_acc(hist: torch.Tensor) -> float:
+    total = hist.sum()
+    return float(hist.diag().sum() / total) if total > 0 else math.nan
+
+
+def _fwiou(hist: torch.Tensor) -> float:
+    total, gt = hist.sum(), hist.sum(1)
+    freq = gt / total if total > 0 else gt
+    seen = freq > 0
+    return float((freq[seen] * _iou(hist)[seen]).sum())
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One score of a confusion matrix: ``fn(hist) -> float`` in [0, 1] (nan: nothing to score),
+    its TensorBoard tag (``val/<tag>`` in training, ``z_eval/<tag>`` in evaluate) and its label
+    in the printed tables (shown in percent)."""
+
+    tag: str
+    label: str
+    fn: Callable[[torch.Tensor], float]
+
+
+#: The scores of a run, in the order the tables print them; key -> :class:`Metric`.
+METRICS: dict[str, Metric] = {
+    "miou": Metric("mIoU", "mean IoU", lambda hist: float(_iou(hist).nanmean())),
+    "mean_dice": Metric("mean_dice", "mean Dice", lambda hist: float(_dice(hist).nanmean())),
+    "pixel_acc": Metric("pixel_acc", "pixel acc", _pixel_acc),
+    "mean_acc": Metric("mean_acc", "mean acc", lambda hist: float(_recall(hist).nanmean())),
+    "fwiou": Metric("weighted_IoU", "fw IoU", _fwiou),  # frequency-weighted: its tag sorts after mIoU
+}
+
+#: The scores of each class: key -> (column label, ``fn(hist)`` -> one value per class).
+PER_CLASS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "per_class_iou": ("IoU", _iou),
+    "per_class_dice": ("Dice", _dice),
+    "per_class_precision": ("Prec", _precision),
+    "per_class_recall": ("Recall", _recall),
+}
+
+
 def scores(confusion: torch.Tensor, class_names: Sequence[str] | None = None) -> dict:
     """The scores of a confusion matrix, as plain Python floats in [0, 1].
 
-    Returns the four FCN scores (``pixel_acc``, ``mean_acc``, ``miou``, ``fwiou``, with the
-    formulas of FCN's ``score.py``), ``mean_dice``, and per class (class name -> value)
-    ``per_class_iou``, ``per_class_dice``, ``per_class_precision``, ``per_class_recall``.
+    Returns every score of :data:`METRICS` (``miou``, ``mean_dice``, ``pixel_acc``, ``mean_acc``,
+    ``fwiou``: the four FCN scores with the formulas of FCN's ``score.py``, and mean Dice), and per
+    class (class name -> value) every score of :data:`PER_CLASS` (``per_class_iou``,
+    ``per_class_dice``, ``per_class_precision``, ``per_class_recall``).
     A score whose denominator is zero is ``None`` (n/a) and is left out of the means, as
     ``nanmean`` does in ``score.py``: a class absent from both ground truth and prediction has no
     IoU or Dice, one never predicted has no precision, one absent from the ground truth no recall.
     ``absent_classes`` lists the classes absent from both.
     """
     hist = confusion.double().cpu()
-    num_classes = hist.shape[0]
-    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-    total = hist.sum()
-    tp = hist.diag()
-    gt = hist.sum(1)
-    predicted = hist.sum(0)
-    union = gt + predicted - tp
-    # 0/0 gives nan: exactly the "not defined" cases described above
-    iou = tp / union
-    dice = 2 * tp / (gt + predicted)
-    recall = tp / gt
-    precision = tp / predicted
-    freq = gt / total if total > 0 else gt
-    seen = freq > 0
-
-    def per_class(values: torch.Tensor) -> dict[str, float | None]:
-        return {name: (None if math.isnan(v) else float(v)) for name, v in zip(names, values.tolist())}
-
-    return {
-        "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
-        "mean_acc": float(recall.nanmean()),
-        "miou": float(iou.nanmean()),
-        "fwiou": float((freq[seen] * iou[seen]).sum()),
-        "mean_dice": float(dice.nanmean()),
-        "per_class_iou": per_class(iou),
-        "per_class_dice": per_class(dice),
-        "per_class_precision": per_class(precision),
-        "per_class_recall": per_class(recall),
-        "absent_classes": [name for name, u in zip(names, union.tolist()) if u == 0],
-    }
+    names = list(class_names) if class_names is not None else [str(i) for i in range(hist.shape[0])]
+    out: dict = {key: metric.fn(hist) for key, metric in METRICS.items()}
+    for key, (_, fn) in PER_CLASS.items():
+        out[key] = {name: (None if math.isnan(v) else float(v)) for name, v in zip(names, fn(hist).tolist())}
+    union = hist.sum(1) + hist.sum(0) - hist.diag()
+    out["absent_classes"] = [name for name, u in zip(names, union.tolist()) if u == 0]
+    return out
 
 
 def format_table(metrics: dict) -> str:
@@ -123,16 +170,7 @@ def format_table(metrics: dict) -> str:
     Scores are printed in percent and labelled so (``IoU (%)``); ``metrics`` holds fractions 0-1,
     as ``metrics.json`` and TensorBoard do.
     """
-    columns = [
-        (k, f"{label} (%)")
-        for k, label in (
-            ("per_class_iou", "IoU"),
-            ("per_class_dice", "Dice"),
-            ("per_class_precision", "Prec"),
-            ("per_class_recall", "Recall"),
-        )
-        if k in metrics
-    ]
+    columns = [(k, f"{label} (%)") for k, (label, _) in PER_CLASS.items() if k in metrics]
     names = list(metrics["per_class_iou"])
     width = max(16, *(len(n) + 1 for n in names))
     column = max(len(label) for _, label in columns) + 2
@@ -146,16 +184,9 @@ def format_table(metrics: dict) -> str:
     for name in names:
         lines.append(f"{name:<{width}}" + "".join(cell(metrics[key][name]) for key, _ in columns))
     lines.append(rule)
-    summary = (
-        ("miou", "mean IoU (%)"),
-        ("mean_dice", "mean Dice (%)"),
-        ("pixel_acc", "pixel acc (%)"),
-        ("mean_acc", "mean acc (%)"),
-        ("fwiou", "fw IoU (%)"),
-    )
-    for key, label in summary:
+    for key, metric in METRICS.items():
         if key in metrics:
-            lines.append(f"{label:<{width}}{cell(metrics[key])}")
+            lines.append(f"{metric.label + ' (%)':<{width}}{cell(metrics[key])}")
     if any(v is None for v in metrics["per_class_iou"].values()):
         lines.append("n/a: class absent from ground truth and prediction; left out of the means")
     return "\n".join(lines)

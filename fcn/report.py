@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from fcn.errors import UserError
-from fcn.metrics import confusion_matrix, scores
+from fcn.metrics import PER_CLASS, confusion_matrix, scores
 from fcn.visualize import confusion_image, index_png, overlay
 
 
@@ -43,13 +43,10 @@ def write_metrics(out_dir: Path, metrics: dict, confusion: torch.Tensor, class_n
     (out_dir / "metrics.json").write_text(to_json(metrics))
     with open(out_dir / "per_class.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["class", "iou", "dice", "precision", "recall", "pixels"])
+        writer.writerow(["class", *(key.removeprefix("per_class_") for key in PER_CLASS), "pixels"])
         pixels = confusion.sum(1).tolist()
         for k, name in enumerate(class_names):
-            row = [
-                metrics[key][name]
-                for key in ("per_class_iou", "per_class_dice", "per_class_precision", "per_class_recall")
-            ]
+            row = [metrics[key][name] for key in PER_CLASS]
             writer.writerow([name, *("" if v is None else f"{v:.6f}" for v in row), pixels[k]])
     with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
         writer = csv.writer(f)

@@ -1,5 +1,17 @@
-"""Continuing a run: which checkpoint to resume (agreed by every rank), whether the run still has
-its shape, restoring the training state from it, and ``init_from`` (weights only).
+"""Continuing a run, owned here from the source to the restored state, and ``init_from`` (weights only).
+
+- **Which source** (:func:`resume_source`): ``resume=auto`` (this run directory's checkpoints), a
+  run directory, or a checkpoint file; :func:`find_unfinished_runs` finds the newest interrupted
+  run of the same config; :func:`resume_command` prints the command that continues a run.
+- **Which checkpoint, agreed by every rank** (:func:`agreed_resume_checkpoint`): rank 0 picks it (a
+  corrupt ``last.pt`` falls back to ``last.prev.pt``), every rank loads the same file.
+- **Which changed settings are refused** (:func:`check_resume_config`): keys that cannot change
+  what is learned (:data:`HARMLESS_KEYS`) are applied with a warning; every other key, and the
+  run's shape (:func:`check_same_run_shape`), must be unchanged.
+- **Restore** (:func:`resume_training`): weights, optimiser, schedule, scaler, EMA, random state
+  and progress. The run's best checkpoint is the ``best.pt`` beside the checkpoint resumed from
+  (``<run>/checkpoints/best.pt``), whatever path was recorded when it was saved: a moved or
+  copied run directory resumes as itself and never reads, checks or renames another run's files.
 
 Plain arguments; the messages name the settings (``resume``, ``init_from``, ``trainer.*``) a user
 changes to fix them.
@@ -9,21 +21,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from fcn import distributed, rundir
 from fcn.checkpoint import check_architecture, check_writable, load_checkpoint, load_resumable
 from fcn.errors import UserError
+from fcn.metrics import METRICS
+from fcn.overrides import override
 from fcn.rng import restore_rng_state
 from fcn.state_dict import match_keys, mismatch
 
 log = logging.getLogger(__name__)
 
-# The validation scores kept for the best checkpoint (and reported at the end).
-METRIC_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou", "per_class_iou")
+# The validation scores kept for the best checkpoint (and reported at the end): every score of the
+# metrics table, and the per-class IoU.
+METRIC_KEYS = (*METRICS, "per_class_iou")
 
 
 @dataclass
@@ -107,6 +125,235 @@ SHAPE_NAMES = {
 }
 
 
+#: Settings that cannot change what the model learns, step by step: loading speed, devices and
+#: kernels (floating-point results may differ in the last bits, as on another machine), logging,
+#: checkpoint frequency, and how validation is run and shown. A key equal to one of these, or
+#: below one (``logger`` covers ``logger.num_images``), may change on resume; it is applied and
+#: listed in a warning. Every other key (optimizer, lr, schedule, loss, model, data, crop, batch
+#: size, seed, augmentation, epochs, precision, ...) changes the run's trajectory: a resume with
+#: another value is refused. Keys absent on either side (settings added or removed since the
+#: checkpoint was written) are not compared.
+HARMLESS_KEYS = (
+    "resume",  # not even listed: it differs on every resume
+    "init_from",  # the resumed checkpoint's weights replace whatever init_from loaded
+    "logger",
+    "eval",
+    "data.root",  # the same files, moved
+    "data.scan",
+    "data.generate",  # only used when data.root does not exist yet
+    "data.split",  # the split evaluate.py scores, not one training reads
+    "data.max_image_pixels",  # a limit that refuses images, never changes one
+    "trainer.num_workers",
+    "trainer.prefetch_factor",
+    "trainer.pin_memory",
+    "trainer.persistent_workers",
+    "trainer.threads",
+    "trainer.device",
+    "trainer.channels_last",
+    "trainer.compile",
+    "trainer.deterministic",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.limit_val_batches",
+    "trainer.val_every",
+    "trainer.early_stopping_patience",
+)
+
+
+def is_harmless(key: str) -> bool:
+    """Whether dotted ``key`` (e.g. ``trainer.num_workers``) may change on resume (see :data:`HARMLESS_KEYS`)."""
+    return any(key == k or key.startswith(k + ".") for k in HARMLESS_KEYS)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are leaves (compared whole)."""
+    if not isinstance(config, dict) or (prefix and not config):
+        return {prefix: config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+@dataclass
+class ConfigChanges:
+    """Keys whose value differs between a checkpoint's config and the current one.
+
+    Each entry is a line ``key: checkpoint VALUE, now VALUE``. ``refused`` holds keys that change
+    the trajectory, ``applied`` keys that cannot (see :data:`HARMLESS_KEYS`).
+    """
+
+    refused: list[str] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+
+
+def compare_configs(saved: dict, now: dict) -> ConfigChanges:
+    """Compare two plain config dicts key by key (dotted leaves), sorted by key."""
+    old, new = flatten(saved), flatten(now)
+    changes = ConfigChanges()
+    changed = {key: (old[key], new[key]) for key in old.keys() & new.keys() if not _same(old[key], new[key])}
+    # A key on one side only is a setting added or removed by another version of the code (data.X:
+    # not compared), or an entry of a mapping-valued setting (data.label_map: null -> {1: 0}, or a
+    # label added to it): that setting is compared whole.
+    for key in old.keys() ^ new.keys():
+        parts = key.split(".")
+        for depth in range(2, len(parts)):
+            setting = ".".join(parts[:depth])
+            before, after = _value_at(saved, setting), _value_at(now, setting)
+            if before is not _MISSING and after is not _MISSING:
+                changed[setting] = (before, after)
+                break
+    for key in sorted(changed):
+        if key == "resume":
+            continue
+        line = f"{key}: checkpoint {changed[key][0]!r}, now {changed[key][1]!r}"
+        (changes.applied if is_harmless(key) else changes.refused).append(line)
+    return changes
+
+
+_MISSING = object()
+
+
+def _value_at(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return _MISSING
+        config = config[part]
+    return config
+
+
+def _same(a: Any, b: Any) -> bool:
+    # YAML and the command line may turn 1 into 1.0: the same value. True == 1 in Python: not the same setting.
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def check_resume_config(saved: dict, now: dict, source: Path) -> list[str]:
+    """Refuse a resume whose settings would change the run's trajectory.
+
+    ``saved`` is the checkpoint's stored config, ``now`` the resumed run's resolved config (both
+    plain dicts). Returns the lines of harmless changes (the caller warns with them; the new
+    values apply and later checkpoints store them). Raises :class:`UserError` with one line per
+    refused key and the two ways on: drop the overrides, or ``init_from=<checkpoint>``.
+    """
+    changes = compare_configs(saved, now)
+    if changes.refused:
+        lines = "\n  ".join(changes.refused)
+        raise UserError(
+            f"cannot resume {source} with changed settings (they change what is learned):\n  {lines}\n"
+            f"drop these overrides to continue the run as it was, or start a new run from its weights "
+            f"with init_from={source} (optimizer and schedule start fresh)"
+        )
+    return changes.applied
+
+
+def resume_source(resume: str, run_dir: Path) -> tuple[Path, str]:
+    """Where ``resume=`` points: ``(checkpoint path, how it was found)``.
+
+    ``resume``: ``auto`` (``run_dir``'s own checkpoints), a run directory, or a checkpoint file.
+    For a directory, ``checkpoints/last.pt`` is returned (the caller falls back to
+    ``last.prev.pt`` when it is corrupt); when only ``best.pt`` is left, it is returned and the
+    note says so. ``auto`` in a directory with no checkpoint returns ``run_dir/checkpoints/last.pt``
+    (which does not exist: the caller starts fresh). Raises :class:`UserError` naming
+    ``resume=`` for a path that does not exist or a directory with no checkpoint.
+    """
+    if resume == "auto":
+        directory = Path(run_dir)
+    else:
+        path = Path(resume).expanduser()
+        if not path.exists():
+            raise UserError(
+                f"resume={resume}: not found; give a checkpoint file, a run directory, or resume=auto "
+                "with hydra.run.dir=<run directory>"
+            )
+        if path.is_file():
+            return path, "the given checkpoint"
+        directory = path
+    ckpt_dir = directory / "checkpoints"
+    if not ckpt_dir.is_dir() and any((directory / n).is_file() for n in rundir.CHECKPOINT_NAMES):
+        ckpt_dir = directory  # resume=<run>/checkpoints
+    last, prev, best = (ckpt_dir / n for n in rundir.CHECKPOINT_NAMES)
+    if last.is_file() or prev.is_file():
+        return last, "last.pt"
+    if best.is_file():
+        others = [p.name for p in sorted(ckpt_dir.glob("*.pt"))]
+        return best, (
+            f"only {', '.join(others)} found in {ckpt_dir} (no last.pt): resuming from best.pt, "
+            "the epochs trained after it are trained again"
+        )
+    others = [p.name for p in sorted(ckpt_dir.glob("*.pt"))] if ckpt_dir.is_dir() else []
+    if resume != "auto" or others:  # never a fresh start over files that may be checkpoints
+        raise UserError(
+            f"resume={resume}: no resumable checkpoint in {ckpt_dir} (looked for {', '.join(rundir.CHECKPOINT_NAMES)}"
+            + (f"; found {', '.join(others)}: give one as resume=PATH" if others else "")
+            + ")"
+        )
+    return last, "nothing"
+
+
+def is_unfinished(run_dir: Path) -> bool:
+    """A run that saved a resumable checkpoint and has not written ``metrics.json`` (its end)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    has_checkpoint = any((ckpt_dir / n).is_file() for n in rundir.CHECKPOINT_NAMES)
+    return has_checkpoint and not (Path(run_dir) / "metrics.json").is_file()
+
+
+def stored_config(run_dir: Path) -> dict | None:
+    """The config stored in a run's newest checkpoint (``last.pt``, ``last.prev.pt``, ``best.pt``),
+    or None when none is readable. Memory-mapped: the tensors are not read."""
+    for name in rundir.CHECKPOINT_NAMES:
+        path = Path(run_dir) / "checkpoints" / name
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - unreadable: try the next one; resuming reports it properly
+            continue
+        if isinstance(state, dict) and isinstance(state.get("config"), dict):
+            return state["config"]
+    return None
+
+
+def find_unfinished_runs(
+    outputs_root: Path, config: dict, exclude: Path | None = None, read_config=stored_config
+) -> list[Path]:
+    """Unfinished runs (:func:`is_unfinished`) under ``outputs_root`` whose stored config matches ``config``.
+
+    ``config`` is the current run's resolved config as a plain dict; the match ignores
+    :data:`HARMLESS_KEYS`. ``read_config(run_dir)`` gives a run's config (default: the one its
+    checkpoint stores, which describes what ran; ``.hydra/config.yaml`` is rewritten by every
+    command pointed at the directory). Newest first (by the time its checkpoints were written);
+    ``exclude`` (the directory just made for this command) is skipped.
+    """
+    root = Path(outputs_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for run in root.iterdir():
+        if not run.is_dir() or (exclude is not None and run.resolve() == Path(exclude).resolve()):
+            continue
+        if not is_unfinished(run):
+            continue
+        saved = read_config(run)
+        if isinstance(saved, dict) and not compare_configs(saved, config).refused:
+            found.append(run)
+    return sorted(found, key=_last_written, reverse=True)
+
+
+def _last_written(run_dir: Path) -> float:
+    return max((p.stat().st_mtime for p in rundir.checkpoints_in(run_dir)), default=0.0)
+
+
+def resume_command(program: str, overrides: list[str], run_dir: Path) -> str:
+    """The shell command that continues the run in ``run_dir``.
+
+    ``overrides`` are the original command line's overrides; ``resume=`` and ``hydra.run.dir=``
+    among them are replaced by ``resume=auto hydra.run.dir=<run_dir>``. Each word is quoted for
+    a POSIX shell.
+    """
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir="))]
+    # the original overrides are passed back as Hydra received them; the run directory is quoted for Hydra too
+    return " ".join([program, *(shlex.quote(w) for w in [*kept, "resume=auto"]), override("hydra.run.dir", run_dir)])
+
+
 def find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, Path] | None:
     """The checkpoint ``resume=`` names, loaded: ``(state, path)``, or None to start fresh.
 
@@ -114,13 +361,13 @@ def find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> tuple[dict, Pa
     before it, or ``best.pt`` when no ``last.pt`` is left); a run directory: the same in that
     directory; a checkpoint file: exactly that file; None or empty: nothing. ``auto`` in a
     directory with no checkpoint at all (a pinned new run) starts fresh with a warning. Raises
-    :class:`UserError` naming ``resume=`` (see :func:`fcn.rundir.resume_source`).
+    :class:`UserError` naming ``resume=`` (see :func:`resume_source`).
     """
     if not resume:
         return None
     for name in rundir.CHECKPOINT_NAMES:  # before training: a save that cannot happen would lose an epoch
         check_writable(ckpt_dir / name)
-    path, how = rundir.resume_source(str(resume), ckpt_dir.parent)
+    path, how = resume_source(str(resume), ckpt_dir.parent)
     if how == "nothing":
         log.warning("resume=auto: no checkpoint in %s yet; starting fresh", ckpt_dir.resolve())
         return None
@@ -165,46 +412,87 @@ def check_same_run_shape(saved: dict, shape: dict, source: Path) -> None:
         )
 
 
-def restore_training_state(
-    state: dict,
+def resume_training(
+    resume: str | None,
+    run_dir: Path,
+    config: dict,
+    shape: RunShape,
+    *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
     scaler: torch.amp.GradScaler | None,
-    rank: int,
-) -> dict:
-    """Load a checkpoint's weights, optimiser, schedule, scaler and this rank's random state in
-    place; returns its ``progress`` dict (where training stands)."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    ema: AveragedModel | None,
+) -> TrainState | None:
+    """Continue the run ``resume=`` names into ``run_dir``: the training state, or None to start fresh.
+
+    The checkpoint is the one every rank agrees on (:func:`agreed_resume_checkpoint`); its model
+    must have this ``config``'s architecture, its run this ``shape`` (:func:`check_same_run_shape`),
+    and every other changed setting must be harmless (:func:`check_resume_config`: applied and
+    listed in a warning). Then the weights, optimiser, schedule, ``scaler``, ``ema`` and this rank's
+    random state are loaded in place, and the best checkpoint is verified where it lies now
+    (:func:`checked_best`). Raises :class:`UserError` naming what to change.
+    """
+    found = agreed_resume_checkpoint(resume, Path(run_dir) / "checkpoints")
+    if found is None:
+        return None
+    saved, source = found
+    check_architecture(saved["config"]["model"], config["model"], source)
+    check_same_run_shape(saved["progress"], dataclasses.asdict(shape), source)
+    if applied := check_resume_config(saved["config"], config, source):
+        log.warning(
+            "resuming %s with changed settings that do not change what is learned: %s", source, "; ".join(applied)
+        )
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
     # Each rank resumes its own dropout masks; a checkpoint of one process has one state for all.
-    rng_states = state.get("rng_by_rank") or [state["rng"]]
+    rng_states, rank = saved.get("rng_by_rank") or [saved["rng"]], distributed.rank()
     restore_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    return checked_best(state["progress"])
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    if ema is not None and saved.get("ema") is not None:
+        ema.load_state_dict(saved["ema"])  # else it starts from the resumed weights
+    # The best checkpoint sits beside the one resumed (a moved or copied run's own best.pt), whatever
+    # path was recorded; only one inside this run directory is ever set aside.
+    best = source.parent / "best.pt"
+    own = best.resolve().is_relative_to(Path(run_dir).resolve())
+    state = TrainState.from_progress(checked_best(saved["progress"], best, set_aside=own))
+    log.info("resumed from %s at epoch %d, batch %d, step %d", source, state.epoch, state.epoch_batches, state.step)
+    if state.step >= shape.total_steps:  # nothing left to train: say so rather than look like a run
+        log.warning(
+            "%s is a finished run (step %d of %d, trainer.epochs=%d): nothing to train; its best checkpoint's "
+            "scores follow. To train on, start a new run from it with init_from=%s",
+            source,
+            state.step,
+            shape.total_steps,
+            shape.total_steps // shape.steps_per_epoch,
+            source,
+        )
+    return state
 
 
-def checked_best(progress: dict) -> dict:
-    """``progress`` with its best checkpoint verified (digest, finite weights: :func:`load_checkpoint`).
+def checked_best(progress: dict, path: Path, set_aside: bool = True) -> dict:
+    """``progress`` with its best checkpoint verified at ``path`` (digest, finite weights: :func:`load_checkpoint`).
 
-    The best val mIoU recorded in ``last.pt`` is what later validations must beat; a damaged or
-    missing ``best.pt`` must not stay the run's result. It is renamed ``best.damaged.pt`` (kept for
-    inspection, read by nothing) and the record dropped, so the next validation writes a new
+    ``path`` is where the run's ``best.pt`` is now (the recorded path may name the directory the run
+    was copied or moved from): the record is pointed at it. The best val mIoU recorded in
+    ``last.pt`` is what later validations must beat; a damaged or missing ``best.pt`` must not stay
+    the run's result. It is renamed ``best.damaged.pt`` (kept for inspection, read by nothing; only
+    when ``set_aside``, by rank 0) and the record dropped, so the next validation writes a new
     ``best.pt``. Raises :class:`UserError` when the run has no validation left to write one.
     """
     best = progress.get("best")
     if not best or not best.get("checkpoint"):
         return progress
-    path = Path(best["checkpoint"])
+    path = Path(path)
     try:
         load_checkpoint(path, key="resume")
     except UserError as exc:
         problem = str(exc)
     else:
-        return progress
-    if path.is_file() and distributed.is_main():
+        return {**progress, "best": {**best, "checkpoint": str(path)}}
+    if set_aside and path.is_file() and distributed.is_main():
         path.replace(path.with_name(path.stem + ".damaged" + path.suffix))
     if progress.get("step", 0) >= progress.get("total_steps", float("inf")):
         raise UserError(

@@ -1,4 +1,4 @@
-"""Run directories: claiming one, refusing to overwrite one, and resuming the right one.
+"""Run directories: claiming one, locking it, refusing to overwrite one.
 
 A run directory holds one training run: ``.hydra/`` (the composed config), ``train.log``,
 ``checkpoints/`` (``last.pt``, ``last.prev.pt``, ``best.pt``), TensorBoard events and, once the
@@ -10,26 +10,18 @@ run has finished, ``metrics.json``. The rules kept here (plain arguments, no Hyd
   (:func:`acquire_lock`), so two jobs never write into one.
 - **Never overwritten.** A fresh run (no ``resume=``) refuses a directory that holds any
   checkpoint (:func:`refuse_fresh_start`).
-- **Resume resumes.** ``resume=`` takes ``auto``, a checkpoint file or a run directory
-  (:func:`resume_source`); a run directory without ``last.pt`` resumes from ``best.pt`` (it holds
-  the same optimizer, schedule and random state as the ``last.pt`` saved with it) and says so.
-  :func:`find_unfinished_runs` finds the newest interrupted run of the same config;
-  :func:`resume_command` prints the command that continues a run.
-- **Changed settings are checked** (:func:`compare_configs`): keys that cannot change what is
-  learned (:data:`HARMLESS_KEYS`) are applied with a warning; every other key must be unchanged.
 - **Failed commands leave nothing behind** (:func:`holds_results`, :func:`remove_failed_run`).
+
+Which checkpoint a resume continues, and which changed settings it refuses, is :mod:`fcn.resume`.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shlex
 import shutil
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fcn.errors import UserError, write_error
 from fcn.overrides import override
@@ -37,125 +29,6 @@ from fcn.overrides import override
 #: Files that make a run directory worth keeping.
 CHECKPOINT_NAMES = ("last.pt", "last.prev.pt", "best.pt")
 LOCK_NAME = ".run.lock"
-
-#: Settings that cannot change what the model learns, step by step: loading speed, devices and
-#: kernels (floating-point results may differ in the last bits, as on another machine), logging,
-#: checkpoint frequency, and how validation is run and shown. A key equal to one of these, or
-#: below one (``logger`` covers ``logger.num_images``), may change on resume; it is applied and
-#: listed in a warning. Every other key (optimizer, lr, schedule, loss, model, data, crop, batch
-#: size, seed, augmentation, epochs, precision, ...) changes the run's trajectory: a resume with
-#: another value is refused. Keys absent on either side (settings added or removed since the
-#: checkpoint was written) are not compared.
-HARMLESS_KEYS = (
-    "resume",  # not even listed: it differs on every resume
-    "init_from",  # the resumed checkpoint's weights replace whatever init_from loaded
-    "logger",
-    "eval",
-    "data.root",  # the same files, moved
-    "data.scan",
-    "data.generate",  # only used when data.root does not exist yet
-    "data.split",  # the split evaluate.py scores, not one training reads
-    "data.max_image_pixels",  # a limit that refuses images, never changes one
-    "trainer.num_workers",
-    "trainer.prefetch_factor",
-    "trainer.pin_memory",
-    "trainer.persistent_workers",
-    "trainer.threads",
-    "trainer.device",
-    "trainer.channels_last",
-    "trainer.compile",
-    "trainer.deterministic",
-    "trainer.checkpoint_every_n_steps",
-    "trainer.limit_val_batches",
-    "trainer.val_every",
-    "trainer.early_stopping_patience",
-)
-
-
-def is_harmless(key: str) -> bool:
-    """Whether dotted ``key`` (e.g. ``trainer.num_workers``) may change on resume (see :data:`HARMLESS_KEYS`)."""
-    return any(key == k or key.startswith(k + ".") for k in HARMLESS_KEYS)
-
-
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are leaves (compared whole)."""
-    if not isinstance(config, dict) or (prefix and not config):
-        return {prefix: config}
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-@dataclass
-class ConfigChanges:
-    """Keys whose value differs between a checkpoint's config and the current one.
-
-    Each entry is a line ``key: checkpoint VALUE, now VALUE``. ``refused`` holds keys that change
-    the trajectory, ``applied`` keys that cannot (see :data:`HARMLESS_KEYS`).
-    """
-
-    refused: list[str] = field(default_factory=list)
-    applied: list[str] = field(default_factory=list)
-
-
-def compare_configs(saved: dict, now: dict) -> ConfigChanges:
-    """Compare two plain config dicts key by key (dotted leaves), sorted by key."""
-    old, new = flatten(saved), flatten(now)
-    changes = ConfigChanges()
-    changed = {key: (old[key], new[key]) for key in old.keys() & new.keys() if not _same(old[key], new[key])}
-    # A key on one side only is a setting added or removed by another version of the code (data.X:
-    # not compared), or an entry of a mapping-valued setting (data.label_map: null -> {1: 0}, or a
-    # label added to it): that setting is compared whole.
-    for key in old.keys() ^ new.keys():
-        parts = key.split(".")
-        for depth in range(2, len(parts)):
-            setting = ".".join(parts[:depth])
-            before, after = _value_at(saved, setting), _value_at(now, setting)
-            if before is not _MISSING and after is not _MISSING:
-                changed[setting] = (before, after)
-                break
-    for key in sorted(changed):
-        if key == "resume":
-            continue
-        line = f"{key}: checkpoint {changed[key][0]!r}, now {changed[key][1]!r}"
-        (changes.applied if is_harmless(key) else changes.refused).append(line)
-    return changes
-
-
-_MISSING = object()
-
-
-def _value_at(config: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(config, dict) or part not in config:
-            return _MISSING
-        config = config[part]
-    return config
-
-
-def _same(a: Any, b: Any) -> bool:
-    # YAML and the command line may turn 1 into 1.0: the same value. True == 1 in Python: not the same setting.
-    return a == b and isinstance(a, bool) == isinstance(b, bool)
-
-
-def check_resume_config(saved: dict, now: dict, source: Path) -> list[str]:
-    """Refuse a resume whose settings would change the run's trajectory.
-
-    ``saved`` is the checkpoint's stored config, ``now`` the resumed run's resolved config (both
-    plain dicts). Returns the lines of harmless changes (the caller warns with them; the new
-    values apply and later checkpoints store them). Raises :class:`UserError` with one line per
-    refused key and the two ways on: drop the overrides, or ``init_from=<checkpoint>``.
-    """
-    changes = compare_configs(saved, now)
-    if changes.refused:
-        lines = "\n  ".join(changes.refused)
-        raise UserError(
-            f"cannot resume {source} with changed settings (they change what is learned):\n  {lines}\n"
-            f"drop these overrides to continue the run as it was, or start a new run from its weights "
-            f"with init_from={source} (optimizer and schedule start fresh)"
-        )
-    return changes.applied
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
@@ -177,117 +50,6 @@ def refuse_fresh_start(run_dir: Path) -> None:
             f"a fresh run would overwrite them: continue it with resume=auto {override('hydra.run.dir', run_dir)}, "
             "or choose another directory (hydra.run.dir=...)"
         )
-
-
-def resume_source(resume: str, run_dir: Path) -> tuple[Path, str]:
-    """Where ``resume=`` points: ``(checkpoint path, how it was found)``.
-
-    ``resume``: ``auto`` (``run_dir``'s own checkpoints), a run directory, or a checkpoint file.
-    For a directory, ``checkpoints/last.pt`` is returned (the caller falls back to
-    ``last.prev.pt`` when it is corrupt); when only ``best.pt`` is left, it is returned and the
-    note says so. ``auto`` in a directory with no checkpoint returns ``run_dir/checkpoints/last.pt``
-    (which does not exist: the caller starts fresh). Raises :class:`UserError` naming
-    ``resume=`` for a path that does not exist or a directory with no checkpoint.
-    """
-    if resume == "auto":
-        directory = Path(run_dir)
-    else:
-        path = Path(resume).expanduser()
-        if not path.exists():
-            raise UserError(
-                f"resume={resume}: not found; give a checkpoint file, a run directory, or resume=auto "
-                "with hydra.run.dir=<run directory>"
-            )
-        if path.is_file():
-            return path, "the given checkpoint"
-        directory = path
-    ckpt_dir = directory / "checkpoints"
-    if not ckpt_dir.is_dir() and any((directory / n).is_file() for n in CHECKPOINT_NAMES):
-        ckpt_dir = directory  # resume=<run>/checkpoints
-    last, prev, best = (ckpt_dir / n for n in CHECKPOINT_NAMES)
-    if last.is_file() or prev.is_file():
-        return last, "last.pt"
-    if best.is_file():
-        others = [p.name for p in sorted(ckpt_dir.glob("*.pt"))]
-        return best, (
-            f"only {', '.join(others)} found in {ckpt_dir} (no last.pt): resuming from best.pt, "
-            "the epochs trained after it are trained again"
-        )
-    others = [p.name for p in sorted(ckpt_dir.glob("*.pt"))] if ckpt_dir.is_dir() else []
-    if resume != "auto" or others:  # never a fresh start over files that may be checkpoints
-        raise UserError(
-            f"resume={resume}: no resumable checkpoint in {ckpt_dir} (looked for {', '.join(CHECKPOINT_NAMES)}"
-            + (f"; found {', '.join(others)}: give one as resume=PATH" if others else "")
-            + ")"
-        )
-    return last, "nothing"
-
-
-def is_unfinished(run_dir: Path) -> bool:
-    """A run that saved a resumable checkpoint and has not written ``metrics.json`` (its end)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    has_checkpoint = any((ckpt_dir / n).is_file() for n in CHECKPOINT_NAMES)
-    return has_checkpoint and not (Path(run_dir) / "metrics.json").is_file()
-
-
-def stored_config(run_dir: Path) -> dict | None:
-    """The config stored in a run's newest checkpoint (``last.pt``, ``last.prev.pt``, ``best.pt``),
-    or None when none is readable. Memory-mapped: the tensors are not read."""
-    import torch
-
-    for name in CHECKPOINT_NAMES:
-        path = Path(run_dir) / "checkpoints" / name
-        if not path.is_file():
-            continue
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - unreadable: try the next one; resuming reports it properly
-            continue
-        if isinstance(state, dict) and isinstance(state.get("config"), dict):
-            return state["config"]
-    return None
-
-
-def find_unfinished_runs(
-    outputs_root: Path, config: dict, exclude: Path | None = None, read_config=stored_config
-) -> list[Path]:
-    """Unfinished runs (:func:`is_unfinished`) under ``outputs_root`` whose stored config matches ``config``.
-
-    ``config`` is the current run's resolved config as a plain dict; the match ignores
-    :data:`HARMLESS_KEYS`. ``read_config(run_dir)`` gives a run's config (default: the one its
-    checkpoint stores, which describes what ran; ``.hydra/config.yaml`` is rewritten by every
-    command pointed at the directory). Newest first (by the time its checkpoints were written);
-    ``exclude`` (the directory just made for this command) is skipped.
-    """
-    root = Path(outputs_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for run in root.iterdir():
-        if not run.is_dir() or (exclude is not None and run.resolve() == Path(exclude).resolve()):
-            continue
-        if not is_unfinished(run):
-            continue
-        saved = read_config(run)
-        if isinstance(saved, dict) and not compare_configs(saved, config).refused:
-            found.append(run)
-    return sorted(found, key=_last_written, reverse=True)
-
-
-def _last_written(run_dir: Path) -> float:
-    return max((p.stat().st_mtime for p in checkpoints_in(run_dir)), default=0.0)
-
-
-def resume_command(program: str, overrides: list[str], run_dir: Path) -> str:
-    """The shell command that continues the run in ``run_dir``.
-
-    ``overrides`` are the original command line's overrides; ``resume=`` and ``hydra.run.dir=``
-    among them are replaced by ``resume=auto hydra.run.dir=<run_dir>``. Each word is quoted for
-    a POSIX shell.
-    """
-    kept = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir="))]
-    # the original overrides are passed back as Hydra received them; the run directory is quoted for Hydra too
-    return " ".join([program, *(shlex.quote(w) for w in [*kept, "resume=auto"]), override("hydra.run.dir", run_dir)])
 
 
 def claim_run_dir(path: str | Path, attempts: int = 1000) -> Path:

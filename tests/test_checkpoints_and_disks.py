@@ -58,7 +58,7 @@ def test_damaged_best_checkpoint_of_an_unfinished_run_is_set_aside(tmp_path, cap
     best = _small_checkpoint(tmp_path / "best.pt")
     _flip(best, _tensor_offset(best) + 3, 0x40)
     progress = {"step": 3, "total_steps": 6, "stale": 2, "best": {"miou": 0.9, "checkpoint": str(best)}}
-    checked = checked_best(progress)
+    checked = checked_best(progress, best)
     assert checked["best"] is None and checked["stale"] == 0
     assert not best.exists() and (tmp_path / "best.damaged.pt").is_file()
 
@@ -66,9 +66,9 @@ def test_damaged_best_checkpoint_of_an_unfinished_run_is_set_aside(tmp_path, cap
 def test_missing_or_intact_best_checkpoint_on_resume(tmp_path):
     best = _small_checkpoint(tmp_path / "best.pt")
     progress = {"step": 3, "total_steps": 6, "best": {"miou": 0.5, "checkpoint": str(best)}}
-    assert checked_best(progress) == progress  # intact: trusted as it is
+    assert checked_best(progress, best) == progress  # intact: trusted as it is
     best.unlink()
-    assert checked_best(progress)["best"] is None  # gone: not reported as the run's result
+    assert checked_best(progress, best)["best"] is None  # gone: not reported as the run's result
 
 
 def test_damaged_best_checkpoint_of_a_finished_run_is_one_line_naming_last_pt(tmp_path):
@@ -76,7 +76,7 @@ def test_damaged_best_checkpoint_of_a_finished_run_is_one_line_naming_last_pt(tm
     _flip(best, _tensor_offset(best) + 3, 0x40)
     progress = {"step": 6, "total_steps": 6, "best": {"miou": 0.9, "checkpoint": str(best)}}
     with pytest.raises(UserError, match=r"corrupt or truncated.*finished.*last\.pt") as caught:
-        checked_best(progress)
+        checked_best(progress, best)
     assert "\n" not in str(caught.value)
 
 

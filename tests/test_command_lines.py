@@ -11,7 +11,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from fcn.overrides import hydra_value, override, unreadable_override_hint
-from fcn.rundir import resume_command
+from fcn.resume import resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ODD_PATHS = [

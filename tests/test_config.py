@@ -214,7 +214,7 @@ def test_train_with_a_correct_key_still_composes(monkeypatch, capsys):
 
 
 def test_the_config_changes_name_each_override_and_what_it_changed():
-    from fcn.cli.console import config_changes
+    from fcn.run_logging import config_changes
 
     changes = config_changes(compose_config("train", ["trainer.epochs=3", "model=fcn16s"]), compose_config("train", []))
     assert "trainer.epochs: 12 -> 3" in changes
@@ -227,7 +227,7 @@ def test_a_run_from_the_command_line_logs_its_overrides_and_where_its_full_confi
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from fcn.cli.console import log_config_changes, run_name
+    from fcn.run_logging import log_config_changes, run_name
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["trainer.epochs=3", "hydra.run.dir=x"], return_hydra_config=True)
@@ -237,7 +237,7 @@ def test_a_run_from_the_command_line_logs_its_overrides_and_where_its_full_confi
         HydraConfig.instance().set_config(cfg)
         try:
             assert run_name() == "trainer.epochs=3"  # hydra.* overrides say where, not what: left out
-            with caplog.at_level("INFO", logger="fcn.cli.console"):
+            with caplog.at_level("INFO", logger="fcn.run_logging"):
                 log_config_changes(cfg)
         finally:
             HydraConfig.instance().cfg = None

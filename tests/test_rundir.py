@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcn import rundir
+from fcn import resume, rundir
 from fcn.errors import UserError
 from tests.conftest import StopAtStep, compose_config, tiny_train_overrides
 
@@ -68,9 +68,9 @@ def _fake_checkpoint(path: Path, config: dict) -> Path:
 )
 def test_resume_refuses_every_setting_that_changes_the_trajectory_naming_both_values(key, value, tmp_path):
     source = tmp_path / "last.pt"
-    old = rundir.flatten(CONFIG)[key]
+    old = resume.flatten(CONFIG)[key]
     with pytest.raises(UserError) as info:
-        rundir.check_resume_config(CONFIG, _with(CONFIG, **{key: value}), source)
+        resume.check_resume_config(CONFIG, _with(CONFIG, **{key: value}), source)
     message = str(info.value)
     assert f"{key}: checkpoint {old!r}, now {value!r}" in message.splitlines()[1].strip()
     assert f"init_from={source}" in message and "drop these overrides" in message
@@ -79,7 +79,7 @@ def test_resume_refuses_every_setting_that_changes_the_trajectory_naming_both_va
 def test_resume_refusal_lists_one_line_per_changed_key():
     now = _with(CONFIG, **{"optim.lr": 0.5, "seed": 7, "trainer.num_workers": 2})
     with pytest.raises(UserError) as info:
-        rundir.check_resume_config(CONFIG, now, Path("x.pt"))
+        resume.check_resume_config(CONFIG, now, Path("x.pt"))
     lines = [line.strip() for line in str(info.value).splitlines()]
     assert lines[1:3] == ["optim.lr: checkpoint 0.01, now 0.5", "seed: checkpoint 0, now 7"]
     assert not any("num_workers" in line for line in lines)  # harmless keys are not refused
@@ -96,7 +96,7 @@ def test_resume_applies_settings_that_cannot_change_the_result_and_lists_them():
             "resume": "auto",
         },
     )
-    applied = rundir.check_resume_config(CONFIG, now, Path("x.pt"))
+    applied = resume.check_resume_config(CONFIG, now, Path("x.pt"))
     assert applied == [
         "data.root: checkpoint 'data/shapes', now '/moved'",
         "logger.log_every_n_steps: checkpoint 10, now 1",
@@ -106,22 +106,22 @@ def test_resume_applies_settings_that_cannot_change_the_result_and_lists_them():
 
 
 def test_unknown_keys_are_refused_by_default_and_keys_missing_on_one_side_are_not_compared():
-    assert not rundir.is_harmless("trainer.precision") and not rundir.is_harmless("model.width")
-    assert rundir.is_harmless("logger.num_images") and rundir.is_harmless("eval.scales")
-    assert not rundir.is_harmless("loggers.x")  # a prefix must end at a dot
+    assert not resume.is_harmless("trainer.precision") and not resume.is_harmless("model.width")
+    assert resume.is_harmless("logger.num_images") and resume.is_harmless("eval.scales")
+    assert not resume.is_harmless("loggers.x")  # a prefix must end at a dot
     now = _with(CONFIG, **{"trainer.new_setting": 1})
-    assert rundir.compare_configs(CONFIG, now).refused == []
-    assert rundir.compare_configs(CONFIG, _with(CONFIG, **{"optim.lr": 0.01000})).refused == []
-    assert rundir.compare_configs({"a": 1}, {"a": 1.0}).refused == []
-    assert rundir.compare_configs({"a": True}, {"a": 1}).refused == ["a: checkpoint True, now 1"]
+    assert resume.compare_configs(CONFIG, now).refused == []
+    assert resume.compare_configs(CONFIG, _with(CONFIG, **{"optim.lr": 0.01000})).refused == []
+    assert resume.compare_configs({"a": 1}, {"a": 1.0}).refused == []
+    assert resume.compare_configs({"a": True}, {"a": 1}).refused == ["a: checkpoint True, now 1"]
 
 
 def test_settings_added_since_the_rules_were_written_are_placed_deliberately():
     # data.max_image_pixels only refuses images; data.split is evaluate's split; sync_bn changes the statistics
-    assert rundir.is_harmless("data.max_image_pixels") and rundir.is_harmless("data.split")
-    assert not rundir.is_harmless("trainer.sync_bn") and not rundir.is_harmless("data.reduce_zero_label")
+    assert resume.is_harmless("data.max_image_pixels") and resume.is_harmless("data.split")
+    assert not resume.is_harmless("trainer.sync_bn") and not resume.is_harmless("data.reduce_zero_label")
     now = _with(CONFIG, **{"data.max_image_pixels": None})
-    assert rundir.check_resume_config(_with(CONFIG, **{"data.max_image_pixels": 89478485}), now, Path("x.pt")) == [
+    assert resume.check_resume_config(_with(CONFIG, **{"data.max_image_pixels": 89478485}), now, Path("x.pt")) == [
         "data.max_image_pixels: checkpoint 89478485, now None"
     ]
 
@@ -149,36 +149,36 @@ def test_a_fresh_run_accepts_a_new_or_empty_directory(tmp_path):
 
 def test_resume_accepts_a_run_directory_its_checkpoints_folder_or_a_file(tmp_path):
     last = _fake_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", CONFIG)
-    assert rundir.resume_source(str(tmp_path / "run"), tmp_path / "elsewhere") == (last, "last.pt")
-    assert rundir.resume_source(str(tmp_path / "run" / "checkpoints"), tmp_path / "elsewhere") == (last, "last.pt")
-    assert rundir.resume_source(str(last), tmp_path / "elsewhere") == (last, "the given checkpoint")
-    assert rundir.resume_source("auto", tmp_path / "run") == (last, "last.pt")
+    assert resume.resume_source(str(tmp_path / "run"), tmp_path / "elsewhere") == (last, "last.pt")
+    assert resume.resume_source(str(tmp_path / "run" / "checkpoints"), tmp_path / "elsewhere") == (last, "last.pt")
+    assert resume.resume_source(str(last), tmp_path / "elsewhere") == (last, "the given checkpoint")
+    assert resume.resume_source("auto", tmp_path / "run") == (last, "last.pt")
 
 
 def test_resume_of_a_missing_path_names_the_resume_key(tmp_path):
     with pytest.raises(UserError, match=r"^resume=/no/such/run: not found; give a checkpoint file, a run directory"):
-        rundir.resume_source("/no/such/run", tmp_path)
+        resume.resume_source("/no/such/run", tmp_path)
 
 
 def test_resume_of_a_directory_without_checkpoints_is_refused(tmp_path):
     with pytest.raises(UserError, match=f"resume={tmp_path}: no resumable checkpoint in {tmp_path}"):
-        rundir.resume_source(str(tmp_path), tmp_path)
+        resume.resume_source(str(tmp_path), tmp_path)
 
 
 def test_resume_auto_in_a_directory_with_only_best_pt_resumes_from_it_and_says_so(tmp_path):
     best = _fake_checkpoint(tmp_path / "checkpoints" / "best.pt", CONFIG)
-    path, how = rundir.resume_source("auto", tmp_path)
+    path, how = resume.resume_source("auto", tmp_path)
     assert path == best and "only best.pt found" in how and "no last.pt" in how
 
 
 def test_resume_auto_never_starts_fresh_over_unknown_checkpoint_files(tmp_path):
     _fake_checkpoint(tmp_path / "checkpoints" / "epoch3.pt", CONFIG)
     with pytest.raises(UserError, match="found epoch3.pt: give one as resume=PATH"):
-        rundir.resume_source("auto", tmp_path)
+        resume.resume_source("auto", tmp_path)
 
 
 def test_resume_auto_in_an_empty_pinned_directory_starts_fresh(tmp_path):
-    assert rundir.resume_source("auto", tmp_path) == (tmp_path / "checkpoints" / "last.pt", "nothing")
+    assert resume.resume_source("auto", tmp_path) == (tmp_path / "checkpoints" / "last.pt", "nothing")
 
 
 # ---- finding the run to resume, and the command that resumes it
@@ -193,21 +193,21 @@ def test_find_unfinished_runs_returns_the_newest_run_of_the_same_config(tmp_path
     (tmp_path / "empty").mkdir()
     os.utime(old, (time.time() - 100, time.time() - 100))
     now = _with(CONFIG, **{"trainer.num_workers": 3, "resume": "auto"})  # harmless differences still match
-    found = rundir.find_unfinished_runs(tmp_path, now, exclude=tmp_path / "empty")
+    found = resume.find_unfinished_runs(tmp_path, now, exclude=tmp_path / "empty")
     assert found == [tmp_path / "b", tmp_path / "a"]
-    assert rundir.find_unfinished_runs(tmp_path, now, exclude=tmp_path / "b") == [tmp_path / "a"]
-    assert rundir.find_unfinished_runs(tmp_path / "missing", now) == []
+    assert resume.find_unfinished_runs(tmp_path, now, exclude=tmp_path / "b") == [tmp_path / "a"]
+    assert resume.find_unfinished_runs(tmp_path / "missing", now) == []
 
 
 def test_the_resume_command_repeats_the_overrides_and_pins_the_run(tmp_path):
     run = tmp_path / "my run"
-    command = rundir.resume_command(
+    command = resume.resume_command(
         "python scripts/train.py", ["optim.lr=0.01", "resume=auto", "data.class_names=[a, b]"], run
     )
     assert command == (
         f"python scripts/train.py optim.lr=0.01 'data.class_names=[a, b]' resume=auto 'hydra.run.dir={run}'"
     )
-    pinned = rundir.resume_command("fcn-train", ["hydra.run.dir=/x", "seed=1"], Path("/x"))
+    pinned = resume.resume_command("fcn-train", ["hydra.run.dir=/x", "seed=1"], Path("/x"))
     assert pinned == "fcn-train seed=1 resume=auto hydra.run.dir=/x"
 
 
@@ -317,13 +317,13 @@ def test_a_pinned_directory_is_locked_before_hydra_writes_and_the_run_keeps_that
 
 def test_a_mapping_setting_that_gains_or_loses_entries_on_resume_is_refused():
     saved = {"data": {"label_map": None, "root": "a"}, "optim": {"lr": 0.01}}
-    changes = rundir.compare_configs(saved, {"data": {"label_map": {1: 0}, "root": "a"}, "optim": {"lr": 0.01}})
+    changes = resume.compare_configs(saved, {"data": {"label_map": {1: 0}, "root": "a"}, "optim": {"lr": 0.01}})
     assert changes.refused == ["data.label_map: checkpoint None, now {1: 0}"]
     saved = {"data": {"label_map": {255: 1}}}
-    changes = rundir.compare_configs(saved, {"data": {"label_map": {255: 1, 128: 1}}})
+    changes = resume.compare_configs(saved, {"data": {"label_map": {255: 1, 128: 1}}})
     assert changes.refused == ["data.label_map: checkpoint {255: 1}, now {255: 1, 128: 1}"]
     # a setting that another version of the code added to a section is not a change of this run
-    assert rundir.compare_configs({"data": {"root": "a"}}, {"data": {"root": "a", "new_key": 3}}).refused == []
+    assert resume.compare_configs({"data": {"root": "a"}}, {"data": {"root": "a", "new_key": 3}}).refused == []
 
 
 # ---- failed commands leave nothing behind

@@ -65,7 +65,15 @@ def test_a_run_directory_opens_on_the_train_and_val_curves_with_loss_and_miou_ea
     assert _cards(trained_run, "train") == ["train/loss", "train/lr"]
     val = _cards(trained_run, "val")
     # the scores of every validation and the sample predictions; loss and mIoU the first two cards
-    assert val == ["val/loss", "val/mIoU", "val/mean_acc", "val/pixel_acc", "val/samples", "val/weighted_IoU"]
+    assert val == [
+        "val/loss",
+        "val/mIoU",
+        "val/mean_acc",
+        "val/mean_dice",
+        "val/pixel_acc",
+        "val/samples",
+        "val/weighted_IoU",
+    ]
     # nothing but curves in them: every card of the open groups has a point per validation or step
     groups = [name for name, _ in time_series_groups(trained_run)]
     assert groups == ["train", "val", "val_best", "val_per_class", "weights"]

@@ -1,8 +1,6 @@
 """The warning, during training, that a stretch of steps ran far slower than this run's best, with
 what was measured and the fix."""
 
-import logging
-
 from fcn.throughput import ThroughputWatch
 
 
@@ -143,35 +141,3 @@ def test_a_step_counted_while_paused_measures_up_to_the_pause():
     assert watch.step(8) is None  # closes the window at the pause: 80 images in 9 s, not a slowdown
     watch.resume()
     assert _window(watch, clocks, 1.0) == [] and watch.best < 9.0  # and the next windows stay honest
-
-
-def test_training_warns_when_it_slows_down(shapes_root, tmp_path, monkeypatch, caplog):
-    # end to end through fcn.train: 8 epochs of 3 steps; every step "takes" 1 s until step 12, then 4 s
-    # (a machine that filled up): the slow spell is one warning, validation between epochs is not slowness
-    from fcn import throughput
-    from fcn.train import train
-    from tests.conftest import compose_config, tiny_train_overrides
-
-    clocks = FakeClocks()
-    steps = {"n": 0}
-    real_step = throughput.ThroughputWatch.step
-
-    def timed_step(self, images):
-        steps["n"] += 1
-        clocks.advance(1.0 if steps["n"] <= 12 else 4.0, 2.0 if steps["n"] <= 12 else 1.0)
-        return real_step(self, images)
-
-    original_init = throughput.ThroughputWatch.__init__
-
-    def init(self, threads, device_type="cpu", **kwargs):
-        kwargs.update(window_s=3.0, min_steps=3, clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu)
-        kwargs.update(loadavg=lambda: (6.0, 6.0, 6.0), cpus=lambda: 2)
-        original_init(self, 2, device_type, **kwargs)
-
-    monkeypatch.setattr(throughput.ThroughputWatch, "__init__", init)
-    monkeypatch.setattr(throughput.ThroughputWatch, "step", timed_step)
-    cfg = compose_config("train", tiny_train_overrides(shapes_root) + ["trainer.epochs=8", "logger=none"])
-    with caplog.at_level(logging.WARNING):
-        train(cfg, tmp_path)
-    warnings = [r.getMessage() for r in caplog.records if "training slowed" in r.getMessage()]
-    assert len(warnings) == 1 and "load average 6.0 on 2 CPUs" in warnings[0], warnings

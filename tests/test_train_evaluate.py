@@ -32,6 +32,22 @@ def test_training_writes_both_checkpoints_and_metrics(run_dir):
     assert list(metrics["per_class_iou"]) == ["background", "circle", "square", "triangle", "star", "cross"]
 
 
+def test_every_score_of_the_metrics_table_reaches_metrics_json_tensorboard_and_the_best_record(run_dir):
+    from fcn.metrics import METRICS
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["progress"]["best"]
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert "mean_dice" in METRICS
+    for key, metric in METRICS.items():
+        assert 0.0 <= metrics[key] <= 1.0, key
+        assert best[key] == metrics[key], key  # the best checkpoint's record is what metrics.json reports
+        assert [e.step for e in events.Scalars(f"val/{metric.tag}")] == [3, 6], key
+    at_best = {e.step: e.value for e in events.Scalars("val/mean_dice")}[metrics["step"]]
+    assert at_best == pytest.approx(metrics["mean_dice"], abs=1e-6)  # logged at the best checkpoint's validation
+
+
 def test_checkpoint_holds_everything_evaluation_needs_and_loads_safely(run_dir):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "epoch", "step", "config", "class_names", "palette"):

@@ -32,7 +32,7 @@ from fcn.engine import Settings, evaluate
 from fcn.errors import UserError
 from fcn.inference import eval_config, inference_fn
 from fcn.loggers import TensorBoardLogger
-from fcn.metrics import format_table, scores
+from fcn.metrics import METRICS, format_table, scores
 from fcn.models.fold import fold_batch_norm
 from fcn.report import PredictionWriter, WorstImages, write_metrics
 from fcn.run_logging import EVAL_GROUP, EVAL_PER_CLASS_GROUP
@@ -151,10 +151,8 @@ def _log_tensorboard(
     logger = TensorBoardLogger()
     logger.open(out_dir)
     try:
-        # the names of a training run's val/* scores, and the Dice score
-        names = {"miou": "mIoU", "pixel_acc": "pixel_acc", "mean_acc": "mean_acc", "fwiou": "weighted_IoU"}
-        for key, name in (names | {"mean_dice": "mean_dice"}).items():
-            logger.log_scalar(f"{EVAL_GROUP}/{name}", metrics[key], step)
+        for key, metric in METRICS.items():  # the tags of a training run's val/* scores
+            logger.log_scalar(f"{EVAL_GROUP}/{metric.tag}", metrics[key], step)
         for name, iou in metrics["per_class_iou"].items():
             if iou is not None:
                 logger.log_scalar(f"{EVAL_PER_CLASS_GROUP}/IoU/{name}", iou, step)

@@ -1,6 +1,6 @@
 """The training entry point's run directory, on the Hydra side: claimed exclusively, never
 overwritten, resumed where it is, removed again when a command fails before writing anything
-of value. The rules themselves (plain arguments, no Hydra) are in :mod:`fcn.rundir`.
+of value. The rules themselves (plain arguments, no Hydra) are in :mod:`fcn.rundir` and :mod:`fcn.resume`.
 
 - ``${fcn.claim_dir:PATH}`` (configs/train.yaml, ``hydra.run.dir``) makes the default run
   directory with an atomic ``mkdir`` before Hydra writes into it (:func:`claim_run_dir`).
@@ -161,7 +161,9 @@ def resume_command(run_dir: Path) -> str:
     overrides, with ``resume=auto hydra.run.dir=<run_dir>``."""
     argv0 = Path(sys.argv[0])
     program = f"python {shlex.quote(sys.argv[0])}" if argv0.suffix == ".py" else argv0.name
-    return rundir.resume_command(program, list(HydraConfig.get().overrides.task), run_dir)
+    from fcn import resume  # torch: not before a run starts (--help answers without it)
+
+    return resume.resume_command(program, list(HydraConfig.get().overrides.task), run_dir)
 
 
 def _run_dir_to_resume(cfg: DictConfig, run_dir: Path) -> Path:
@@ -170,9 +172,11 @@ def _run_dir_to_resume(cfg: DictConfig, run_dir: Path) -> Path:
     own directory; the directory just made for this command is removed. Otherwise ``run_dir``."""
     if not cfg.resume or str(run_dir.resolve()) not in _CLAIMED.values():
         return run_dir
+    from fcn import resume  # torch: not before a run starts (--help answers without it)
+
     if cfg.resume == "auto":
         config = OmegaConf.to_container(cfg, resolve=True)
-        found = rundir.find_unfinished_runs(run_dir.parent, config, exclude=run_dir)
+        found = resume.find_unfinished_runs(run_dir.parent, config, exclude=run_dir)
         if not found:
             raise UserError(
                 f"resume=auto: no hydra.run.dir given and no unfinished run of this config under {run_dir.parent}; "
@@ -182,7 +186,7 @@ def _run_dir_to_resume(cfg: DictConfig, run_dir: Path) -> Path:
         log.warning("resume=auto: continuing the newest unfinished run of this config, %s", target)
     elif Path(cfg.resume).is_dir():
         target = Path(cfg.resume)
-        rundir.resume_source(str(cfg.resume), target)  # a directory with no checkpoint: one line, here
+        resume.resume_source(str(cfg.resume), target)  # a directory with no checkpoint: one line, here
     else:
         return run_dir  # resume=CHECKPOINT: a new run directory continues from it
     _move_file_logs(run_dir, target)

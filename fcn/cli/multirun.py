@@ -1,6 +1,7 @@
 """What one job of a multirun (``-m``: a sweep, jobs on SLURM) needs beyond a
-plain run: the sweep's ``summary.csv``, failures reported to the sweeper instead of ending it, the
-swept keys for TensorBoard's HPARAMS tab, and the hand-over to submitit's requeue on preemption.
+plain run: the sweep's ``summary.csv``, failures reported to the sweeper instead of ending it, and
+the hand-over to submitit's requeue on preemption (the swept keys for TensorBoard's HPARAMS tab
+are the run's: :func:`fcn.run_logging.override_hparams`).
 
 :class:`SweepSummary` is a Hydra callback (``hydra.callbacks`` in ``configs/train.yaml``): each
 job writes its row next to its results (``sweep_row.json``, by rank 0 only, in the job's own
@@ -46,25 +47,6 @@ def failures_go_on() -> bool:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return False
     return "BasicSweeper" not in str(HydraConfig.get().sweeper.get("_target_", "BasicSweeper"))
-
-
-def override_hparams() -> dict[str, Any]:
-    """The current Hydra job's command-line overrides as HPARAMS columns (``{"optim.lr": 0.01,
-    ...}`` plus ``overrides``: all of them in one string, which tells sweep rows apart); ``{}``
-    outside Hydra. Values are numbers where they parse as one, else strings."""
-    if not HydraConfig.initialized():
-        return {}
-    task = list(HydraConfig.get().overrides.task)
-    columns: dict[str, Any] = {"overrides": " ".join(o for o in task if not o.startswith(("data.root", "hydra.")))}
-    for override in task:
-        key, _, value = override.lstrip("+~").partition("=")
-        if key.startswith("hydra.") or key in ("data.root", "data.generate"):
-            continue
-        try:
-            columns[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            columns[key] = value
-    return columns
 
 
 def requeue_signals() -> tuple[int, ...]:
