@@ -95,7 +95,7 @@ ENTRY_POINTS = {
     "predict": "fcn.cli.predict",
     "export": "fcn.cli.export",
     "check_data": "fcn.cli.check_data",
-    "model_table": "fcn.cli.model_table",
+    "model_table": "fcn.bench.model_table",
     "benchmark": "fcn.bench.run",
     "search": "fcn.cli.search",
     "upsampling_ablation": "fcn.bench.upsampling_ablation",
