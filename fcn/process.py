@@ -16,7 +16,8 @@ from collections.abc import Mapping, MutableMapping
 
 # Spin iterations before a waiting GNU OpenMP (libgomp, the torch wheel's) thread sleeps; libgomp's
 # default is 300,000. Measured (docs/performance.md, "A busy CPU", tiny model, 2-core CPU): 2.0-2.1x
-# libgomp's training speed with two busy processes beside it, 0.90-0.94 of it on a quiet machine.
+# libgomp's training speed with two busy processes beside it (5.5-6.8x at load average 9-10, re-checked
+# 2026-12-08), 0.90-0.94 of it on a quiet machine.
 SPIN_COUNT = "1000"
 # FCN_KEEP_FREED_MEMORY values that give glibc's own malloc behaviour back, and those that keep it on (so does unset).
 OFF_VALUES = ("0", "false", "no", "n", "off", "disable", "disabled")
@@ -28,8 +29,8 @@ MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_T
 def start_process(environ: MutableMapping[str, str] | None = None) -> None:
     """OpenMP threads that spin only briefly at a barrier, then sleep, and large tensors that reuse
     freed heap memory instead of fresh, zero-filled pages every step (the comments say why). A value
-    the user exported wins; calling it twice changes nothing more. No effect on a process that has
-    already imported torch (libgomp reads its variables once)."""
+    the user exported wins; calling it twice changes nothing more. The spin count does nothing in a
+    process that has already imported torch (libgomp reads its variables once)."""
     environ = os.environ if environ is None else environ
     # A user's OMP_WAIT_POLICY (ACTIVE or PASSIVE) acts alone: libgomp lets a spin count override it.
     # An exported empty GOMP_SPINCOUNT is ignored by libgomp, so it gets the default too.
@@ -60,7 +61,8 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     for the next step (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, 2 GB - 1)``), what
     PyTorch's CPU guide gets from jemalloc. Otherwise every step's activations over 32 MB arrive as
     pages the kernel zero-fills. Measured (docs/performance.md, "Crop size"): training 1.15x (128 px),
-    1.28x (256 px), 1.61x (512 px) faster; peak memory 1-3% higher, 28-36% at 512 px.
+    1.28x (256 px), 1.61x (512 px) faster; peak memory 1-3% higher, 28-36% at 512 px. Re-checked
+    2026-12-08: 0.68x the CPU time per step at 512 px, 0.87x at 128 px.
 
     Returns True when applied; False when the user chose (:func:`user_malloc_setting`) or the C
     library is not glibc (macOS, musl).
