@@ -9,8 +9,7 @@ import os
 import torch
 
 from fcn.errors import UserError, cause
-from fcn.malloc import setting_warning
-from fcn.threads import spin_wait_warning, usable_cpus
+from fcn.process import malloc_setting_warning
 
 log = logging.getLogger(__name__)
 
@@ -18,17 +17,12 @@ log = logging.getLogger(__name__)
 def resolve_device(name: str, threads: int | None = None) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; other names are passed to torch.
 
-    ``threads`` sets torch's CPU threads. None keeps torch's choice (one per physical core), capped
-    at the CPUs this process may use (affinity mask, cgroup CPU quota: :func:`fcn.threads.usable_cpus`),
-    since more threads than CPUs only wait for each other.
+    ``threads`` sets torch's CPU threads. None keeps torch's choice (one per physical core of the
+    process's affinity mask).
     """
     if threads is not None:  # 0 is refused by the settings check, never read as "unset"
         torch.set_num_threads(threads)
-    elif torch.get_num_threads() > usable_cpus():
-        torch.set_num_threads(usable_cpus())
-    if name in ("auto", "cpu") and (warning := spin_wait_warning(torch.get_num_threads())):
-        log.warning("%s", warning)
-    if warning := setting_warning():
+    if warning := malloc_setting_warning():
         log.warning("%s", warning)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -44,11 +44,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if isinstance(cuda, list):  # older checkpoints hold every GPU's state: take this GPU's
-            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

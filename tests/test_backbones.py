@@ -306,8 +306,8 @@ def test_staged_experiments_chain_32s_16s_8s_through_init_from(shapes_root, tmp_
 def test_model_table_measures_each_row_with_the_same_overrides(shapes_root, tmp_path):
     from hydra import compose, initialize_config_dir
 
+    from fcn.bench.model_table import run_table
     from fcn.cli import CONFIG_DIR
-    from fcn.cli.model_table import run_table
 
     overrides = [
         *tiny_train_overrides(shapes_root),

@@ -38,8 +38,6 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle

@@ -1,4 +1,4 @@
-"""``python scripts/model_table.py [training overrides]``: the README's table of every backbone x variant.
+"""``python scripts/model_table.py [training overrides]``: docs/results.md's table of every backbone x variant.
 
 For every model option x variant of ``table`` (configs/model_table.yaml), composed exactly as
 ``python scripts/train.py model=<option> model.variant=<variant> [overrides]`` would be, with
