@@ -22,8 +22,8 @@ from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
 from fcn.cli.validate import check_classes
 from fcn.data.build import data_layout, mask_decoder, prepare_data_root
+from fcn.data.doctor.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
-from fcn.data.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.splits import shown
 from fcn.errors import UserError
 from fcn.report import to_json

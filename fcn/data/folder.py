@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fcn.data.doctor.diagnose import AlternativeMasks, find_alternative_masks, folder_hint
 from fcn.data.labels import MaskDecoder, image_to_rgb
-from fcn.data.mask_formats import AlternativeMasks, find_alternative_masks, folder_hint
 from fcn.data.pixel_limit import too_many_pixels_message
 from fcn.data.splits import (
     default_split,

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fcn.data.doctor.diagnose import diagnose_values, palette_order, palette_order_message
 from fcn.data.folder import SplitFiles, list_split
 from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, conversion, exif_orientation, float_image_error
-from fcn.data.mask_formats import diagnose_values, palette_order, palette_order_message
 from fcn.data.pixel_limit import too_many_pixels_message
 from fcn.data.splits import overlap_message, split_overlap
 from fcn.data.splits import shown as shown_name
@@ -470,7 +470,7 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
 
 
 def _encoding_problems(entries: list[dict], raw_values: set[int], outside: dict, decoder: MaskDecoder) -> list[Problem]:
-    """Mask encodings that contradict the label settings (see :func:`fcn.data.mask_formats.diagnose_values`)."""
+    """Mask encodings that contradict the label settings (see :func:`fcn.data.doctor.diagnose.diagnose_values`)."""
     histogram: Counter | None = None
     if decoder.identity and not decoder.palette:  # stored value = decoded class: the counts are the histogram
         histogram = Counter()
