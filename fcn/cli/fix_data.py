@@ -106,7 +106,7 @@ def run_fix(cfg: DictConfig) -> tuple[FixResult, bool]:
         for key in found.images_without_mask:
             result.left_out.append(_no_mask(found, key))
     changed = {"mask_suffix": new_suffix} if new_suffix != data.mask_suffix else {}
-    if not made_up:
+    if not made_up and layout["split_file"]:
         changed |= _write_lists(files, result, root, out, layout["split_file"], data)
     write_report(out / "fix_report.csv", result)
     usable = _print_summary(cfg, result, out, changed, splits if not made_up else [data.train_split, data.val_split])

@@ -113,8 +113,13 @@ def mask_rule(kinds: Collection[str], raw_values: Collection[int], decoder: Mask
     if binary:
         return MaskRule((0, 255), "interpolated_binary_masks" in kinds, True)
     lut = decoder.lut8.astype(np.int64)
-    values = tuple(v for v in range(256) if 0 <= lut[v] < decoder.num_classes or lut[v] == decoder.ignore_index)
-    return MaskRule(values or (0,), False, False)
+    by_target: dict[int, list[int]] = {}
+    for v in range(256):
+        if 0 <= lut[v] < decoder.num_classes or lut[v] == decoder.ignore_index:
+            by_target.setdefault(int(lut[v]), []).append(v)
+    # a class data.label_map reaches is stored as its key(s): the value that maps to it by itself is noise
+    values = sorted(v for vs in by_target.values() for v in ([k for k in vs if k in decoder.label_map] or vs))
+    return MaskRule(tuple(values) or (0,), False, False)
 
 
 class LeftOut(Exception):
