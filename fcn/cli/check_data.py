@@ -23,6 +23,7 @@ from fcn.cli.suggest import suggest_keys
 from fcn.cli.validate import check_classes
 from fcn.data.build import data_layout, mask_decoder, prepare_data_root
 from fcn.data.doctor.commands import fix_data_command
+from fcn.data.doctor.crop import folder_crop_warning
 from fcn.data.doctor.fix import FIXABLE
 from fcn.data.doctor.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
@@ -76,6 +77,8 @@ def run_check(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, bool]:
         report["suggestions"].append(
             f"class imbalance: loss.class_weights=auto (median frequency on {train.split}: {weights})"
         )
+    if train is not None and (advice := folder_crop_warning(data, train.image_sizes)):
+        report["suggestions"].append(advice)
     usable = not layout_errors and not any(r.errors for r in reports)
     report["usable"] = usable
     path = Path(cfg.report) if cfg.report else Path(out_dir) / "data_report.json"
