@@ -298,3 +298,57 @@ def test_the_printed_full_report_command_runs_as_printed(tmp_path):
     result = _run_printed(check_data_command(data), [], tmp_path)
     assert result.returncode == 1, result.stderr  # the report ran (1: not usable), no settings error (2)
     assert "has no value" not in result.stderr and "verdict: NOT usable" in result.stdout
+
+
+def test_an_exif_tag_the_mask_contradicts_is_dropped_and_the_pixels_kept(tmp_path):
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    stored = image_array(24, 32)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # viewers would show it 24 wide, 32 high
+    Image.fromarray(stored).save(root / "images" / "r.png", exif=exif)
+    save(_labels(24, 32, classes=(0, 1, 1)), root / "masks" / "r.png")  # drawn on the stored pixels
+    out, result, usable = _fix(tmp_path, root, BINARY)
+    assert usable
+    with Image.open(out / "images" / "r.png") as fixed:
+        assert fixed.getexif().get(0x0112, 1) == 1
+        np.testing.assert_array_equal(np.asarray(fixed), stored)
+    assert result.counts()["exif_tag_dropped"] == 1
+
+
+def test_floating_point_images_in_0_1_become_8_bit_and_other_ranges_are_left_out(tmp_path):
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    unit = (np.arange(24 * 32).reshape(24, 32) / (24 * 32 - 1)).astype(np.float32)
+    Image.fromarray(unit, mode="F").save(root / "images" / "unit.tif")
+    Image.fromarray(unit * 1000 - 3, mode="F").save(root / "images" / "odd.tif")
+    for name in ("unit", "odd"):
+        save(_labels(classes=(0, 1, 1)), root / "masks" / f"{name}.png")
+    out, result, usable = _fix(tmp_path, root, BINARY)
+    assert usable
+    with Image.open(out / "images" / "unit.tif") as fixed:
+        assert fixed.mode == "L"
+        np.testing.assert_array_equal(np.asarray(fixed), np.round(unit * 255).astype(np.uint8))
+    assert [c.file for c in result.left_out] == [str(root / "images" / "odd.tif")]
+    assert "no known range" in result.left_out[0].reason
+
+
+def test_jpeg_colour_masks_take_the_nearest_palette_colour(tmp_path):
+    root = tmp_path / "d"
+    palette = np.array([[0, 0, 0], [220, 20, 20], [20, 20, 220]], np.uint8)
+    labels = _labels(48, 64)
+    save(image_array(48, 64), root / "images" / "a.jpg")
+    save(palette[labels], root / "masks" / "a.jpg", quality=90)  # off-palette colours along every edge
+    overrides = [
+        "data=folder",
+        "data.num_classes=3",
+        "data.class_names=[a,b,c]",
+        "data.palette=[[0,0,0],[220,20,20],[20,20,220]]",
+        "data.mask_suffix=.jpg",
+        "data.split_file=null",
+    ]
+    out, result, usable = _fix(tmp_path, root, overrides)
+    assert usable
+    fixed = _mask(out / "masks" / "a.png")
+    assert set(np.unique(fixed)) <= {0, 1, 2} and (fixed == labels).mean() > 0.99
+    assert result.counts()["mask_colours_snapped"] == 1
