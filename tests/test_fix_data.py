@@ -352,3 +352,13 @@ def test_jpeg_colour_masks_take_the_nearest_palette_colour(tmp_path):
     fixed = _mask(out / "masks" / "a.png")
     assert set(np.unique(fixed)) <= {0, 1, 2} and (fixed == labels).mean() > 0.99
     assert result.counts()["mask_colours_snapped"] == 1
+
+
+def test_a_repaired_image_keeps_the_name_data_image_suffix_gives_it(tmp_path):
+    root = tmp_path / "d"
+    save(image_array(12, 16), root / "images" / "a_rgb.jpg")
+    save(_labels(24, 32, classes=(0, 1, 1)), root / "masks" / "a.png")
+    out, _, usable = _fix(tmp_path, root, [*BINARY, "data.image_suffix=_rgb.jpg"])
+    assert usable  # the copy is read with the same data.image_suffix
+    with Image.open(out / "images" / "a_rgb.jpg") as fixed:
+        assert fixed.format == "JPEG" and fixed.size == (32, 24)

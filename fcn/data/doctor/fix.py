@@ -26,6 +26,7 @@ Everything here takes plain values; ``fcn/cli/fix_data.py`` is the plumbing.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import shutil
 from collections import Counter
@@ -158,13 +159,7 @@ def repair(jobs: Sequence[Job], out: Path, rule: MaskRule, decoder: MaskDecoder,
     if resize not in RESIZE_CHOICES:
         raise ValueError(f"resize must be one of {RESIZE_CHOICES}, not {resize!r}")
     result = FixResult()
-
-    def one(job: Job):
-        try:
-            return job, *fix_pair(job, out, rule, decoder, resize=resize), None
-        except LeftOut as exc:
-            return job, [], None, str(exc)
-
+    one = functools.partial(_fix_or_leave_out, out=out, rule=rule, decoder=decoder, resize=resize)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for job, changes, image_out, why in pool.map(one, jobs):
             if why is not None:
@@ -175,7 +170,14 @@ def repair(jobs: Sequence[Job], out: Path, rule: MaskRule, decoder: MaskDecoder,
     return result
 
 
-def fix_pair(job: Job, out: Path, rule: MaskRule, decoder: MaskDecoder, *, resize: str) -> tuple[list[Change], Path]:
+def _fix_or_leave_out(job: Job, **kwargs) -> tuple[Job, list[Change], Path | None, str | None]:
+    try:
+        return job, *fix_pair(job, **kwargs), None
+    except LeftOut as exc:
+        return job, [], None, str(exc)
+
+
+def fix_pair(job: Job, *, out: Path, rule: MaskRule, decoder: MaskDecoder, resize: str) -> tuple[list[Change], Path]:
     """Write the copy of one pair; the changes made (files relative to ``out``) and the image's copy.
     Raises :class:`LeftOut`."""
     image, orientation, image_changes = _read_image(job.image)
@@ -335,7 +337,9 @@ def _save(image: Image.Image, path: Path) -> None:
     """Write ``path`` whole or not at all (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    options = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+    options = {}
+    if path.suffix.lower() in (".jpg", ".jpeg"):  # a name data.image_suffix fixes: JPEG again, at high quality
+        options, image = {"quality": 95}, image if image.mode in ("L", "RGB") else image.convert("RGB")
     image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **options)
     os.replace(tmp, path)
 
