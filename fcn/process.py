@@ -97,6 +97,7 @@ ENTRY_POINTS = {
     "predict": "fcn.cli.predict",
     "export": "fcn.cli.export",
     "check_data": "fcn.cli.check_data",
+    "fix_data": "fcn.cli.fix_data",
     "model_table": "fcn.bench.model_table",
     "benchmark": "fcn.bench.run",
     "search": "fcn.cli.search",
@@ -142,6 +143,11 @@ def export() -> None:
 def check_data() -> None:
     """``fcn-check-data``."""
     launch("check_data")
+
+
+def fix_data() -> None:
+    """``fcn-fix-data``."""
+    launch("fix_data")
 
 
 def model_table() -> None:

@@ -17,9 +17,9 @@ from PIL import Image
 
 from fcn.cli.check_data import run_check
 from fcn.data.build import scan_data, with_class_weights
+from fcn.data.doctor.scan import median_frequency_weights, scan_split
 from fcn.data.folder import read_image
 from fcn.data.labels import MaskDecoder
-from fcn.data.scan import median_frequency_weights, scan_split
 from fcn.errors import UserError
 from tests.conftest import compose_config
 from tests.layouts import image_array, mask_array, save, write_folder

@@ -183,7 +183,7 @@ def test_warm_up_longer_than_the_run_is_warned_with_both_numbers():
 
 
 def test_reduce_zero_label_is_never_suggested_when_it_would_leave_one_class():
-    from fcn.data.mask_formats import _value_fix
+    from fcn.data.doctor.diagnose import _value_fix
 
     assert "reduce_zero_label" not in _value_fix([1], {0, 1}, num_classes=1, ignore_index=255, mapped=False)
     assert "reduce_zero_label" not in _value_fix([1], {1}, num_classes=1, ignore_index=255, mapped=False)
@@ -217,8 +217,8 @@ def test_scan_warns_about_masks_that_are_entirely_ignored(tmp_path):
     import numpy as np
     from PIL import Image
 
+    from fcn.data.doctor.scan import scan_split
     from fcn.data.labels import MaskDecoder
-    from fcn.data.scan import scan_split
 
     for folder in ("images", "masks"):
         (tmp_path / folder).mkdir()

@@ -131,8 +131,8 @@ def test_image_over_the_decompression_bomb_guard_is_named_with_the_setting(pillo
 
 
 def test_the_scan_calls_an_oversized_image_oversized_not_corrupt_and_rereads_it(pillow_limit, tmp_path):
+    from fcn.data.doctor.scan import scan_split
     from fcn.data.labels import MaskDecoder
-    from fcn.data.scan import scan_split
 
     for folder in ("images", "masks"):
         (tmp_path / folder).mkdir()

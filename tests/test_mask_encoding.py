@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from fcn.data.build import data_layout, mask_decoder, scan_data
+from fcn.data.doctor.scan import scan_split
 from fcn.data.folder import find_pairs, list_split
 from fcn.data.labels import MaskDecoder
-from fcn.data.scan import scan_split
 from fcn.errors import UserError
 from tests.conftest import compose_config
 from tests.layouts import VOC_PALETTE, image_array, mask_array, save, write_cityscapes, write_folder, write_voc
@@ -201,7 +201,7 @@ def test_ignore_colors_on_index_masks_are_named_as_unused(tmp_path):
 
 @pytest.mark.parametrize("foreground", [1000, 128, 100, 65535])
 def test_binary_masks_stored_as_zero_and_another_value_get_the_label_map_that_keeps_the_foreground(foreground):
-    from fcn.data.mask_formats import _value_fix
+    from fcn.data.doctor.diagnose import _value_fix
 
     hint = _value_fix([foreground], {0, foreground}, num_classes=2, ignore_index=255, mapped=False)
     assert f"data.label_map={{{foreground}:1}}" in hint
@@ -209,14 +209,14 @@ def test_binary_masks_stored_as_zero_and_another_value_get_the_label_map_that_ke
 
 
 def test_masks_that_are_entirely_void_are_not_taken_for_binary_0_255_masks():
-    from fcn.data.mask_formats import diagnose_values
+    from fcn.data.doctor.diagnose import diagnose_values
 
     assert diagnose_values({255}, [], num_classes=2, ignore_index=255) == []  # the scan warns: no labelled pixel
     assert [d.kind for d in diagnose_values({0, 255}, [], num_classes=2, ignore_index=255)] == ["binary_masks_ignored"]
 
 
 def test_a_class_count_suggested_under_a_label_map_counts_the_mapped_values():
-    from fcn.data.mask_formats import _value_fix
+    from fcn.data.doctor.diagnose import _value_fix
 
     hint = _value_fix([5], {0, 1}, num_classes=2, ignore_index=255, mapped=True)  # data.label_map={1:5}
     assert "data.num_classes=6" in hint

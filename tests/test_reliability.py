@@ -27,8 +27,8 @@ import fcn.checkpoint
 from fcn.checkpoint import load_checkpoint, previous_path, save_checkpoint
 from fcn.cli.exit import exit_on_user_error
 from fcn.data.build import scan_data
+from fcn.data.doctor.scan import scan_split
 from fcn.data.labels import MaskDecoder
-from fcn.data.scan import scan_split
 from fcn.engine import NonFiniteLossError, Settings, train_one_epoch
 from fcn.errors import UserError
 from fcn.signals import GracefulStop

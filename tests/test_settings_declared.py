@@ -22,6 +22,7 @@ ENTRY_POINTS = (
     "export",
     "benchmark",
     "check_data",
+    "fix_data",
     "model_table",
     "upsampling_ablation",
 )

@@ -158,3 +158,63 @@ def test_file_names_with_unprintable_characters_are_shown_with_repr_in_the_docto
     )
     run_check(cfg, tmp_path)
     assert "'a\\tx'" in capsys.readouterr().out  # the image without a mask, named unambiguously
+
+
+def _lists(root) -> tuple[list[str], list[str]]:
+    return tuple((root / "splits" / f"{s}.txt").read_text().split() for s in ("train", "val"))
+
+
+def test_the_default_lists_fcn_wrote_follow_the_folder_when_pairs_vanish_or_appear(tmp_path, caplog):
+    root = write_folder(tmp_path / "d", names=[f"n{i}" for i in range(10)])
+    list_split(root, "train", **LAYOUT)  # writes fcn's own default lists
+    train, val = _lists(root)
+    gone = val[0]
+    (root / "images" / f"{gone}.jpg").unlink()  # an unreadable pair removed, as the doctor says
+    (root / "masks" / f"{gone}.png").unlink()
+    write_folder(root, names=["new1"])
+    with caplog.at_level(logging.WARNING, logger="fcn.data.splits"):
+        files = list_split(root, "train", **LAYOUT)
+    assert not files.listed_without_image
+    assert gone in files.refreshed and "new1" in files.refreshed and "appeared" in files.refreshed
+    assert any("out of date" in r.getMessage() for r in caplog.records)
+    train_now, val_now = _lists(root)
+    assert set(train) <= set(train_now) and set(val) - {gone} <= set(val_now)  # the others keep their split
+    assert gone not in train_now + val_now and "new1" in train_now + val_now
+    assert not set(train_now) & set(val_now)
+    assert _names(root, "val")  # training reads the rewritten lists without an error
+    again = list_split(root, "train", **LAYOUT)
+    assert again.refreshed is None  # in line with the folder: nothing more to say
+
+
+def test_a_stale_list_of_the_users_is_never_rewritten_and_gets_one_line_with_both_fixes(tmp_path):
+    root = write_folder(tmp_path / "d", names=["a", "b", "c"], split_lists={"train": ["a", "b"], "val": ["c"]})
+    (root / "images" / "b.jpg").unlink()
+    (root / "masks" / "b.png").unlink()
+    with pytest.raises(UserError) as error:
+        find_pairs(root, "train", **LAYOUT)
+    message = str(error.value)
+    assert "\n" not in message and "b" in message
+    assert "remove them from the list" in message and "delete the train and val lists" in message
+    assert (root / "splits" / "train.txt").read_text() == "a\nb\n"  # never rewritten
+    report, usable = run_check(
+        compose_config(
+            "check_data",
+            ["data=folder", f"data.root={root}", "data.num_classes=2", "data.class_names=[a,b]", "cache=false"],
+        ),
+        tmp_path / "report",
+    )
+    assert not usable
+    problems = report["splits"]["train"]["problems"]
+    assert any(p["kind"] == "listed_without_image" and "remove them from the list" in p["message"] for p in problems)
+
+
+def test_a_default_list_the_user_edited_becomes_theirs(tmp_path):
+    root = write_folder(tmp_path / "d", names=[f"n{i}" for i in range(10)])
+    list_split(root, "train", **LAYOUT)
+    train, val = _lists(root)
+    (root / "splits" / "val.txt").write_text("".join(f"{n}\n" for n in val[:1]))  # the user's choice now
+    (root / "images" / f"{train[0]}.jpg").unlink()
+    (root / "masks" / f"{train[0]}.png").unlink()
+    with pytest.raises(UserError, match="remove them from the list"):
+        find_pairs(root, "train", **LAYOUT)
+    assert (root / "splits" / "val.txt").read_text().split() == val[:1]

@@ -51,7 +51,7 @@ def test_following_hydras_plus_hint_is_refused_before_hydra_runs(tmp_path):
 
 
 def test_masks_holding_0_1_2_with_two_classes_suggest_three_classes_first():
-    from fcn.data.mask_formats import _value_fix
+    from fcn.data.doctor.diagnose import _value_fix
 
     fix = _value_fix([2], {0, 1, 2}, num_classes=2, ignore_index=255, mapped=False, histogram={0: 88, 1: 6, 2: 6})
     first, second = fix.split("; or ")[:2]
@@ -61,7 +61,7 @@ def test_masks_holding_0_1_2_with_two_classes_suggest_three_classes_first():
 
 
 def test_reduce_zero_label_says_the_share_of_a_small_zero_class():
-    from fcn.data.mask_formats import _value_fix
+    from fcn.data.doctor.diagnose import _value_fix
 
     fix = _value_fix(
         [3], {0, 1, 2, 3}, num_classes=3, ignore_index=255, mapped=False, histogram={0: 1, 1: 3, 2: 3, 3: 3}
@@ -71,7 +71,7 @@ def test_reduce_zero_label_says_the_share_of_a_small_zero_class():
 
 
 def test_classes_stored_from_one_say_they_are_shifted_down():
-    from fcn.data.mask_formats import _value_fix
+    from fcn.data.doctor.diagnose import _value_fix
 
     fix = _value_fix([2], {1, 2}, num_classes=2, ignore_index=255, mapped=False)
     assert fix == "classes are stored as 1..N: data.reduce_zero_label=true (1..2 become classes 0..1)"

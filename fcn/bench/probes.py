@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcn.checkpoint import load_checkpoint, save_checkpoint
-from fcn.data.scan import scan_split
+from fcn.data.doctor.scan import scan_split
 from fcn.data.transforms import normalize
 from fcn.engine import Bar, Settings, evaluate, train_one_epoch
 from fcn.inference import predict_logits

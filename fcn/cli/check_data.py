@@ -22,8 +22,11 @@ from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
 from fcn.cli.validate import check_classes
 from fcn.data.build import data_layout, mask_decoder, prepare_data_root
+from fcn.data.doctor.commands import fix_data_command
+from fcn.data.doctor.crop import folder_crop_warning
+from fcn.data.doctor.fix import FIXABLE
+from fcn.data.doctor.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
-from fcn.data.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.splits import shown
 from fcn.errors import UserError
 from fcn.report import to_json
@@ -74,6 +77,8 @@ def run_check(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, bool]:
         report["suggestions"].append(
             f"class imbalance: loss.class_weights=auto (median frequency on {train.split}: {weights})"
         )
+    if train is not None and (advice := folder_crop_warning(data, train.image_sizes)):
+        report["suggestions"].append(advice)
     usable = not layout_errors and not any(r.errors for r in reports)
     report["usable"] = usable
     path = Path(cfg.report) if cfg.report else Path(out_dir) / "data_report.json"
@@ -117,6 +122,11 @@ def _print_summary(data, reports: list[SplitReport], layout_errors: list[str], r
         print(f"\nERROR {error}")
     for suggestion in report["suggestions"]:
         print(f"\nsuggestion: {suggestion}")
+    kinds = {p.kind for r in reports for p in r.problems}
+    if FIXABLE & kinds:
+        print(
+            "\nrepair: fix_data.py writes a repaired copy (the original is not changed):\n  " + fix_data_command(data)
+        )
     verdict = "usable" if report["usable"] else "NOT usable: fix the errors above"
     if any(p.kind == "split_overlap" for r in reports for p in r.problems):
         verdict += " (but the validation split shares images with the training split: see the WARNING above)"

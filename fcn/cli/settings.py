@@ -239,6 +239,9 @@ SETTINGS: dict[str, Setting] = {
     "report": PATH_OR_NULL,
     "workers": whole(1, nullable=True),
     "cache": BOOL,
+    # fix_data.py (for the lead to move into the one declaration of settings)
+    "out": PATH_OR_NULL,
+    "resize": one_of("image_to_mask", "mask_to_image"),
     # benchmark.py
     "bench.warmup": whole(0),
     "bench.steps": whole(1),

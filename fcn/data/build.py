@@ -18,12 +18,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from fcn.data.doctor.scan import SplitReport, format_errors, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.download import download
 from fcn.data.folder import SegmentationFolder, find_pairs
 from fcn.data.labels import MaskDecoder
 from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
-from fcn.data.scan import SplitReport, format_errors, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.shapes import ensure_shapes
 from fcn.errors import UserError
 from fcn.overrides import override

@@ -30,15 +30,20 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fcn.data.doctor.diagnose import AlternativeMasks, find_alternative_masks, folder_hint
 from fcn.data.labels import MaskDecoder, image_to_rgb
-from fcn.data.mask_formats import AlternativeMasks, find_alternative_masks, folder_hint
 from fcn.data.pixel_limit import too_many_pixels_message
 from fcn.data.splits import (
+    DEFAULT_SPLIT_FILE,
+    DEFAULT_SPLITS,
     default_split,
     default_split_applies,
+    is_tool_list,
     read_split_list,
+    refresh_default_splits,
     resolve_names,
     shown,
+    stale_list_message,
     write_default_splits,
 )
 from fcn.data.transforms import reseed
@@ -143,6 +148,7 @@ class SplitFiles:
     list_notes: list[str] = field(default_factory=list)  # what reading the split list cleaned up
     default_lists: dict[str, Path] = field(default_factory=dict)  # default split lists written now
     alternative: AlternativeMasks | None = None  # masks of the unmatched images under another name
+    refreshed: str | None = None  # fcn's own default lists rewritten now: which pairs appeared or vanished
     images: list[Path] = field(default_factory=list)  # every image of the split, with a mask or not
 
 
@@ -179,10 +185,14 @@ def list_split(
     listed_without_image: list[str] = []
     list_notes: list[str] = []
     default_lists: dict[str, Path] = {}
+    refreshed = None
     list_path = None
     if split_file:
         list_path = root / split_file.format(split=split)
         in_memory = False
+        ours = split_file == DEFAULT_SPLIT_FILE and "{split}" not in image_dir and split in DEFAULT_SPLITS
+        if ours and images and images.keys() <= masks.keys() and is_tool_list(list_path):
+            refreshed = refresh_default_splits(root, split_file, list(images))  # follows the folder
         if not list_path.is_file() and default_split_applies(split, split_file, image_dir, root) and images:
             if images.keys() <= masks.keys():
                 default_lists = write_default_splits(root, split_file, list(images))
@@ -228,6 +238,7 @@ def list_split(
         split_list=list_path,
         list_notes=list_notes,
         default_lists=default_lists,
+        refreshed=refreshed,
         alternative=find_alternative_masks(masks_folder, {k: images[k] for k in without_mask}, mask_suffix),
         images=[images[k] for k in keys if k in images],
     )
@@ -243,10 +254,8 @@ def find_pairs(root: str | Path, split: str, **layout) -> list[tuple[Path, Path]
     files = list_split(root, split, **layout)
     mask_suffix = layout.get("mask_suffix", ".png")
     if files.listed_without_image:
-        missing = files.listed_without_image
-        raise UserError(
-            f"{files.split_list}: {len(missing)} listed images not in {files.images_folder}: {first_items(missing)}"
-        )
+        ours = layout.get("split_file", DEFAULT_SPLIT_FILE) == DEFAULT_SPLIT_FILE
+        raise UserError(stale_list_message(files.split_list, files.listed_without_image, files.images_folder, ours))
     if files.images_without_mask:
         unmatched = files.images_without_mask
         if files.alternative is not None:

@@ -5,7 +5,7 @@ expanded, the alpha channel of RGBA images is dropped, 16-bit images are scaled 
 value / 257 (65535 becomes 255), never clipped. EXIF orientation tags are ignored: pixels are used
 in the order they are stored, which is the order annotation tools label and masks are saved in
 (applying the tag to the image alone would turn it against its mask). The dataset scan
-(:mod:`fcn.data.scan`) reports every conversion and every orientation tag once per dataset.
+(:mod:`fcn.data.doctor.scan`) reports every conversion and every orientation tag once per dataset.
 
 Masks become class indices through :class:`MaskDecoder`: index values pass through a
 ``label_map`` and then ``reduce_zero_label``; RGB colour masks are mapped through the palette.

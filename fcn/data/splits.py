@@ -8,13 +8,21 @@ then matches the names to the image keys of :func:`fcn.data.folder.list_split`, 
 written with its image extension or with the image folder in front (``images/a.jpg`` for ``a``).
 
 A folder without split lists gets a default one (:func:`write_default_splits`): a seeded 80/20
-train/val split of its images, written to the lists the config names, never over an existing
-file. :func:`split_overlap` counts the images two splits share.
+train/val split of its images, written to the lists the config names, never over a list of the
+user's. Lists fcn wrote itself are recorded with a hash of their bytes in :data:`TOOL_RECORD` beside
+them (the lists stay plain names, for every other tool) and follow the folder
+(:func:`refresh_default_splits`): when pairs appear or vanish they are rewritten, the names kept
+where they were, with a warning naming the pairs. A list fcn did not write, or one edited since, is
+the user's and is never rewritten; names in it without an image end in one line giving both fixes
+(:func:`stale_list_message`).
+:func:`split_overlap` counts the images two splits share.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
+import json
 import logging
 import random
 from pathlib import Path
@@ -27,6 +35,9 @@ DEFAULT_SPLITS = ("train", "val")
 DEFAULT_SPLIT_FILE = "splits/{split}.txt"  # the folder layout's lists (configs/data/folder.yaml)
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_SEED = 0
+# Beside the lists fcn writes itself: {list file name: sha256 of its bytes}. A list whose bytes still match was
+# written by fcn and follows the folder; any edit makes it the user's.
+TOOL_RECORD = ".fcn_default_split.json"
 
 
 def shown(name: str) -> str:
@@ -172,6 +183,7 @@ def write_default_splits(
                 "used as it is)"
             ) from exc
         written[split] = path
+    _record(written.values())
     if written:
         log.warning(
             "no split lists found: wrote a default split of the %d images of %s (seed %d, %d%% val): %s; "
@@ -183,6 +195,102 @@ def write_default_splits(
             ", ".join(f"{p} ({len(lists[s])} names)" for s, p in written.items()),
         )
     return written
+
+
+def is_tool_list(path: Path | None) -> bool:
+    """Whether the split list ``path`` is as fcn wrote it (recorded in :data:`TOOL_RECORD`, unedited since)."""
+    if path is None:
+        return False
+    try:
+        record = json.loads((path.parent / TOOL_RECORD).read_text(encoding="utf-8"))
+        return record.get(path.name) == hashlib.sha256(path.read_bytes()).hexdigest()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _record(paths) -> None:
+    """Note ``paths`` as written by fcn (best effort: without the record a list is the user's, never lost)."""
+    for path in paths:
+        record_path = path.parent / TOOL_RECORD
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+            record[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            record_path.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            log.debug("split list record not written (%s): %s", record_path, exc)
+
+
+def write_split_list(path: Path, names: list[str], *, tool: bool = False) -> None:
+    """Write a split list of ``names``, whole or not at all; recorded as fcn's own when ``tool``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    tmp.replace(path)
+    if tool:
+        _record([path])
+
+
+def refresh_default_splits(root: Path, split_file: str, keys: list[str]) -> str | None:
+    """Bring fcn's own train/val lists in line with the pairs of the folder (``keys``, every image with a mask).
+
+    Names still there stay in their list; vanished names are dropped; new ones are split as
+    :func:`default_split` splits them. Lists fcn did not write (or edited since) are the user's and are
+    left alone. Returns the warning naming the pairs that appeared or vanished, or None when nothing changed.
+
+    Raises :class:`UserError` when the lists cannot be rewritten (a read-only dataset).
+    """
+    paths = {split: root / split_file.format(split=split) for split in DEFAULT_SPLITS}
+    if not all(is_tool_list(p) for p in paths.values()):
+        return None
+    lists = {split: read_split_list(p)[0] for split, p in paths.items()}
+    listed = {n for names in lists.values() for n in names}
+    present = set(keys)
+    appeared, vanished = sorted(present - listed), sorted(listed - present)
+    if not appeared and not vanished:
+        return None
+    kept = {split: [n for n in names if n in present] for split, names in lists.items()}
+    if not kept["train"] or not kept["val"] or set(kept["train"]) == set(kept["val"]):
+        kept = default_split(list(keys))  # too little left to keep: a fresh split
+    elif appeared:  # the newcomers split as the default split splits them (one alone goes to train)
+        extra = default_split(appeared) if len(appeared) > 1 else {"train": appeared, "val": []}
+        kept = {split: names + extra[split] for split, names in kept.items()}
+    try:
+        for split, path in paths.items():
+            write_split_list(path, sorted(set(kept[split])), tool=True)
+    except OSError as exc:
+        raise UserError(
+            f"the default split lists {paths['train']} and {paths['val']} are out of date and cannot be rewritten "
+            f"({exc}); delete them, or point data.split_file at lists of your own"
+        ) from exc
+    parts = []
+    if appeared:
+        parts.append(f"{len(appeared)} pairs appeared ({_first(appeared)})")
+    if vanished:
+        parts.append(f"{len(vanished)} vanished ({_first(vanished)})")
+    message = (
+        f"the default split lists fcn wrote ({paths['train']}, {paths['val']}) were out of date: "
+        + " and ".join(parts)
+        + "; rewritten (the other names kept their split)"
+    )
+    log.warning("%s", message)
+    return message
+
+
+def stale_list_message(split_list: Path, missing: list[str], images_folder: Path, default_applies: bool) -> str:
+    """The one line for a user's split list naming images that are not there, with both fixes."""
+    other = (
+        "or delete the train and val lists to let fcn write a default split it keeps up to date"
+        if default_applies
+        else "or set data.split_file=null to use every image of the folder"
+    )
+    return (
+        f"{len(missing)} names in {split_list} have no image in {images_folder} ({_first(missing)}): remove them "
+        f"from the list (or put the images back), {other}"
+    )
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    return ", ".join(shown(x) for x in names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
 def default_split_applies(split: str, split_file: str | None, image_dir: str, root: Path) -> bool:

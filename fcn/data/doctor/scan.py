@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fcn.data.doctor.diagnose import diagnose_values, palette_order, palette_order_message
 from fcn.data.folder import SplitFiles, list_split
 from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, conversion, exif_orientation, float_image_error
-from fcn.data.mask_formats import diagnose_values, palette_order, palette_order_message
 from fcn.data.pixel_limit import too_many_pixels_message
-from fcn.data.splits import overlap_message, split_overlap
+from fcn.data.splits import DEFAULT_SPLIT_FILE, overlap_message, split_overlap, stale_list_message
 from fcn.data.splits import shown as shown_name
 from fcn.errors import UserError
 
@@ -144,7 +144,7 @@ def scan_split(
         _write_cache(cache_path, entries)
     # File names as this caller spelled the root (the cache may have been written through another path).
     ordered = [entries[k]["result"] | {"image": str(i), "mask": str(m)} for k, (i, m) in zip(keys, pairs)]
-    report = _summarise(split, files, ordered, decoder)
+    report = _summarise(split, files, ordered, decoder, layout)
     report.seconds = round(time.perf_counter() - start, 3)
     report.rescanned = len(todo)
     return report
@@ -238,7 +238,7 @@ def _class_counts(values: np.ndarray, is_index: bool, decoder: MaskDecoder, path
     return Counter(dict(zip(*(a.tolist() for a in np.unique(values, return_counts=True)))))
 
 
-def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> SplitReport:
+def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder, layout: dict) -> SplitReport:
     num_classes, ignore_index = decoder.num_classes, decoder.ignore_index
     by_kind: dict[str, list[str]] = defaultdict(list)
     details: dict[str, str] = {}
@@ -297,10 +297,16 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
         add(
             "listed_without_image",
             "error",
-            f"{len(files.listed_without_image)} names in {files.split_list} have no image in {files.images_folder}; "
-            "fix the list or add the images",
+            stale_list_message(
+                files.split_list,
+                files.listed_without_image,
+                files.images_folder,
+                layout.get("split_file") == DEFAULT_SPLIT_FILE,
+            ),
             files.listed_without_image,
         )
+    if files.refreshed:
+        add("default_split_refreshed", "warning", files.refreshed, [])
     if files.images_without_mask and files.alternative is not None:
         add(
             "masks_under_other_suffix",
@@ -470,7 +476,7 @@ def _summarise(split: str, files, entries: list[dict], decoder: MaskDecoder) -> 
 
 
 def _encoding_problems(entries: list[dict], raw_values: set[int], outside: dict, decoder: MaskDecoder) -> list[Problem]:
-    """Mask encodings that contradict the label settings (see :func:`fcn.data.mask_formats.diagnose_values`)."""
+    """Mask encodings that contradict the label settings (see :func:`fcn.data.doctor.diagnose.diagnose_values`)."""
     histogram: Counter | None = None
     if decoder.identity and not decoder.palette:  # stored value = decoded class: the counts are the histogram
         histogram = Counter()
