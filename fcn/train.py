@@ -37,6 +37,7 @@ from fcn import distributed
 from fcn.checkpoint import save_checkpoint
 from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
 from fcn.data import build
+from fcn.data.doctor.crop import folder_crop_warning
 from fcn.data.loader import short_batch_warnings
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
@@ -290,7 +291,9 @@ def build_data(cfg: DictConfig, crop: tuple[int, int]) -> tuple[DataLoader, Data
         reports = {r.split: r for r in build.scan_data(data, [data.train_split, data.val_split])}
     val_report = reports.get(data.val_split)
     train_sizes = reports[data.train_split].image_sizes if data.train_split in reports else {}
-    if (too_big := crop_padding_warning(crop, train_sizes)) and main_rank:
+    # A crop larger than every image, or data=folder's own 512 larger than most: one line with the fix.
+    too_big = crop_padding_warning(crop, train_sizes) or folder_crop_warning(data, train_sizes)
+    if too_big and main_rank:
         log.warning("%s", too_big)
     # Each rank draws its own share of every epoch's order; validation is split without repeats.
     # Images of different sizes are scored one at a time, so no padding ever reaches the model.

@@ -23,7 +23,6 @@ from tests.conftest import compose_config
 from tests.layouts import image_array, save, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
-WIRED = pytest.mark.xfail(strict=True, reason="needs the lines in fcn/data/build.py and fcn/train.py (see docstring)")
 
 
 def _run(command: str, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
@@ -38,7 +37,6 @@ def _run(command: str, tmp_path: Path, name: str) -> subprocess.CompletedProcess
     )
 
 
-@WIRED
 @pytest.mark.slow
 def test_the_full_report_and_repair_commands_after_a_data_error_run_as_printed(tmp_path):
     root = tmp_path / "my data"
@@ -63,7 +61,6 @@ def test_the_full_report_and_repair_commands_after_a_data_error_run_as_printed(t
     assert "Train on the repaired copy:" in fixed.stdout and Path(f"{root}_fixed", "fix_report.csv").is_file()
 
 
-@WIRED
 @pytest.mark.slow
 def test_training_on_a_folder_of_small_images_at_the_folders_own_crop_says_which_crop_fits(tmp_path, caplog):
     from fcn.train import train

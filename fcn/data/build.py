@@ -18,6 +18,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from fcn.data.doctor.commands import doctor_lines
 from fcn.data.doctor.scan import SplitReport, format_errors, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.download import download
 from fcn.data.folder import SegmentationFolder, find_pairs
@@ -26,7 +27,6 @@ from fcn.data.loader import make_loader
 from fcn.data.sampler import ResumableSampler
 from fcn.data.shapes import ensure_shapes
 from fcn.errors import UserError
-from fcn.overrides import override
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def scan_data(data: DictConfig, splits: list[str]) -> list[SplitReport]:
     if any(r.errors for r in reports):
         raise UserError(
             f"the {data.name} data at {Path(data.root).resolve()} has problems:\n  {format_errors(reports)}\n"
-            f"Full report: python scripts/check_data.py data={data.name} {override('data.root', data.root)}"
+            + doctor_lines(data, {p.kind for r in reports for p in r.problems})
         )
     return reports
 
