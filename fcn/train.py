@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from fcn import distributed
 from fcn.checkpoint import check_architecture, save_checkpoint
 from fcn.cli.console import log_config_changes, run_name
-from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
+from fcn.config import crop_padding_warning, validate_train_config, warmup_warning
 from fcn.data import build
 from fcn.data.loader import short_batch_warnings
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels

@@ -1,4 +1,4 @@
-"""Every setting a user can give is declared once (fcn/cli/settings.py) and checked before anything runs."""
+"""Every setting a user can give is declared once (fcn/config.py) and checked before anything runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from fcn.cli import CONFIG_DIR
-from fcn.cli.settings import LOSS_SETTINGS, SETTINGS, check_settings
+from fcn.config import LOSS_SETTINGS, SETTINGS, check_settings
 from fcn.errors import UserError
 from tests.conftest import compose_config
 
@@ -191,7 +191,7 @@ def test_a_refused_setting_keeps_a_pinned_directory_that_existed_before(tmp_path
 def test_a_list_that_must_hold_something_refuses_an_empty_one_naming_the_key(key):
     from omegaconf import OmegaConf
 
-    from fcn.cli.settings import check_settings
+    from fcn.config import check_settings
     from fcn.errors import UserError
 
     cfg = OmegaConf.create({})
