@@ -1,17 +1,11 @@
-"""Every setting a user can give, declared once (:data:`SETTINGS`): its type, range or choices, whether
-null is allowed and whether a resume may change it; and, below the table, the checks that relate
-several keys (one name and colour per class, a sliding stride no larger than its window, a batch of
-one with a 1x1 feature map), each a plain function of plain values.
+"""Every setting a user can give, declared once (:data:`SETTINGS`): type, range or choices, whether null
+is allowed and whether a resume may change it; below the table, the checks that relate several keys
+(one name and colour per class, a sliding stride no larger than its window, ...).
 
-The entry points call :func:`validate_train_config`, :func:`validate_eval_config`,
-:func:`validate_export_config` or :func:`check_settings` before they read a file or build a model;
-each refusal is one :class:`fcn.errors.UserError` line naming the key, the value and what is
-allowed (exit 2). :func:`may_change_on_resume` says which changed keys a resume applies.
-
-Why a table of our own rather than pydantic models or Structured Configs: docs/architecture.md
-("Settings"). Nothing here imports torch (``--help`` answers before torch loads): the model's
-vocabulary (backbones, variants, upsampling modes) is read from :mod:`fcn.models` only when a
-value naming one is checked.
+Each refusal is one :class:`fcn.errors.UserError` line naming the key, the value and what is allowed
+(exit 2 at the entry points, which check before they read a file or build a model). Why a table of our
+own, not pydantic or Structured Configs: docs/architecture.md ("Settings"). Nothing here imports torch
+(``--help`` answers before torch loads): the model's vocabulary is read from :mod:`fcn.models` when checked.
 """
 
 from __future__ import annotations
@@ -395,9 +389,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         check_eval(cfg.eval)
 
 
-def validate_export_config(cfg: DictConfig) -> None:
-    """Check the settings of export.py before the checkpoint is read (each on its own: no relations)."""
-    check_settings(cfg)
+validate_export_config = check_settings  # export.py's keys have no relations between them
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
