@@ -377,6 +377,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     """Check a composed training config before anything is built: each value, then the relations
     between keys; raises UserError on the first bad value."""
     check_settings(cfg)
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.val_every", "trainer.accumulate_grad_batches"):
+        if OmegaConf.select(cfg, key) is None:  # deleted (~key): the run reads it (a null is refused above)
+            raise UserError(f"{key}=None: must be at least 1")
     data = cfg.data
     if any(OmegaConf.is_missing(data, k) for k in ("num_classes", "class_names")):
         return  # Hydra's own "missing value" error names the key when it is read
@@ -389,7 +392,11 @@ def validate_train_config(cfg: DictConfig) -> None:
         check_eval(cfg.eval)
 
 
-validate_export_config = check_settings  # export.py's keys have no relations between them
+def validate_export_config(cfg: DictConfig) -> None:
+    """Check the settings of export.py before the checkpoint is read."""
+    check_settings(cfg)
+    if cfg.get("opset") is None:  # deleted (~opset): the export reads it (a null is refused above)
+        raise UserError("opset=None: give an ONNX opset between 13 and 24 (18 is the default)")
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
