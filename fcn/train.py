@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from fcn import distributed
 from fcn.checkpoint import save_checkpoint
-from fcn.cli.validate import crop_padding_warning, validate_train_config, warmup_warning
+from fcn.config import crop_padding_warning, validate_train_config, warmup_warning
 from fcn.data import build
 from fcn.data.doctor.crop import folder_crop_warning
 from fcn.data.loader import short_batch_warnings
@@ -222,7 +222,7 @@ def build_run(cfg: DictConfig, out_dir: Path) -> Run:
     loss_fn = build.build_loss(cfg.loss, data, reports.get(data.train_split))
     # An exponential moving average of the weights (and batch-norm statistics), when asked: it is what
     # validates and what best.pt holds; last.pt also keeps the trained weights, to resume from.
-    ema_decay = trainer.get("ema_decay")  # in (0, 1) or null: fcn/cli/settings.py
+    ema_decay = trainer.get("ema_decay")  # in (0, 1) or null: fcn/config.py
     ema = (
         None
         if ema_decay is None

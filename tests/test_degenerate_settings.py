@@ -156,7 +156,7 @@ def test_bad_setting_is_refused_before_set_up_naming_the_key(case, shapes_root, 
 
 
 def test_default_and_tiny_settings_pass_validation(shapes_root):
-    from fcn.cli.validate import validate_eval_config, validate_train_config
+    from fcn.config import validate_eval_config, validate_train_config
     from tests.conftest import compose_config, tiny_train_overrides
 
     validate_train_config(compose_config("train", []))
@@ -176,7 +176,7 @@ def test_predict_refuses_a_bad_window_before_reading_the_checkpoint(tmp_path):
 
 
 def test_warm_up_longer_than_the_run_is_warned_with_both_numbers():
-    from fcn.cli.validate import warmup_warning
+    from fcn.config import warmup_warning
 
     assert warmup_warning(50, 6) is not None and "50" in warmup_warning(50, 6) and "6" in warmup_warning(50, 6)
     assert warmup_warning(50, 600) is None and warmup_warning(0, 1) is None
@@ -192,7 +192,7 @@ def test_reduce_zero_label_is_never_suggested_when_it_would_leave_one_class():
 
 
 def test_crop_larger_than_every_image_is_warned_with_padding_and_cost():
-    from fcn.cli.validate import crop_padding_warning
+    from fcn.config import crop_padding_warning
 
     message = crop_padding_warning((512, 512), {"128x128": 10})
     assert message is not None and "94%" in message and "16.0x" in message and "128x128" in message
@@ -232,7 +232,7 @@ def test_scan_warns_about_masks_that_are_entirely_ignored(tmp_path):
 
 
 def test_data_doctor_refuses_a_single_class():
-    from fcn.cli.validate import check_classes
+    from fcn.config import check_classes
     from fcn.errors import UserError
     from tests.conftest import compose_config
 
@@ -244,7 +244,7 @@ def test_data_doctor_refuses_a_single_class():
 def test_learning_rate_zero_is_allowed_with_a_warning(caplog):
     import logging
 
-    from fcn.cli.validate import check_optimizer
+    from fcn.config import check_optimizer
 
     with caplog.at_level(logging.WARNING):
         check_optimizer({"lr": 0.0}, "optim")

@@ -5,7 +5,7 @@ import torch
 
 import fcn.train
 from fcn.checkpoint import load_checkpoint
-from fcn.cli.settings import check_settings
+from fcn.config import check_settings
 from fcn.errors import UserError
 from fcn.train import TrainingInterrupted, train
 from tests.conftest import StopAtStep, compose_config, tiny_train_overrides

@@ -1,4 +1,4 @@
-"""Every setting a user can give is declared once (fcn/cli/settings.py) and checked before anything runs."""
+"""Every setting a user can give is declared once (fcn/config.py) and checked before anything runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from fcn.cli import CONFIG_DIR
-from fcn.cli.settings import LOSS_SETTINGS, SETTINGS, check_settings
+from fcn.config import LOSS_SETTINGS, SETTINGS, check_settings
 from fcn.errors import UserError
 from tests.conftest import compose_config
 
@@ -192,10 +192,35 @@ def test_a_refused_setting_keeps_a_pinned_directory_that_existed_before(tmp_path
 def test_a_list_that_must_hold_something_refuses_an_empty_one_naming_the_key(key):
     from omegaconf import OmegaConf
 
-    from fcn.cli.settings import check_settings
+    from fcn.config import check_settings
     from fcn.errors import UserError
 
     cfg = OmegaConf.create({})
     OmegaConf.update(cfg, key, [], force_add=True)
     with pytest.raises(UserError, match=rf"^{key}=\[\]: must be a list of at least 1 values"):
         check_settings(cfg)
+
+
+def test_the_keys_a_resume_may_change_are_those_declared_harmless_with_everything_below_them():
+    from fcn.config import may_change_on_resume
+
+    harmless = ["resume", "init_from", "logger", "logger.num_images", "eval.scales", "data.root", "data.generate.size"]
+    harmless += ["data.max_image_pixels", "data.split", "trainer.num_workers", "trainer.early_stopping_patience"]
+    refused = ["trainer.precision", "model.width", "trainer.sync_bn", "data.reduce_zero_label", "trainer.epochs"]
+    refused += ["loggers.x", "data.generated", "optim.lr", "seed", "trainer.limit_train_batches"]  # prefix ends at "."
+    assert all(may_change_on_resume(k) for k in harmless)
+    assert not any(may_change_on_resume(k) for k in refused)
+
+
+def test_model_names_are_read_from_the_registry_that_builds_the_models(monkeypatch):
+    from fcn import models
+
+    monkeypatch.setattr(models, "BACKBONES", {**models.BACKBONES, "newnet": models.BACKBONES["tiny"]})
+    check_settings(compose_config("train", ["model.backbone=newnet"]))  # one entry in BACKBONES, nothing else
+    with pytest.raises(UserError, match="model.variant=2s: must be one of " + ", ".join(models.VARIANTS)):
+        check_settings(compose_config("train", ["model.variant=2s"]))
+
+
+def test_importing_the_declarations_does_not_import_torch():
+    code = "import sys, fcn.config, fcn.cli.suggest; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

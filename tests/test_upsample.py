@@ -256,7 +256,7 @@ def test_the_old_upsampling_key_is_refused_in_one_line_in_every_form(override, f
 def test_a_config_file_that_still_sets_the_old_upsampling_key_is_refused_before_anything_runs():
     from omegaconf import OmegaConf
 
-    from fcn.cli.settings import check_settings
+    from fcn.config import check_settings
     from fcn.errors import UserError
 
     cfg = OmegaConf.create({"model": {"upsampling": "learned", "learnable_upsampling": False}})

@@ -23,7 +23,7 @@ import time
 import torch
 
 from fcn.device import CHANNELS_LAST_CPU
-from fcn.models import FCN
+from fcn.models import FCN, VARIANTS
 from fcn.models.backbones import BACKBONES
 from fcn.models.fold import fold_batch_norm
 from fcn.models.upsample import BilinearUpsample
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--crop", type=_positive, default=128)
     parser.add_argument("--batch", type=_positive, default=8)
     parser.add_argument("--classes", type=_positive, default=21)
-    parser.add_argument("--variant", default="8s", choices=["32s", "16s", "8s", "4s"])
+    parser.add_argument("--variant", default="8s", choices=VARIANTS)
     parser.add_argument("--rounds", type=_positive, default=2)
     parser.add_argument("--steps", type=_positive, default=3)
     args = parser.parse_args()

@@ -35,8 +35,8 @@ from omegaconf import DictConfig
 from fcn.bench import probes
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
-from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
+from fcn.config import check_settings
 from fcn.data.build import build_dataset, build_loss, loaders, prepare_data_root
 from fcn.device import resolve_channels_last, resolve_device, resolve_precision
 from fcn.errors import UserError
@@ -165,7 +165,7 @@ def run_table(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]) -
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="model_table")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    check_settings(cfg)  # fcn/cli/settings.py: each value checked before anything runs
+    check_settings(cfg)  # fcn/config.py: each value checked before anything runs
     run_table(cfg, HydraConfig.get().runtime.output_dir, list(HydraConfig.get().overrides.task))
 
 

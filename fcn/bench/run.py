@@ -39,8 +39,8 @@ from fcn.bench import probes as bench_probes
 from fcn.checkpoint import offline_model_settings
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
-from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
+from fcn.config import check_settings
 from fcn.data.build import build_dataset, build_loss, data_layout, loaders, mask_decoder, pair, prepare_data_root
 from fcn.data.transforms import normalize
 from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
@@ -230,7 +230,7 @@ def _write(result: dict, out_dir: str | Path) -> dict:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="benchmark")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    check_settings(cfg)  # fcn/cli/settings.py: each value checked before anything runs
+    check_settings(cfg)  # fcn/config.py: each value checked before anything runs
     run_benchmark(cfg, HydraConfig.get().runtime.output_dir)
 
 

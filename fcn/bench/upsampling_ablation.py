@@ -39,8 +39,8 @@ from fcn.bench.probes import device_name
 from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
-from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
+from fcn.config import check_settings
 from fcn.data.build import build_dataset
 from fcn.data.loader import make_loader
 from fcn.engine import Settings, evaluate
@@ -219,7 +219,7 @@ def run_ablation(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="upsampling_ablation")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    check_settings(cfg)  # fcn/cli/settings.py: each value checked before anything runs
+    check_settings(cfg)  # fcn/config.py: each value checked before anything runs
     log.info("ablation: %s", OmegaConf.to_container(cfg.ablation))
     run_ablation(cfg, HydraConfig.get().runtime.output_dir, list(HydraConfig.get().overrides.task))
 

@@ -22,7 +22,7 @@ from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
-from fcn.cli.validate import check_classes, validate_eval_config
+from fcn.config import check_classes, validate_eval_config
 from fcn.data.build import build_dataset, prepare_data_root, scan_data
 from fcn.data.labels import label_reading_changes, trained_label_reading
 from fcn.data.loader import make_loader

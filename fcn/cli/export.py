@@ -19,7 +19,7 @@ from fcn.checkpoint import load_model, offline_model_settings
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
-from fcn.cli.validate import validate_export_config
+from fcn.config import validate_export_config
 from fcn.errors import UserError
 from fcn.export import check_onnx, export_onnx, save_safetensors
 from fcn.models.fold import fold_batch_norm

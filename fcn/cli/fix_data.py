@@ -19,9 +19,8 @@ from omegaconf import DictConfig
 
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
-from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
-from fcn.cli.validate import check_classes
+from fcn.config import check_classes, check_settings
 from fcn.data.build import data_layout, mask_decoder, prepare_data_root
 from fcn.data.doctor.commands import train_command
 from fcn.data.doctor.fix import (

@@ -22,7 +22,7 @@ from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
-from fcn.cli.validate import validate_eval_config
+from fcn.config import validate_eval_config
 from fcn.data.folder import IMAGE_EXTENSIONS, read_image
 from fcn.data.labels import exif_orientation, image_to_rgb
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels

@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from fcn.cli import CONFIG_DIR, multirun
 from fcn.cli.exit import exit_on_user_error
-from fcn.cli.settings import check_settings
 from fcn.cli.suggest import suggest_keys
+from fcn.config import check_settings, validate_train_config
 from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
             f'the search needs Optuna ({exc}): pip install -e ".[search]" (optuna >= 4, matplotlib)'
         ) from exc
     from fcn import search
-    from fcn.cli.validate import validate_train_config
     from fcn.signals import GracefulStop, TrainingInterrupted
 
     check_settings(cfg)  # search.* and every training value: one line naming the key

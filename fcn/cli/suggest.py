@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fcn.cli.settings import RENAMED, renamed
+from fcn.config import RENAMED, SYNONYMS, renamed
 
 # The messages of Hydra 1.3's ConfigCompositionException that name an unknown key.
 _UNKNOWN_KEY = (
@@ -153,22 +153,6 @@ def _closest_key_hint(config_name: str, key: str, keys: list[str]) -> str:
         where = f"; {parent} has: {', '.join(siblings)}" if siblings else ""
         return f"error: no key '{key}' in the {config_name} config{where}"
     return f"error: no key '{key}' in the {config_name} config; did you mean {close[0]}?"
-
-
-# Other tools' names for settings of this config (leaf name -> ours).
-SYNONYMS = {
-    "learning_rate": "lr",
-    "base_lr": "lr",
-    "epoch": "epochs",
-    "num_epochs": "epochs",
-    "max_epochs": "epochs",
-    "batchsize": "batch_size",
-    "bs": "batch_size",
-    "wd": "weight_decay",
-    "n_classes": "num_classes",
-    "classes": "num_classes",
-    "workers": "num_workers",
-}
 
 
 def _options_with_key(group: str, leaf: str) -> list[str]:

@@ -14,7 +14,8 @@ centred near pixel ``j*s`` rather than ``(j+0.5)*s``: a shift of under half a ce
 learned upsampling can absorb.
 
 Adding a backbone is one function here that returns an :class:`Encoder`, one entry in
-:data:`BACKBONES` and one YAML file in ``configs/model/``.
+:data:`BACKBONES` and one YAML file in ``configs/model/``: the settings check (:mod:`fcn.config`)
+reads the names from :data:`BACKBONES`.
 """
 
 from __future__ import annotations
