@@ -6,7 +6,7 @@
 - **Which checkpoint, agreed by every rank** (:func:`agreed_resume_checkpoint`): rank 0 picks it (a
   corrupt ``last.pt`` falls back to ``last.prev.pt``), every rank loads the same file.
 - **Which changed settings are refused** (:func:`check_resume_config`): keys that cannot change
-  what is learned (:data:`HARMLESS_KEYS`) are applied with a warning; every other key, and the
+  what is learned (:func:`fcn.config.may_change_on_resume`) are applied with a warning; every other key, and the
   run's shape (:func:`check_same_run_shape`), must be unchanged.
 - **Restore** (:func:`resume_training`): weights, optimiser, schedule, scaler, EMA, random state
   and progress. The run's best checkpoint is the ``best.pt`` beside the checkpoint resumed from
@@ -31,6 +31,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from fcn import distributed, rundir
 from fcn.checkpoint import check_architecture, check_writable, load_checkpoint, load_resumable
+from fcn.config import may_change_on_resume
 from fcn.errors import UserError
 from fcn.metrics import METRICS
 from fcn.overrides import override
@@ -125,45 +126,6 @@ SHAPE_NAMES = {
 }
 
 
-#: Settings that cannot change what the model learns, step by step: loading speed, devices and
-#: kernels (floating-point results may differ in the last bits, as on another machine), logging,
-#: checkpoint frequency, and how validation is run and shown. A key equal to one of these, or
-#: below one (``logger`` covers ``logger.num_images``), may change on resume; it is applied and
-#: listed in a warning. Every other key (optimizer, lr, schedule, loss, model, data, crop, batch
-#: size, seed, augmentation, epochs, precision, ...) changes the run's trajectory: a resume with
-#: another value is refused. Keys absent on either side (settings added or removed since the
-#: checkpoint was written) are not compared.
-HARMLESS_KEYS = (
-    "resume",  # not even listed: it differs on every resume
-    "init_from",  # the resumed checkpoint's weights replace whatever init_from loaded
-    "logger",
-    "eval",
-    "data.root",  # the same files, moved
-    "data.scan",
-    "data.generate",  # only used when data.root does not exist yet
-    "data.split",  # the split evaluate.py scores, not one training reads
-    "data.max_image_pixels",  # a limit that refuses images, never changes one
-    "trainer.num_workers",
-    "trainer.prefetch_factor",
-    "trainer.pin_memory",
-    "trainer.persistent_workers",
-    "trainer.threads",
-    "trainer.device",
-    "trainer.channels_last",
-    "trainer.compile",
-    "trainer.deterministic",
-    "trainer.checkpoint_every_n_steps",
-    "trainer.limit_val_batches",
-    "trainer.val_every",
-    "trainer.early_stopping_patience",
-)
-
-
-def is_harmless(key: str) -> bool:
-    """Whether dotted ``key`` (e.g. ``trainer.num_workers``) may change on resume (see :data:`HARMLESS_KEYS`)."""
-    return any(key == k or key.startswith(k + ".") for k in HARMLESS_KEYS)
-
-
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are leaves (compared whole)."""
     if not isinstance(config, dict) or (prefix and not config):
@@ -179,7 +141,7 @@ class ConfigChanges:
     """Keys whose value differs between a checkpoint's config and the current one.
 
     Each entry is a line ``key: checkpoint VALUE, now VALUE``. ``refused`` holds keys that change
-    the trajectory, ``applied`` keys that cannot (see :data:`HARMLESS_KEYS`).
+    the trajectory, ``applied`` keys that cannot (see :func:`fcn.config.may_change_on_resume`).
     """
 
     refused: list[str] = field(default_factory=list)
@@ -206,7 +168,7 @@ def compare_configs(saved: dict, now: dict) -> ConfigChanges:
         if key == "resume":
             continue
         line = f"{key}: checkpoint {changed[key][0]!r}, now {changed[key][1]!r}"
-        (changes.applied if is_harmless(key) else changes.refused).append(line)
+        (changes.applied if may_change_on_resume(key) else changes.refused).append(line)
     return changes
 
 
@@ -318,7 +280,7 @@ def find_unfinished_runs(
     """Unfinished runs (:func:`is_unfinished`) under ``outputs_root`` whose stored config matches ``config``.
 
     ``config`` is the current run's resolved config as a plain dict; the match ignores
-    :data:`HARMLESS_KEYS`. ``read_config(run_dir)`` gives a run's config (default: the one its
+    :func:`fcn.config.may_change_on_resume`. ``read_config(run_dir)`` gives a run's config (default: the one its
     checkpoint stores, which describes what ran; ``.hydra/config.yaml`` is rewritten by every
     command pointed at the directory). Newest first (by the time its checkpoints were written);
     ``exclude`` (the directory just made for this command) is skipped.

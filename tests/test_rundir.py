@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fcn import resume, rundir
+from fcn.config import may_change_on_resume
 from fcn.errors import UserError
 from tests.conftest import StopAtStep, compose_config, tiny_train_overrides
 
@@ -106,9 +107,9 @@ def test_resume_applies_settings_that_cannot_change_the_result_and_lists_them():
 
 
 def test_unknown_keys_are_refused_by_default_and_keys_missing_on_one_side_are_not_compared():
-    assert not resume.is_harmless("trainer.precision") and not resume.is_harmless("model.width")
-    assert resume.is_harmless("logger.num_images") and resume.is_harmless("eval.scales")
-    assert not resume.is_harmless("loggers.x")  # a prefix must end at a dot
+    assert not may_change_on_resume("trainer.precision") and not may_change_on_resume("model.width")
+    assert may_change_on_resume("logger.num_images") and may_change_on_resume("eval.scales")
+    assert not may_change_on_resume("loggers.x")  # a prefix must end at a dot
     now = _with(CONFIG, **{"trainer.new_setting": 1})
     assert resume.compare_configs(CONFIG, now).refused == []
     assert resume.compare_configs(CONFIG, _with(CONFIG, **{"optim.lr": 0.01000})).refused == []
@@ -118,8 +119,8 @@ def test_unknown_keys_are_refused_by_default_and_keys_missing_on_one_side_are_no
 
 def test_settings_added_since_the_rules_were_written_are_placed_deliberately():
     # data.max_image_pixels only refuses images; data.split is evaluate's split; sync_bn changes the statistics
-    assert resume.is_harmless("data.max_image_pixels") and resume.is_harmless("data.split")
-    assert not resume.is_harmless("trainer.sync_bn") and not resume.is_harmless("data.reduce_zero_label")
+    assert may_change_on_resume("data.max_image_pixels") and may_change_on_resume("data.split")
+    assert not may_change_on_resume("trainer.sync_bn") and not may_change_on_resume("data.reduce_zero_label")
     now = _with(CONFIG, **{"data.max_image_pixels": None})
     assert resume.check_resume_config(_with(CONFIG, **{"data.max_image_pixels": 89478485}), now, Path("x.pt")) == [
         "data.max_image_pixels: checkpoint 89478485, now None"
