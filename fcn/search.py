@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy.engine
 import sqlalchemy.exc  # Optuna's database layer: its errors name a bad storage URL
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
@@ -266,11 +267,7 @@ def open_storage(storage: str | None, study_dir: Path) -> optuna.storages.BaseSt
         except OSError as exc:
             reason = exc.strerror or exc
             raise UserError(f"search.storage={url}: cannot open {path} ({reason}); give a file you can write") from exc
-    if "://" not in url:
-        raise UserError(
-            f"search.storage={url}: give a database URL (sqlite:///PATH, postgresql://...), "
-            "journal:PATH, or null for SQLite in the study's directory"
-        )
+    check_storage(url, study_dir)
     if url.startswith("sqlite:///"):
         _make_parent(url, Path(url.removeprefix("sqlite:///")).expanduser())
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # workers wait for the lock
@@ -287,12 +284,34 @@ def open_storage(storage: str | None, study_dir: Path) -> optuna.storages.BaseSt
                 url, engine_kwargs=engine, heartbeat_interval=60, grace_period=300, **stale
             )
     except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:  # no driver, a bad URL, no database
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _cannot_open(url, exc, study_dir) from exc
+
+
+def check_storage(storage: str | None, study_dir: Path) -> None:
+    """What can be checked of a storage without opening it (nothing is written): a database URL
+    names a dialect SQLAlchemy knows and whose driver is installed. Raises :class:`UserError`."""
+    url = storage_url(storage, study_dir)
+    if url.startswith("journal:"):
+        return
+    if "://" not in url:
         raise UserError(
-            f"search.storage={url}: Optuna cannot open it ({first}); give sqlite:///PATH, a database URL whose "
-            "driver is installed (postgresql://USER@HOST/DB needs psycopg2), journal:PATH, or null for SQLite in "
-            f"{study_dir}"
-        ) from exc
+            f"search.storage={url}: give a database URL (sqlite:///PATH, postgresql://...), "
+            "journal:PATH, or null for SQLite in the study's directory"
+        )
+    try:
+        dialect = sqlalchemy.engine.make_url(url).get_dialect()
+        # the driver (mysql:// needs MySQLdb, postgresql:// psycopg); SQLAlchemy 1.4 names the import dbapi
+        (dialect.import_dbapi if hasattr(dialect, "import_dbapi") else dialect.dbapi)()
+    except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        raise _cannot_open(url, exc, study_dir) from exc
+
+
+def _cannot_open(url: str, exc: Exception, study_dir: Path) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(
+        f"search.storage={url}: Optuna cannot open it ({first}); give sqlite:///PATH, a database URL whose driver "
+        f"is installed (pip install it), journal:PATH, or null for SQLite in {study_dir}"
+    )
 
 
 def _make_parent(url: str, path: Path) -> None:

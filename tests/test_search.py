@@ -441,7 +441,19 @@ def test_a_storage_that_cannot_be_opened_is_one_line_naming_search_storage(stora
     with pytest.raises(UserError) as info:
         open_storage(url, tmp_path / "study")
     assert str(info.value).startswith(f"search.storage={url}: ") and says in str(info.value)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "give " in str(info.value)  # and what to use instead
+
+
+@pytest.mark.parametrize("storage", ["bogus://x", "mysql://u@localhost/db"])
+def test_a_storage_url_optuna_cannot_open_is_refused_before_a_continued_study_is_touched(storage, tmp_path):
+    study = tmp_path / "study"
+    (study / ".hydra").mkdir(parents=True)
+    (study / "search.log").write_text("the first start's log\n")
+    before = _tree(study)
+    proc = _search([f"search.dir={study}", f"search.storage={storage}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Optuna cannot open it" in proc.stderr
+    assert _tree(study) == before and [p.name for p in tmp_path.iterdir()] == ["study"]
 
 
 def test_a_key_both_given_and_searched_is_refused_before_any_trial(tmp_path):

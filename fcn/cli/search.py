@@ -93,6 +93,7 @@ def search_settings(cfg: DictConfig, task_overrides: list[str]) -> SearchSetting
     space = OmegaConf.to_container(cfg.search.space, resolve=True)
     groups = {key: _group_options(key) for key in search.space_leaves(space or {}) if "." not in key}
     _refuse_fixed_and_searched(overrides, search.space_leaves(space or {}))
+    search.check_storage(cfg.search.storage, Path(cfg.search.dir))  # a URL without its driver: before Hydra writes
     return search.SearchSettings(
         name=cfg.search.name,
         dir=Path(cfg.search.dir),
