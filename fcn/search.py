@@ -27,11 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
+import sqlalchemy.engine
 import sqlalchemy.exc  # Optuna's database layer: its errors name a bad storage URL
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from fcn.cli.settings import LOSS_SETTINGS, SETTINGS, Setting
 from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -54,7 +59,8 @@ class SearchSettings:
     ``space`` maps each sampled key (a dotted training key or a config group) to its Optuna
     distribution (:func:`parse_space`); ``base_overrides`` are the command's training overrides,
     which every trial shares (and the printed best command repeats); ``epochs``: each trial's
-    ``trainer.epochs`` (Hyperband's largest budget).
+    ``trainer.epochs`` (Hyperband's largest budget); ``worker``: ``search.worker``, which gives each
+    worker of a seeded study its own random stream (:func:`sampler_seed`).
     """
 
     name: str
@@ -70,6 +76,7 @@ class SearchSettings:
     pruner_warmup_epochs: int = 1
     epochs: int = 1
     base_overrides: tuple[str, ...] = field(default_factory=tuple)
+    worker: int = 0
 
 
 # --- The space -------------------------------------------------------------------------------------
@@ -96,8 +103,11 @@ def parse_space(space: Mapping, keys: set[str], groups: Mapping[str, list[str]])
     options (``{"aug": ["default", "light", "none"], ...}``), a group being sampled by option.
     Raises :class:`UserError` with one line naming ``search.space.<key>`` for an unknown key, an
     unknown type, an empty range (low >= high), a log range that reaches 0 or below, a range
-    whose bounds are not numbers (whole ones for ``int``), empty choices, or a group option that
-    does not exist; before any trial runs.
+    whose bounds are not numbers (whole ones for ``int``), a step that is not a positive number
+    or comes with ``log``, empty choices, a group option that does not exist, or a value the
+    key's setting refuses (:data:`fcn.cli.settings.SETTINGS`): every choice, and both ends of a
+    range (its step grid's last value for the upper one), as the trial would read them from the
+    command line; before any trial runs.
     """
     if not space:
         raise UserError(
@@ -123,17 +133,20 @@ def parse_space(space: Mapping, keys: set[str], groups: Mapping[str, list[str]])
                 f"{name}: {key} is a config group: sample it as {{type:categorical,choices:[{','.join(groups[key])}]}}"
             )
         distributions[key] = _distribution(name, dict(spec), groups.get(key))
+        if (setting := _setting(key)) is not None:
+            _check_values(name, key, distributions[key], setting, spec.get("high"))
     return distributions
 
 
-_FIELDS = {"float": ("low", "high", "log"), "int": ("low", "high", "log"), "categorical": ("choices",)}
+_FIELDS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"), "categorical": ("choices",)}
 
 
 def _distribution(name: str, spec: dict, options: list[str] | None) -> BaseDistribution:
     fields = _FIELDS[spec["type"]]
     if unknown := [f for f in spec if f not in (*fields, "type")]:
         raise UserError(
-            f"{name}.{unknown[0]}: not a field of a {spec['type']} distribution; it has {', '.join(fields)}"
+            f"{name}.{unknown[0]}: not a field of a {spec['type']} distribution: drop it; "
+            f"a {spec['type']} distribution has {', '.join(fields)}"
         )
     if spec["type"] == "categorical":
         choices = spec.get("choices")
@@ -141,24 +154,79 @@ def _distribution(name: str, spec: dict, options: list[str] | None) -> BaseDistr
             raise UserError(f"{name}.choices is empty: give a list of at least one value, e.g. choices: [a, b]")
         if options is not None and (unknown := [c for c in choices if str(c) not in options]):
             raise UserError(
-                f"{name}.choices: no option {unknown[0]} in the {name.split('.', 2)[2]} group; "
-                f"it has {', '.join(options)}"
+                f"{name}.choices: no option {unknown[0]} in the {name.split('.', 2)[2]} group: "
+                f"give options it has ({', '.join(options)})"
             )
         return CategoricalDistribution(choices)
-    low, high, log_scale = spec.get("low"), spec.get("high"), bool(spec.get("log", False))
+    low, high, log_scale, step = spec.get("low"), spec.get("high"), bool(spec.get("log", False)), spec.get("step")
     whole = spec["type"] == "int"
-    for bound, value in (("low", low), ("high", high)):
+    for bound, value in (("low", low), ("high", high), ("step", step)):
+        if bound == "step" and value is None:
+            continue  # no step: every value of the range (every whole one for int)
         number = isinstance(value, int) if whole else isinstance(value, (int, float))
         if isinstance(value, bool) or not number or not math.isfinite(value):
             what = "a whole number" if whole else "a finite number"
-            raise UserError(f"{name}.{bound}={value}: must be {what}")
+            raise UserError(f"{name}.{bound}={value}: must be {what}: give e.g. {name}.{bound}={1 if whole else 0.1}")
     if low >= high:
         raise UserError(f"{name}: empty range low={low} >= high={high}: give low < high")
     if log_scale and low <= 0:
         raise UserError(f"{name}: a log range must stay above 0 (low={low}): give low > 0, or log: false")
-    if whole:
-        return IntDistribution(int(low), int(high), log=log_scale)
-    return FloatDistribution(float(low), float(high), log=log_scale)
+    if step is not None and step <= 0:
+        raise UserError(f"{name}.step={step}: must be above 0: give a positive step, or drop step")
+    if step is not None and log_scale and not (whole and step == 1):
+        raise UserError(f"{name}: step={step} and log: true cannot go together (Optuna): drop step, or log")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a range that is not a whole number of steps: its grid's last value is high
+        if whole:
+            return IntDistribution(int(low), int(high), log=log_scale, step=int(step or 1))
+        return FloatDistribution(float(low), float(high), log=log_scale, step=None if step is None else float(step))
+
+
+def _setting(key: str) -> Setting | None:
+    """The declaration of training key ``key``: :data:`~fcn.cli.settings.SETTINGS`, or a loss
+    node's (``loss.label_smoothing``, ``loss.losses.0.top_k``); None for a key declared nowhere."""
+    if key in SETTINGS:
+        return SETTINGS[key]
+    parts = key.split(".")
+    in_loss = parts[0] == "loss" and all(p == "losses" or p.isdigit() for p in parts[1:-1])
+    return LOSS_SETTINGS.get(parts[-1]) if in_loss and len(parts) > 1 else None
+
+
+def _check_values(name: str, key: str, distribution: BaseDistribution, setting: Setting, high: Any) -> None:
+    """Every value ``distribution`` can give ``key`` is one its ``setting`` accepts: each choice;
+    a range's two ends (the settings' ranges are intervals, so the values between follow), the
+    upper one being the step grid's last value where the range given (``high``) is not a whole
+    number of steps."""
+    if isinstance(distribution, CategoricalDistribution):
+        for choice in distribution.choices:
+            if not setting.accepts(_as_written(key, choice)):
+                raise UserError(
+                    f"{name}.choices: {_text(choice)} is not a value of {key}, which must be {setting.allowed()}; "
+                    f"drop {_text(choice)} from the choices"
+                )
+        return
+    ends = (("low", distribution.low), ("high", distribution.high))
+    for bound, value in ends:
+        if setting.accepts(_as_written(key, value)):
+            continue
+        where = f"{name}.{bound}={_text(high if bound == 'high' and value == high else value)}"
+        if bound == "high" and value != high:
+            where = f"{name}: the step grid's last value {_text(value)} (high={high}, step={distribution.step})"
+        whole = setting.kind == "int" and isinstance(distribution, FloatDistribution)
+        hint = "sample it with type: int" if whole else f"give a {bound} that {key} accepts"
+        raise UserError(f"{where}: {key} must be {setting.allowed()}; {hint}")
+
+
+def _as_written(key: str, value: Any) -> Any:
+    """``value`` as the trial's training config reads it: through its command-line override."""
+    try:
+        return OverridesParser.create().parse_override(override(key, value)).value()
+    except OverrideParseException:  # a value Hydra cannot read back: checked as it is
+        return value
+
+
+def _text(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else "null" if value is None else str(value)
 
 
 def suggest(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> Any:
@@ -166,8 +234,8 @@ def suggest(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> An
     if isinstance(distribution, CategoricalDistribution):
         return trial.suggest_categorical(key, distribution.choices)
     if isinstance(distribution, IntDistribution):
-        return trial.suggest_int(key, distribution.low, distribution.high, log=distribution.log)
-    return trial.suggest_float(key, distribution.low, distribution.high, log=distribution.log)
+        return trial.suggest_int(key, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+    return trial.suggest_float(key, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
 
 
 def override(key: str, value: Any) -> str:
@@ -199,11 +267,7 @@ def open_storage(storage: str | None, study_dir: Path) -> optuna.storages.BaseSt
         except OSError as exc:
             reason = exc.strerror or exc
             raise UserError(f"search.storage={url}: cannot open {path} ({reason}); give a file you can write") from exc
-    if "://" not in url:
-        raise UserError(
-            f"search.storage={url}: give a database URL (sqlite:///PATH, postgresql://...), "
-            "journal:PATH, or null for SQLite in the study's directory"
-        )
+    check_storage(url, study_dir)
     if url.startswith("sqlite:///"):
         _make_parent(url, Path(url.removeprefix("sqlite:///")).expanduser())
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # workers wait for the lock
@@ -220,8 +284,34 @@ def open_storage(storage: str | None, study_dir: Path) -> optuna.storages.BaseSt
                 url, engine_kwargs=engine, heartbeat_interval=60, grace_period=300, **stale
             )
     except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:  # no driver, a bad URL, no database
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"search.storage={url}: Optuna cannot open it ({first}); check the URL and its driver") from exc
+        raise _cannot_open(url, exc, study_dir) from exc
+
+
+def check_storage(storage: str | None, study_dir: Path) -> None:
+    """What can be checked of a storage without opening it (nothing is written): a database URL
+    names a dialect SQLAlchemy knows and whose driver is installed. Raises :class:`UserError`."""
+    url = storage_url(storage, study_dir)
+    if url.startswith("journal:"):
+        return
+    if "://" not in url:
+        raise UserError(
+            f"search.storage={url}: give a database URL (sqlite:///PATH, postgresql://...), "
+            "journal:PATH, or null for SQLite in the study's directory"
+        )
+    try:
+        dialect = sqlalchemy.engine.make_url(url).get_dialect()
+        # the driver (mysql:// needs MySQLdb, postgresql:// psycopg); SQLAlchemy 1.4 names the import dbapi
+        (dialect.import_dbapi if hasattr(dialect, "import_dbapi") else dialect.dbapi)()
+    except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        raise _cannot_open(url, exc, study_dir) from exc
+
+
+def _cannot_open(url: str, exc: Exception, study_dir: Path) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(
+        f"search.storage={url}: Optuna cannot open it ({first}); give sqlite:///PATH, a database URL whose driver "
+        f"is installed (pip install it), journal:PATH, or null for SQLite in {study_dir}"
+    )
 
 
 def _make_parent(url: str, path: Path) -> None:
@@ -240,6 +330,20 @@ def make_sampler(seed: int | None, n_startup_trials: int) -> optuna.samplers.Bas
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, constant_liar=True)
 
 
+def sampler_seed(seed: int | None, worker: int, trials: int) -> int | None:
+    """The sampler's seed for one start of one worker of a study that holds ``trials`` trials.
+
+    ``seed`` itself for worker 0 of a fresh study, so a fresh seeded search repeats exactly;
+    otherwise a seed drawn from (``seed``, ``worker``, ``trials``): a continued search, or another
+    worker, never restarts a random stream an earlier start used (its start-up trials would repeat
+    the values of finished ones). None (no seed) stays None."""
+    if seed is None:
+        return None
+    if worker == 0 and trials == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, worker, trials]).generate_state(1)[0])
+
+
 def make_pruner(name: str, startup_trials: int, warmup_epochs: int, epochs: int) -> optuna.pruners.BasePruner:
     """``median``: stop a trial whose val mIoU at an epoch is below the median of the earlier
     trials' at that epoch; ``hyperband``: successive halving over budgets of 1 .. ``epochs``
@@ -250,24 +354,26 @@ def make_pruner(name: str, startup_trials: int, warmup_epochs: int, epochs: int)
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise UserError(f"search.pruner={name}: must be one of median, hyperband, none")
+    raise UserError(f"search.pruner={name}: must be one of median, hyperband, none: give one of them")
 
 
 def open_study(settings: SearchSettings, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """The study of this name in ``storage``: made on the first start, loaded on any later
-    start or by another worker (``load_if_exists``)."""
+    start or by another worker (``load_if_exists``); its sampler seeded by :func:`sampler_seed`."""
     # Our log says what each trial did (a failed one in one line); Optuna's would add a traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=settings.name,
         storage=storage,
-        sampler=make_sampler(settings.seed, settings.n_startup_trials),
         pruner=make_pruner(
             settings.pruner, settings.pruner_startup_trials, settings.pruner_warmup_epochs, settings.epochs
         ),
         direction=settings.direction,
         load_if_exists=True,
     )
+    seed = sampler_seed(settings.seed, settings.worker, len(study.get_trials(deepcopy=False)))
+    study.sampler = make_sampler(seed, settings.n_startup_trials)  # seeded by what the study holds already
+    return study
 
 
 def finished(study: optuna.Study) -> int:
@@ -414,7 +520,7 @@ def check_some_finished(study: optuna.Study, summary: Path) -> None:
         error = failed[0].user_attrs.get("error", "no message recorded")
         raise UserError(
             f"no trial of study {study.study_name} finished: all {len(failed)} failed (trial {failed[0].number}: "
-            f"{error}); see {summary} and each trial's train.log"
+            f"{error}); see {summary} and each trial's train.log, fix the cause and run the same command again"
         )
 
 

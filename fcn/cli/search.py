@@ -6,6 +6,9 @@ overrides plus the trial's sampled ones, the trial's run directory (``.hydra/``,
 ``train.log``, the lock), signals (exit 128 + signal, with the command that continues) and exit
 codes. The study itself (space, storage, pruning, summary) is :mod:`fcn.search`.
 
+Every check happens before Hydra writes into the study's directory (:class:`SearchCallback`), so a
+refused command leaves nothing; no directory outside ``search.dir`` is ever made.
+
 Several workers of one study are several processes with the same ``search.name`` and
 ``search.storage``; ``-m search.worker=0,1,2,3 hydra/launcher=slurm`` starts them as SLURM jobs.
 """
@@ -18,17 +21,24 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from fcn.cli import CONFIG_DIR, multirun
+from fcn.cli import CONFIG_DIR, hydra_run_dir, multirun
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
 from fcn.config import check_settings, validate_train_config
 from fcn.errors import UserError
+
+if TYPE_CHECKING:
+    from fcn.search import SearchSettings
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +53,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
             "a search runs one process per worker, not under torchrun or in a job of several tasks: start "
             "several workers instead (same search.name and search.storage), e.g. -m search.worker=0,1,2,3"
         )
-    try:
-        import optuna  # noqa: F401
-    except ImportError as exc:
-        raise UserError(
-            f'the search needs Optuna ({exc}): pip install -e ".[search]" (optuna >= 4, matplotlib)'
-        ) from exc
     from fcn import search
     from fcn.signals import GracefulStop, TrainingInterrupted
 
-    check_settings(cfg)  # search.* and every training value: one line naming the key
-    overrides = training_overrides(list(HydraConfig.get().overrides.task))
-    base = hydra.compose("train", overrides=overrides)
-    validate_train_config(base)  # a bad training value ends here, before any trial
-    space = OmegaConf.to_container(cfg.search.space, resolve=True)
-    groups = {key: _group_options(key) for key in search.space_leaves(space or {}) if "." not in key}
-    _refuse_fixed_and_searched(overrides, search.space_leaves(space or {}))
-    settings = search.SearchSettings(
-        name=cfg.search.name,
-        dir=Path(cfg.search.dir),
-        n_trials=cfg.search.n_trials,
-        space=search.parse_space(space or {}, _dotted_keys(base), {k: v for k, v in groups.items() if v}),
-        direction=cfg.search.direction,
-        storage=cfg.search.storage,
-        seed=cfg.search.sampler.seed,
-        n_startup_trials=cfg.search.sampler.n_startup_trials,
-        pruner=cfg.search.pruner,
-        pruner_startup_trials=cfg.search.pruner_startup_trials,
-        pruner_warmup_epochs=cfg.search.pruner_warmup_epochs,
-        epochs=base.trainer.epochs,
-        base_overrides=tuple(overrides),
-    )
+    settings = search_settings(cfg, list(HydraConfig.get().overrides.task))
     with GracefulStop(also=multirun.requeue_signals()) as stop:
         try:
             study = search.run_search(settings, lambda o, d, v: train_trial(o, d, v, stop))
@@ -87,6 +70,76 @@ def hydra_main(cfg: DictConfig) -> float | None:
     search.check_some_finished(study, summary)  # every trial failed: exit 2, not a "best" of nothing
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     return study.best_value if complete else None
+
+
+def search_settings(cfg: DictConfig, task_overrides: list[str]) -> SearchSettings:
+    """The search the composed ``search`` config ``cfg`` and the command's overrides describe, with
+    every check made before the first trial: each ``search.*`` and training value (one line naming
+    the key), the training config every trial starts from, and the space (each value it can give
+    checked against the key's setting, :func:`fcn.search.parse_space`). Raises :class:`UserError`."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            f'the search needs Optuna ({exc}): pip install -e ".[search]" (optuna >= 4, matplotlib)'
+        ) from exc
+    from fcn import search
+    from fcn.cli.validate import validate_train_config
+
+    check_settings(cfg)  # search.* and every training value: one line naming the key
+    overrides = training_overrides(task_overrides)
+    base = hydra.compose("train", overrides=overrides)
+    validate_train_config(base)  # a bad training value ends here, before any trial
+    space = OmegaConf.to_container(cfg.search.space, resolve=True)
+    groups = {key: _group_options(key) for key in search.space_leaves(space or {}) if "." not in key}
+    _refuse_fixed_and_searched(overrides, search.space_leaves(space or {}))
+    search.check_storage(cfg.search.storage, Path(cfg.search.dir))  # a URL without its driver: before Hydra writes
+    return search.SearchSettings(
+        name=cfg.search.name,
+        dir=Path(cfg.search.dir),
+        n_trials=cfg.search.n_trials,
+        space=search.parse_space(space or {}, _dotted_keys(base), {k: v for k, v in groups.items() if v}),
+        direction=cfg.search.direction,
+        storage=cfg.search.storage,
+        seed=cfg.search.sampler.seed,
+        n_startup_trials=cfg.search.sampler.n_startup_trials,
+        pruner=cfg.search.pruner,
+        pruner_startup_trials=cfg.search.pruner_startup_trials,
+        pruner_warmup_epochs=cfg.search.pruner_warmup_epochs,
+        epochs=base.trainer.epochs,
+        base_overrides=tuple(overrides),
+        worker=cfg.search.worker,
+    )
+
+
+class SearchCallback(Callback):
+    """Hydra callback of the search (``configs/search/base/callbacks.yaml``).
+
+    Run: every check of :func:`search_settings` before Hydra makes the study's directory or
+    writes ``.hydra/`` and ``search.log`` there, so a refused command leaves nothing, and a
+    continued study's directory stays as it was. Multirun: Hydra's config is set from the start
+    (as a run sets it before reading ``hydra.run.dir``), so the sweep directory,
+    ``${hydra:..search.dir}/workers``, resolves; ``search.dir`` is read through Hydra's config so
+    that ``--cfg hydra --resolve``, which shows the ``hydra`` node alone, resolves it too.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _refuse_before_writing(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)
+        OmegaConf.set_readonly(config.hydra, None)  # set_config made it read-only; the sweeper still fills it in
+        _refuse_before_writing(config)  # what every worker shares; each checks its own swept values again
+
+
+@exit_on_user_error
+def _refuse_before_writing(config: DictConfig) -> None:
+    parser = OverridesParser.create()
+    plain = [o for o in config.hydra.overrides.task if not parser.parse_override(o).is_sweep_override()]
+    try:
+        search_settings(config, plain)
+    except (ConfigAttributeError, ConfigKeyError):
+        return  # a key removed with ~KEY: the task names the override, once Hydra's job config is set
 
 
 def _refuse_fixed_and_searched(overrides: list[str], leaves: dict) -> None:
@@ -189,7 +242,11 @@ def main() -> None:
     from fcn.process import start_process
 
     start_process()  # fcn-search starts here (scripts/search.py has called it already: a no-op then)
-    hydra_main()
+    # Every directory of a search is pinned (search.dir, its trials/NNN): train.yaml's run directory,
+    # ${fcn.claim_dir:outputs/search/<time>}, which OmegaConf resolves while search.yaml's hydra.run.dir
+    # is merged over it (once per composition), is never made.
+    with hydra_run_dir.print_only():
+        hydra_main()
 
 
 if __name__ == "__main__":
