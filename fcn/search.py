@@ -36,7 +36,7 @@ from hydra.errors import OverrideParseException
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from fcn.cli.settings import LOSS_SETTINGS, SETTINGS, Setting
+from fcn.config import LOSS_SETTINGS, SETTINGS, Setting
 from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def parse_space(space: Mapping, keys: set[str], groups: Mapping[str, list[str]])
     unknown type, an empty range (low >= high), a log range that reaches 0 or below, a range
     whose bounds are not numbers (whole ones for ``int``), a step that is not a positive number
     or comes with ``log``, empty choices, a group option that does not exist, or a value the
-    key's setting refuses (:data:`fcn.cli.settings.SETTINGS`): every choice, and both ends of a
+    key's setting refuses (:data:`fcn.config.SETTINGS`): every choice, and both ends of a
     range (its step grid's last value for the upper one), as the trial would read them from the
     command line; before any trial runs.
     """
@@ -183,7 +183,7 @@ def _distribution(name: str, spec: dict, options: list[str] | None) -> BaseDistr
 
 
 def _setting(key: str) -> Setting | None:
-    """The declaration of training key ``key``: :data:`~fcn.cli.settings.SETTINGS`, or a loss
+    """The declaration of training key ``key``: :data:`~fcn.config.SETTINGS`, or a loss
     node's (``loss.label_smoothing``, ``loss.losses.0.top_k``); None for a key declared nowhere."""
     if key in SETTINGS:
         return SETTINGS[key]

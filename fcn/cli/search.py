@@ -84,7 +84,6 @@ def search_settings(cfg: DictConfig, task_overrides: list[str]) -> SearchSetting
             f'the search needs Optuna ({exc}): pip install -e ".[search]" (optuna >= 4, matplotlib)'
         ) from exc
     from fcn import search
-    from fcn.cli.validate import validate_train_config
 
     check_settings(cfg)  # search.* and every training value: one line naming the key
     overrides = training_overrides(task_overrides)
