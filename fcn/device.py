@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -119,3 +121,16 @@ def resolve_channels_last(setting: bool | str, backbone: str, device: torch.devi
     if device.type == "cpu":
         return CHANNELS_LAST_CPU.get(backbone, True)
     return True
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (the machine the numbers belong to)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"

@@ -137,7 +137,10 @@ class TensorBoardLogger(NullLogger):
         # sub-run, sorted by tag; TensorBoard's Time Series shows them too, so their tags belong in a
         # group that sorts after the curves (fcn/run_logging.py).
         _, session_start, session_end = hparams_summaries(hparams, metrics)
-        with SummaryWriter(log_dir=str(self._dir / hparams_run_name(run_name))) as writer:
+        folder = self._dir / hparams_run_name(run_name)
+        for earlier in folder.glob("events.out.tfevents.*"):  # a stopped run's row, replaced by its resumed run's
+            earlier.unlink()
+        with SummaryWriter(log_dir=str(folder)) as writer:
             writer.file_writer.add_summary(session_start)
             writer.file_writer.add_summary(session_end)
             for tag, value in metrics.items():

@@ -20,6 +20,7 @@ changes to fix them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shlex
 from dataclasses import dataclass, field
@@ -252,10 +253,15 @@ def resume_source(resume: str, run_dir: Path) -> tuple[Path, str]:
 
 
 def is_unfinished(run_dir: Path) -> bool:
-    """A run that saved a resumable checkpoint and has not written ``metrics.json`` (its end)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    has_checkpoint = any((ckpt_dir / n).is_file() for n in rundir.CHECKPOINT_NAMES)
-    return has_checkpoint and not (Path(run_dir) / "metrics.json").is_file()
+    """A run that saved a resumable checkpoint and has not finished: no ``metrics.json``, or one a
+    stopped run wrote (its ``status`` is not ``finished``)."""
+    ckpt_dir, metrics = Path(run_dir) / "checkpoints", Path(run_dir) / "metrics.json"
+    if not any((ckpt_dir / n).is_file() for n in rundir.CHECKPOINT_NAMES):
+        return False
+    try:
+        return json.loads(metrics.read_text()).get("status", "finished") != "finished"
+    except (OSError, ValueError, AttributeError):  # none yet (or unreadable): not finished
+        return True
 
 
 def stored_config(run_dir: Path) -> dict | None:

@@ -21,6 +21,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import resource
+import shlex
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -40,7 +43,14 @@ from fcn.data import build
 from fcn.data.doctor.crop import folder_crop_warning
 from fcn.data.loader import short_batch_warnings
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
-from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
+from fcn.device import (
+    device_name,
+    maybe_compile,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+    set_deterministic,
+)
 from fcn.engine import Bar, NonFiniteLossError, Settings, combine_ranks, evaluate, to_model_input, train_one_epoch
 from fcn.errors import UserError, cause
 from fcn.inference import inference_fn
@@ -53,6 +63,7 @@ from fcn.resume import METRIC_KEYS, RunShape, TrainState, init_weights, plan_epo
 from fcn.rng import capture_rng_state, seed_everything
 from fcn.run_logging import (
     best_scores,
+    command_overrides,
     log_config_changes,
     log_run_start,
     log_validation,
@@ -86,13 +97,16 @@ def train(
     ``out_dir`` (``trainer.batch_size`` images per process); only rank 0 writes files.
     """
     validate_train_config(cfg)  # every value checked before any set-up (one line naming the key)
+    started = (time.time(), _cpu_seconds())
     run = build_run(cfg, Path(out_dir))
     resumed = resume_run(run, cfg.resume)  # None: a fresh run
-    state = fit(run, resumed or TrainState(), stop, on_validation, resumed=resumed is not None)
-    # The report: the best checkpoint's scores, as computed when it was chosen.
-    if state.best is not None:
-        run.logger.log_hparams(_hparams(cfg), best_scores(state.best), run_name=run_name(), step=state.best["step"])
-    return report(run, state.best)
+    try:
+        state = fit(run, resumed or TrainState(), stop, on_validation, resumed=resumed is not None)
+    except TrainingInterrupted as stopped:
+        if getattr(stopped, "best", None) is not None:  # a stopped run reports what it has, as a finished one
+            finish(run, cfg, stopped.best, started, status=f"stopped by signal {stopped.signum}")
+        raise
+    return finish(run, cfg, state.best, started, status="finished")
 
 
 @dataclass(frozen=True)
@@ -369,6 +383,9 @@ def fit(
                 log.info("early stopping: val mIoU has not improved for %d validations", run.loop.patience)
                 break
             state = dataclasses.replace(state, epoch=epoch + 1, epoch_batches=0)
+    except TrainingInterrupted as stopped:
+        stopped.best = state.best  # what train() reports for a stopped run
+        raise
     finally:
         run.logger.close()
     return state
@@ -524,13 +541,35 @@ def save(run: Run, path: Path, state: TrainState, metrics: dict | None = None) -
     save_checkpoint(checkpoint, path, keep_previous=path.name == "last.pt")
 
 
-def report(run: Run, best: dict) -> dict:
-    """``metrics.json`` and a table of the best checkpoint's validation scores.
+def finish(run: Run, cfg: DictConfig, best: dict, started: tuple[float, float], status: str) -> dict:
+    """The report of a finished or stopped run: its HPARAMS row (the best scores beside the main
+    settings) and :func:`report`, with what the run cost (minutes and CPU seconds of this process
+    since ``started``, a ``(time.time(), CPU seconds)`` pair) and how to repeat it."""
+    run.logger.log_hparams(_hparams(cfg), best_scores(best), run_name=run_name(), step=best["step"])
+    wall, cpu = started
+    facts = {
+        "status": status,
+        "seed": cfg.seed,
+        "epochs": cfg.trainer.epochs,
+        "minutes": round((time.time() - wall) / 60, 2),  # this process's: a resumed run counts its last session
+        "cpu_seconds": round(_cpu_seconds() - cpu, 1),  # every thread's, and finished data-loading workers'
+        "machine": f"{device_name(run.settings.device)}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": shlex.join(["python", "scripts/train.py", *command_overrides()]),
+        "class_names": run.info["class_names"],
+    }
+    return report(run, best, facts)
 
-    They were computed with exactly its weights when it was chosen (evaluation is deterministic),
-    so they are reported as they are, not recomputed. Its path is where it lies in this run (a
-    moved or copied run names its own); a run resumed from another run's checkpoint names that
-    run's best.pt until it beats it. A checkpoint written before a score existed lacks it.
+
+def report(run: Run, best: dict, facts: dict | None = None) -> dict:
+    """``metrics.json`` and a table of the best checkpoint's validation scores, followed by ``facts``
+    about the run (status, seed, minutes, CPU seconds, machine, date, command: what a results table
+    needs, ``scripts/results_tables.py add``).
+
+    The scores were computed with exactly its weights when it was chosen (evaluation is
+    deterministic), so they are reported as they are, not recomputed. Its path is where it lies in
+    this run (a moved or copied run names its own); a run resumed from another run's checkpoint
+    names that run's best.pt until it beats it. A checkpoint written before a score existed lacks it.
     """
     data = run.config["data"]
     scores_ = {k: best[k] for k in METRIC_KEYS if k in best} | {
@@ -538,6 +577,7 @@ def report(run: Run, best: dict) -> dict:
         "epoch": best["epoch"],
         "step": best["step"],
         "split": data["val_split"],
+        **(facts or {}),
     }
     if not distributed.is_main():  # ranks other than 0 return the same report, silently
         return scores_
@@ -549,6 +589,12 @@ def report(run: Run, best: dict) -> dict:
     if (out_dir / "tensorboard").is_dir():  # logger=none writes no events
         print(f"TensorBoard: tensorboard --logdir {out_dir}")
     return scores_
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads) and of its children that have exited."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _checkpoint_info(config: dict, data: DictConfig) -> dict:

@@ -104,9 +104,9 @@ def add(name: str, run_dir: Path, extra: list[str]) -> None:
     path = RESULTS / f"{name}.json"
     table = json.loads(path.read_text(encoding="utf-8"))
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    names = metrics.get("class_names") or [str(i) for i in range(len(metrics["per_class_iou"]))]
+    per_class = metrics["per_class_iou"]  # {class name: IoU}, null for a class absent from val
     row = {"val_miou": round(metrics["miou"], 4)}
-    row["per_class_iou"] = {n: round(100 * v, 1) for n, v in zip(names, metrics["per_class_iou"]) if v is not None}
+    row["per_class_iou"] = {n: round(100 * v, 1) for n, v in per_class.items() if v is not None}
     row |= {k: metrics[k] for k in RUN_FIELDS if k in metrics}
     for item in extra:
         key, _, value = item.partition("=")

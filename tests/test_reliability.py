@@ -771,3 +771,31 @@ def test_a_full_disk_while_hydra_writes_the_run_config_is_one_line_with_exit_2(c
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: disk full while writing /dev/full") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_a_validation_reports_its_best_scores_and_hparams_row(shapes_root, tmp_path):
+    """SIGTERM (or a time limit) after at least one validation: metrics.json with its status and the
+    best scores so far, and the HPARAMS row, as a finished run writes them; the resumed run replaces both."""
+    from tests.tensorboard_view import hparams_sessions
+
+    overrides = [*tiny_train_overrides(shapes_root), "trainer.epochs=3", "trainer.val_every=1"]
+    with pytest.raises(TrainingInterrupted):
+        train(
+            compose_config("train", overrides), tmp_path, stop=StopAtStep(5)
+        )  # in epoch 2, after epoch 1's validation
+    stopped = json.loads((tmp_path / "metrics.json").read_text())
+    assert stopped["status"] == "stopped by signal 15" and stopped["epoch"] == 1
+    assert stopped["checkpoint"] == str(tmp_path / "checkpoints" / "best.pt") and 0 <= stopped["miou"] <= 1
+    assert {"seed", "epochs", "minutes", "cpu_seconds", "machine", "date", "command"} <= set(stopped)
+    assert len(hparams_sessions(tmp_path)) == 1
+    train(compose_config("train", [*overrides, "resume=auto"]), tmp_path)
+    finished = json.loads((tmp_path / "metrics.json").read_text())
+    assert finished["status"] == "finished" and len(hparams_sessions(tmp_path)) == 1
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_validation_writes_no_metrics(shapes_root, tmp_path):
+    with pytest.raises(TrainingInterrupted):
+        train(compose_config("train", tiny_train_overrides(shapes_root)), tmp_path, stop=StopAtStep(1))
+    assert not (tmp_path / "metrics.json").exists()

@@ -59,7 +59,7 @@ def test_add_appends_a_finished_runs_metrics_json(tables_module, tmp_path, monke
     (results / "t.json").write_text(json.dumps({"pages": [], "columns": [], "rows": []}))
     run = tmp_path / "run"
     run.mkdir()
-    metrics = {"miou": 0.61234, "per_class_iou": [0.9, 0.3], "class_names": ["Sky", "Pole"], "seed": 1, "epochs": 20}
+    metrics = {"miou": 0.61234, "per_class_iou": {"Sky": 0.9, "Pole": 0.3, "Car": None}, "seed": 1, "epochs": 20}
     (run / "metrics.json").write_text(json.dumps(metrics))
     monkeypatch.setattr(tables_module, "RESULTS", results)
     tables_module.add("t", run, ["lever=width 48", "minutes=14.5"])

@@ -191,12 +191,15 @@ def test_find_unfinished_runs_returns_the_newest_run_of_the_same_config(tmp_path
     _fake_checkpoint(tmp_path / "other_lr" / "checkpoints" / "last.pt", _with(CONFIG, **{"optim.lr": 0.5}))
     _fake_checkpoint(tmp_path / "finished" / "checkpoints" / "last.pt", CONFIG)
     (tmp_path / "finished" / "metrics.json").write_text("{}")
+    stopped = _fake_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt", CONFIG)
+    (tmp_path / "stopped" / "metrics.json").write_text('{"status": "stopped by signal 15"}')  # reports, unfinished
     (tmp_path / "empty").mkdir()
     os.utime(old, (time.time() - 100, time.time() - 100))
+    os.utime(stopped, (time.time() - 200, time.time() - 200))
     now = _with(CONFIG, **{"trainer.num_workers": 3, "resume": "auto"})  # harmless differences still match
     found = resume.find_unfinished_runs(tmp_path, now, exclude=tmp_path / "empty")
-    assert found == [tmp_path / "b", tmp_path / "a"]
-    assert resume.find_unfinished_runs(tmp_path, now, exclude=tmp_path / "b") == [tmp_path / "a"]
+    assert found == [tmp_path / "b", tmp_path / "a", tmp_path / "stopped"]
+    assert resume.find_unfinished_runs(tmp_path, now, exclude=tmp_path / "b") == [tmp_path / "a", tmp_path / "stopped"]
     assert resume.find_unfinished_runs(tmp_path / "missing", now) == []
 
 

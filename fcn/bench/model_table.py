@@ -38,7 +38,7 @@ from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
 from fcn.config import check_settings
 from fcn.data.build import build_dataset, build_loss, loaders, prepare_data_root
-from fcn.device import resolve_channels_last, resolve_device, resolve_precision
+from fcn.device import device_name, resolve_channels_last, resolve_device, resolve_precision
 from fcn.errors import UserError
 from fcn.optim import build_optimizer
 from fcn.summary import model_summary
@@ -151,7 +151,7 @@ def run_table(cfg: DictConfig, out_dir: str | Path, task_overrides: list[str]) -
                 "batch_size": trainer.batch_size,
                 "flops_size": list(flops_size),
                 "overrides": task_overrides,
-                "device": probes.device_name(torch.device("cpu")),
+                "device": device_name(torch.device("cpu")),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
             }

@@ -43,7 +43,14 @@ from fcn.cli.suggest import suggest_keys
 from fcn.config import check_settings
 from fcn.data.build import build_dataset, build_loss, data_layout, loaders, mask_decoder, pair, prepare_data_root
 from fcn.data.transforms import normalize
-from fcn.device import maybe_compile, resolve_channels_last, resolve_device, resolve_precision, set_deterministic
+from fcn.device import (
+    device_name,
+    maybe_compile,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+    set_deterministic,
+)
 from fcn.inference import inference_fn
 from fcn.optim import build_optimizer
 from fcn.rng import seed_everything
@@ -210,7 +217,7 @@ def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
         "scan": scan,
         "resume_load_s": round(load_s, 4),
         "resume_load_s_unverified": round(load_unverified_s, 4),  # the digest check's cost: the difference
-        "device": bench_probes.device_name(device),
+        "device": device_name(device),
         "device_type": device.type,
         "precision": str(precision).removeprefix("torch."),
         "torch": torch.__version__,

@@ -35,7 +35,6 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fcn.bench.probes import device_name
 from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
@@ -43,6 +42,7 @@ from fcn.cli.suggest import suggest_keys
 from fcn.config import check_settings
 from fcn.data.build import build_dataset
 from fcn.data.loader import make_loader
+from fcn.device import device_name
 from fcn.engine import Settings, evaluate
 from fcn.inference import inference_fn
 from fcn.metrics import boundary_confusion, scores
