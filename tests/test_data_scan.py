@@ -312,3 +312,20 @@ def test_the_doctor_prepares_the_built_in_dataset_like_training(tmp_path, shapes
     )
     report, usable = run_check(cfg, tmp_path)
     assert usable and report["splits"]["train"]["pairs"] == TINY_SHAPES["num_train"]
+
+
+def test_class_weights_from_too_few_pixels_and_unweighed_absent_classes_are_said_by_name(tmp_path):
+    from fcn.data.build import class_weight_warnings
+
+    root = tmp_path / "d"
+    a = np.zeros((16, 16), np.uint8)
+    a[0, :3] = 1  # class 1: 3 pixels; class 2: none
+    save(image_array(16, 16), root / "images" / "a.jpg")
+    save(a, root / "masks" / "a.png")
+    report = _scan(root)
+    rare, absent = class_weight_warnings(report, ["road", "pole", "sign"])
+    assert (
+        "fewer than 100 train pixels: 'pole'" in rare and "from 3 pixels" in rare and "loss.class_weights=[...]" in rare
+    )
+    assert absent.startswith("classes with no pixels in the train split get class weight 1.0") and "'sign'" in absent
+    assert "'road'" not in rare + absent

@@ -30,6 +30,8 @@ from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
 
+MIN_WEIGHT_PIXELS = 100  # fewer training pixels than this make a class weight noise
+
 
 def prepare_data_root(data: DictConfig) -> None:
     """Generate the built-in dataset on first use (data configs with a ``generate`` section), or
@@ -132,11 +134,34 @@ def with_class_weights(loss_cfg: DictConfig, data: DictConfig, train_report: Spl
                 raise UserError("loss.class_weights=auto needs the data scan: set data.scan=true")
             node.class_weights = median_frequency_weights(train_report)
             log.info("class weights (median frequency, %s split): %s", train_report.split, list(node.class_weights))
+            names = list(data.get("class_names") or range(data.num_classes))
+            for warning in class_weight_warnings(train_report, [str(n) for n in names], key):
+                log.warning("%s", warning)
         elif isinstance(weights, str) or len(weights) != data.num_classes:
             raise UserError(
                 f"loss.class_weights={weights}: give auto or one weight per class ({data.num_classes} for {data.name})"
             )
     return loss_cfg
+
+
+def class_weight_warnings(report: SplitReport, names: list[str], key: str = "loss") -> list[str]:
+    """What median-frequency weights computed from too little data hide: a class with fewer than
+    :data:`MIN_WEIGHT_PIXELS` training pixels gets a weight from a handful of pixels, a class with
+    none gets 1.0 without having been weighed. One line each, naming the classes and the fix."""
+    weights, lines = median_frequency_weights(report), []
+    rare = [(n, p, w) for n, p, w in zip(names, report.class_pixels, weights) if 0 < p < MIN_WEIGHT_PIXELS]
+    if rare:
+        shown = ", ".join(f"{n!r} {w:g} from {p} pixel{'s' * (p != 1)}" for n, p, w in rare)
+        lines.append(
+            f"class weights from fewer than {MIN_WEIGHT_PIXELS} {report.split} pixels: {shown}; such a weight is "
+            f"noise: give {key}.class_weights=[...] by hand, or add images of these classes"
+        )
+    if absent := [n for n, p in zip(names, report.class_pixels) if p == 0]:
+        lines.append(
+            f"classes with no pixels in the {report.split} split get class weight 1.0, unweighed: "
+            f"{', '.join(map(repr, absent))}; check data.num_classes and the masks"
+        )
+    return lines
 
 
 def build_loss(loss_cfg: DictConfig, data: DictConfig, train_report: SplitReport | None = None):
