@@ -39,6 +39,7 @@ class Setting:
     ``harmless``: the key (and every key below it) cannot change what the model learns, step by
     step, so a resume may change it: it is applied and listed in a warning. ``aliases``: other
     tools' names for the key's last part, for "did you mean" (``learning_rate`` -> ``lr``).
+    ``hint``: what to use instead, where the allowed range alone does not say it.
     """
 
     kind: str
@@ -53,6 +54,7 @@ class Setting:
     min_length: int = 0
     harmless: bool = False
     aliases: tuple[str, ...] = ()
+    hint: str = ""
 
     def options(self) -> tuple:
         """The allowed values of a ``choice``."""
@@ -142,6 +144,8 @@ PATH_OR_NULL = Setting("path", nullable=True)
 PAIR = Setting("int_or_pair")
 _UNIT = number(0, 1)
 _RGB = Setting("list", item=whole(0, high=255), length=3)
+# Masks are unsigned 8- or 16-bit images: a negative label cannot be stored in one.
+_IGNORE_INDEX = whole(0, high=65535, hint="255 is usual (masks hold unsigned values, so -1 cannot appear in one)")
 _PRECISION = ("auto", "fp32", "bf16", "fp16")
 
 # Keys shared by every entry point that has them (absent keys are skipped). harmless=True marks the
@@ -162,7 +166,7 @@ SETTINGS: dict[str, Setting] = {
     "data.root": Setting("path", harmless=True),  # the same files, moved
     "data.num_classes": whole(2, aliases=("n_classes", "classes")),
     "data.class_names": Setting("list", item=Setting("str"), min_length=1),
-    "data.ignore_index": whole(0, high=65535),
+    "data.ignore_index": _IGNORE_INDEX,
     "data.palette": Setting("list", item=_RGB, nullable=True),
     "data.mean": Setting("list", item=number(0, 1), length=3),
     "data.std": Setting("list", item=number(0, 1, open_low=True), length=3),
@@ -197,7 +201,7 @@ SETTINGS: dict[str, Setting] = {
     # aug
     "aug.scale_range": Setting("list", item=number(0, open_low=True), length=2),
     "aug.crop_size": PAIR,
-    "aug.ignore_index": whole(0, high=65535),
+    "aug.ignore_index": _IGNORE_INDEX,
     "aug.hflip": _UNIT,
     "aug.color_jitter": _UNIT,
     # trainer
@@ -313,7 +317,7 @@ SETTINGS: dict[str, Setting] = {
 
 # Keys of each loss node (``loss``, and every ``loss.losses.N`` of a weighted sum).
 LOSS_SETTINGS: dict[str, Setting] = {
-    "ignore_index": whole(0, high=65535),
+    "ignore_index": _IGNORE_INDEX,
     "label_smoothing": number(0, 1, nullable=True),
     "top_k": number(0, 1, open_low=True, nullable=True),
     "min_pixels": whole(1, nullable=True),
@@ -535,7 +539,9 @@ def _finite_weight(value: Any) -> bool:
 
 def _check(key: str, value: Any, setting: Setting) -> None:
     if not setting.accepts(value):
-        raise UserError(f"{key}={_show(value)}: must be {setting.allowed()}")
+        raise UserError(
+            f"{key}={_show(value)}: must be {setting.allowed()}" + (f"; {setting.hint}" if setting.hint else "")
+        )
 
 
 def _lookup(cfg: DictConfig, key: str) -> tuple[bool, Any]:

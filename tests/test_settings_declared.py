@@ -221,3 +221,14 @@ def test_model_names_are_read_from_the_registry_that_builds_the_models(monkeypat
 def test_importing_the_declarations_does_not_import_torch():
     code = "import sys, fcn.config, fcn.cli.suggest; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("key", ["data.ignore_index", "aug.ignore_index", "loss.ignore_index"])
+def test_a_negative_ignore_index_is_refused_with_the_value_to_use(key):
+    from fcn.config import check_settings
+    from fcn.errors import UserError
+
+    cfg = OmegaConf.create({})
+    OmegaConf.update(cfg, key, -1, force_add=True)
+    with pytest.raises(UserError, match=rf"^{key}=-1: must be a whole number in \[0, 65535\]; 255 is usual"):
+        check_settings(cfg)
