@@ -329,3 +329,15 @@ def test_class_weights_from_too_few_pixels_and_unweighed_absent_classes_are_said
     )
     assert absent.startswith("classes with no pixels in the train split get class weight 1.0") and "'sign'" in absent
     assert "'road'" not in rare + absent
+
+
+def test_jpeg_noise_values_get_no_class_count_or_void_hint_under_save_as_png(tmp_path):
+    write_folder(tmp_path, values=(0, 1))
+    rng = np.random.default_rng(0)
+    for name in "abc":
+        noisy = mask_array(24, 32, [0, 1]).astype(int) * 200 + rng.integers(0, 6, (24, 32))  # blurred, noisy edges
+        save(np.clip(noisy, 0, 255).astype(np.uint8), tmp_path / "masks" / f"{name}.jpg")
+    message = _error(tmp_path, "data.mask_suffix=.jpg")
+    diagnosis = message.split("Full report")[0]  # the printed commands carry the user's own settings
+    assert "masks are JPEG files" in diagnosis and "JPEG compression noise" in diagnosis
+    assert "data.num_classes=" not in diagnosis and "data.ignore_index=" not in diagnosis.split("compression noise")[1]

@@ -172,6 +172,7 @@ def diagnose_values(
     reduce_zero_label: bool = False,
     palette: Sequence[Sequence[int]] | None = None,
     mask_names: Sequence[str] = (),
+    lossy: bool = False,
 ) -> list[Diagnosis]:
     """The encodings ``values`` (every stored index value of a split) reveal, with their fixes.
 
@@ -181,6 +182,8 @@ def diagnose_values(
         histogram: stored value -> pixels, when known (masks read without a label map).
         label_map, reduce_zero_label, palette: the data config's label handling.
         mask_names: some mask file names (their suffix can name the encoding).
+        lossy: some masks are JPEG files: values outside the classes are its noise, so no class
+            count or void value is suggested for them (that would contradict "save as PNG").
 
     Returns one :class:`Diagnosis` per contradiction (``error``: labels would be wrong). When
     ``outside`` is not empty, the last diagnosis is always the ``values_out_of_range`` error
@@ -255,7 +258,13 @@ def diagnose_values(
             Diagnosis(
                 "values_out_of_range",
                 "error",
-                "Fix: " + _value_fix(sorted(outside), raw, num_classes, ignore_index, mapped, histogram),
+                "Fix: "
+                + (
+                    "they are JPEG compression noise along the edges, not classes or void values: save the masks "
+                    "as PNG (no data.num_classes or data.ignore_index fixes them)"
+                    if lossy
+                    else _value_fix(sorted(outside), raw, num_classes, ignore_index, mapped, histogram)
+                ),
             )
         )
     return found

@@ -497,6 +497,7 @@ def _encoding_problems(entries: list[dict], raw_values: set[int], outside: dict,
         reduce_zero_label=decoder.reduce_zero_label,
         palette=decoder.palette,
         mask_names=names,
+        lossy=any(e.get("mask_format") == "JPEG" for e in entries),
     ):
         message = found.message
         if found.kind == "values_out_of_range":
