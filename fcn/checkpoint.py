@@ -10,8 +10,8 @@ flushed to disk, and only then get the checkpoint's name with an atomic rename. 
 moment leaves the previous file intact and, with ``O_TMPFILE``, no partial file at all.
 
 Every checkpoint carries a digest of its own bytes (the CRC-32 of each 64 MiB chunk), computed
-while they are written and stored as the zip archive's comment (the last bytes of the file,
-which torch's reader skips); chunks are checked in parallel threads.
+right after torch has written them and stored as the zip archive's comment (the last bytes of the
+file, which torch's reader skips); chunks are hashed in parallel threads, on saving and loading.
 :func:`load_checkpoint` checks it before unpickling: a flipped bit anywhere in the file, tensor
 data included, is reported like a truncated file, and ``resume=auto`` falls back to
 ``last.prev.pt``. Files written before digests existed load without the check.
@@ -32,6 +32,7 @@ import struct
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
     that leaves every existing checkpoint as it was.
     """
     path = Path(path)
-    _check_finite(state.get("model", {}), path)
+    bad = _non_finite(state.get("model", {}))
+    if bad is not None:
+        raise UserError(f"refusing to write {path}: weight {bad} holds NaN or inf")
     check_writable(path)
     if keep_previous:
         check_writable(previous_path(path))
@@ -125,7 +128,7 @@ def _write_durably(state: dict[str, Any], path: Path) -> Path:
     """Serialise to a temporary file next to ``path``, fsync it, and return its name."""
     name = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_RDWR, 0o644)
     except (AttributeError, OSError):  # no O_TMPFILE (not Linux, or a file system without it)
         fd = None
     if fd is not None:
@@ -145,7 +148,7 @@ def _write_durably(state: dict[str, Any], path: Path) -> Path:
                 os.close(dir_fd)
         finally:
             os.close(fd)
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _dump(state, fd)
     except BaseException:
@@ -155,55 +158,40 @@ def _write_durably(state: dict[str, Any], path: Path) -> Path:
 
 
 def _dump(state: dict[str, Any], fd: int, close: bool = True) -> None:
-    with os.fdopen(fd, "wb", closefd=close) as f:
-        writer = _HashingWriter(f)
-        torch.save(state, writer)
-        _append_digest(f, writer)
+    with os.fdopen(fd, "r+b", closefd=close) as f:
+        torch.save(state, f)
+        f.flush()
+        _append_digest(f)
         f.flush()
         os.fsync(f.fileno())
 
 
-class _HashingWriter:
-    """A write-only file that takes the CRC-32 of each chunk of what passes through it (torch's zip
-    writer writes sequentially)."""
-
-    def __init__(self, f, chunk: int = 0) -> None:
-        self.f, self.chunk, self.size, self.tail = f, chunk or _CHUNK, 0, b""
-        self.crcs: list[int] = []
-        self.crc, self.filled = 0, 0
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        written = self.f.write(view)
-        self.size += len(view)
-        self.tail = (self.tail + bytes(view[-22:]))[-22:]  # the end-of-central-directory record, at the end
-        while len(view):
-            n = min(len(view), self.chunk - self.filled)
-            self.crc, self.filled, view = zlib.crc32(view[:n], self.crc), self.filled + n, view[n:]
-            if self.filled == self.chunk:
-                self.crcs.append(self.crc)
-                self.crc, self.filled = 0, 0
-        return written
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def digests(self) -> list[int]:
-        return self.crcs + ([self.crc] if self.filled else [])
+def _append_digest(f) -> None:
+    """Store the CRCs of the archive just written (its comment length still 0) as its comment."""
+    size = f.seek(0, os.SEEK_END)
+    with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+        if mapped[-22:-18] != _EOCD or mapped[-2:] != b"\0\0":
+            raise RuntimeError("torch.save did not end the file with a zip directory record")  # a torch change
+        comment = _DIGEST_TAG + b"%d:" % _CHUNK + b"".join(b"%08x" % crc for crc in _crcs(mapped, size, _CHUNK))
+    f.seek(size - 2)
+    f.write(struct.pack("<H", len(comment)) + comment)  # the comment's length, then the comment: the file's end
 
 
-def _append_digest(f, writer: _HashingWriter) -> None:
-    """Store the CRCs of the archive (comment length 0, as written) as its comment."""
-    if writer.tail[:4] != _EOCD or writer.tail[-2:] != b"\0\0":
-        raise RuntimeError("torch.save did not end the file with a zip directory record")  # a torch change
-    comment = _DIGEST_TAG + b"%d:" % writer.chunk + b"".join(b"%08x" % crc for crc in writer.digests())
-    if len(comment) > _MAX_COMMENT:
-        return  # over 500 GB: left without a digest rather than with a broken comment
-    f.flush()
-    f.seek(writer.size - 2)
-    f.write(struct.pack("<H", len(comment)))
-    f.seek(writer.size)
-    f.write(comment)
+def _crcs(mapped: mmap.mmap, length: int, chunk: int) -> list[int]:
+    """The CRC-32 of each ``chunk`` bytes of the first ``length`` (the archive as written: its last two
+    bytes, the comment length, taken as 0), in parallel threads (zlib releases the GIL)."""
+    view = memoryview(mapped)
+    try:
+        with ThreadPoolExecutor(max(1, min(-(-length // chunk), os.cpu_count() or 1, 8))) as pool:
+            return list(pool.map(partial(_crc, view, length, chunk), range(0, length, chunk)))
+    finally:
+        view.release()
+
+
+def _crc(view: memoryview, length: int, chunk: int, start: int) -> int:
+    end = min(start + chunk, length)
+    data_end = max(start, min(end, length - 2))  # the bytes before the comment length
+    return zlib.crc32(bytes(end - data_end), zlib.crc32(view[start:data_end]))
 
 
 def verify_digest(path: str | Path) -> bool | None:
@@ -215,11 +203,9 @@ def verify_digest(path: str | Path) -> bool | None:
     file (CRC-32 at about 4 GB/s per core, chunks in parallel threads, memory-mapped: no copy).
     """
     path = Path(path)
-    size = path.stat().st_size
     damaged = UserError(f"checkpoint {path} is corrupt or truncated (its digest record is damaged)")
-    with open(path, "rb") as f:
-        f.seek(max(0, size - 22 - _MAX_COMMENT))
-        tail = f.read()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        tail = mapped[max(0, len(mapped) - 22 - _MAX_COMMENT) :]
         if tail[-22:-18] == _EOCD and tail[-2:] == b"\0\0":
             return None  # a plain archive: no digest
         at = tail.rfind(_DIGEST_TAG)
@@ -236,24 +222,10 @@ def verify_digest(path: str | Path) -> bool | None:
             chunk, expected = int(chunk_text), [int(crc_text[i : i + 8], 16) for i in range(0, len(crc_text), 8)]
         except ValueError:
             raise damaged from None
-        length = size - len(comment)  # the archive as written: its comment length was 0
+        length = len(mapped) - len(comment)  # the archive as written, before its comment
         if chunk < 4096 or len(crc_text) % 8 or len(expected) != -(-length // chunk):
             raise damaged
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-
-                def crc(start: int) -> int:
-                    end = min(start + chunk, length)
-                    if end < length:
-                        return zlib.crc32(view[start:end])
-                    return zlib.crc32(b"\0\0", zlib.crc32(view[start : end - 2]))  # the comment length, as written
-
-                threads = max(1, min(len(expected), os.cpu_count() or 1, 8))
-                with ThreadPoolExecutor(threads) as pool:  # zlib releases the GIL
-                    found = list(pool.map(crc, range(0, length, chunk)))
-            finally:
-                view.release()
+        found = _crcs(mapped, length, chunk)
     if found != expected:
         bad = next(i for i, (a, b) in enumerate(zip(found, expected)) if a != b)
         raise UserError(
@@ -291,12 +263,6 @@ def _non_finite(model_state: Any) -> str | None:
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             return name
     return None
-
-
-def _check_finite(model_state: dict[str, Any], path: Path) -> None:
-    name = _non_finite(model_state)
-    if name is not None:
-        raise UserError(f"refusing to write {path}: weight {name} holds NaN or inf")
 
 
 def load_checkpoint(

@@ -7,7 +7,9 @@ run has finished, ``metrics.json``. The rules kept here (plain arguments, no Hyd
 - **Claimed exclusively.** The default run directory is made with an atomic ``mkdir``
   (:func:`claim_run_dir`); a second job started in the same second gets ``<time>_1``, never the
   first job's directory. Any run directory, pinned or not, is also locked while a run uses it
-  (:func:`acquire_lock`, an OS lock through filelock), so two jobs never write into one.
+  (:func:`acquire_lock`, an OS lock through filelock), so two jobs never write into one; a
+  directory the user names is made and locked before anything writes there
+  (:func:`claim_pinned_run_dir`).
 - **Never overwritten.** A fresh run (no ``resume=``) refuses a directory that holds any
   checkpoint (:func:`refuse_fresh_start`).
 - **Resume resumes.** ``resume=`` takes ``auto``, a checkpoint file or a run directory
@@ -22,6 +24,7 @@ run has finished, ``metrics.json``. The rules kept here (plain arguments, no Hyd
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import shlex
@@ -312,6 +315,35 @@ def claim_run_dir(path: str | Path, attempts: int = 1000) -> Path:
             raise UserError(f"cannot create run directory {candidate}: {exc.strerror}") from exc
         return candidate
     raise UserError(f"cannot claim a run directory: {path} and {attempts - 1} suffixed names exist")
+
+
+def claim_pinned_run_dir(run_dir: Path) -> bool:
+    """Make ``run_dir`` (a directory the user named; parents too) and lock it until this process exits
+    (:func:`acquire_lock`), before anything writes there. Returns whether it was made here. At exit the
+    lock is given back, and the directories made here are removed while empty (the command ended
+    before writing there: a mistyped key, a refused value). Raises :class:`UserError` when another run
+    holds it, or it cannot be made or locked (one line naming the lock file).
+    """
+    run_dir = Path(run_dir)
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        note = "nothing in it was changed"
+        raise write_error(exc, path=run_dir / LOCK_NAME, note=note) or UserError(str(exc)) from exc
+    atexit.register(_remove_if_unused, made, acquire_lock(run_dir))
+    return bool(made)
+
+
+def _remove_if_unused(made: list[Path], lock: Path) -> None:
+    release_lock(lock)
+    for directory in made:
+        try:
+            directory.rmdir()  # only an empty directory: never one holding a file
+        except FileNotFoundError:
+            continue  # removed already (a run that failed inside Hydra cleans up its own directory)
+        except OSError:
+            return
 
 
 def acquire_lock(run_dir: Path) -> Path:
