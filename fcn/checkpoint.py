@@ -28,6 +28,7 @@ import logging
 import mmap
 import os
 import pickle
+import re
 import struct
 import zipfile
 import zlib
@@ -215,15 +216,13 @@ def verify_digest(path: str | Path) -> bool | None:
                 raise damaged  # a torch archive with a comment that is not (any more) ours
             return None  # not an archive fcn wrote (torch's own checks decide)
         comment = tail[at:]
-        if at < 22 or tail[at - 22 : at - 18] != _EOCD or tail[at - 2 : at] != struct.pack("<H", len(comment)):
-            raise damaged
-        try:
-            chunk_text, _, crc_text = comment[len(_DIGEST_TAG) :].partition(b":")
-            chunk, expected = int(chunk_text), [int(crc_text[i : i + 8], 16) for i in range(0, len(crc_text), 8)]
-        except ValueError:
-            raise damaged from None
+        record = re.fullmatch(rb"fcn-crc32:(\d+):((?:[0-9a-f]{8})+)", comment)  # chunk size, 8 hex digits per chunk
         length = len(mapped) - len(comment)  # the archive as written, before its comment
-        if chunk < 4096 or len(crc_text) % 8 or len(expected) != -(-length // chunk):
+        eocd = mapped[max(0, length - 22) : length]  # the end-of-central-directory record: comment length last
+        if record is None or eocd[:4] != _EOCD or eocd[-2:] != struct.pack("<H", len(comment)):
+            raise damaged
+        chunk, expected = int(record[1]), [int(record[2][i : i + 8], 16) for i in range(0, len(record[2]), 8)]
+        if chunk < 4096 or len(expected) != -(-length // chunk):
             raise damaged
         found = _crcs(mapped, length, chunk)
     if found != expected:
@@ -292,19 +291,15 @@ def load_checkpoint(
         if verify:
             verify_digest(path)  # a checkpoint whose first bytes are damaged is corrupt, not "something else"
         raise UserError(f"not a checkpoint: {path}{given} is {describe_file(path, head)}; {_fix(key)}")
-    failure = None
     with ThreadPoolExecutor(1) as pool:
         # The digest is checked while torch reads the file (its threads release the GIL): the cost hides
-        # behind the load. A mismatch wins over whatever the load made of the damaged bytes.
+        # behind the load. A mismatch (raised by check.result()) wins over whatever the load made of the bytes.
         check = pool.submit(verify_digest, path) if verify and head.startswith(b"PK") else None
         try:
             state = _torch_load(path, map_location, given, key, head)
-        except UserError as exc:
-            failure = exc
-        if check is not None and check.result() is None:
-            log.debug("%s has no digest (written by an older fcn, or not by fcn): no integrity check", path)
-    if failure is not None:
-        raise failure
+        finally:
+            if check is not None and check.result() is None:
+                log.debug("%s has no digest (written by an older fcn, or not by fcn): no integrity check", path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}{given} is not an fcn checkpoint (no 'model' and 'config' entries); {_fix(key)}")
     bad = _non_finite(state["model"])
