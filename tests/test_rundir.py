@@ -303,6 +303,21 @@ def test_a_lock_left_on_another_node_by_an_earlier_run_of_the_same_slurm_job_is_
         holder.wait()
 
 
+def test_a_file_system_without_flock_still_locks_the_run_directory(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # some Lustre and FUSE mounts
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="flock not supported"):
+        lock = rundir.acquire_lock(tmp_path)  # filelock's marker file instead
+    assert lock.read_text().split()[1] == str(os.getpid())
+    rundir.release_lock(lock)
+    assert not lock.exists()
+
+
 RACE = """
 import sys
 from fcn import rundir
