@@ -398,19 +398,14 @@ def _current_holder(lock: Path) -> tuple[str, int] | None:
     took the lock over writes its own, a moment later: a record naming a process of this host that no
     longer runs is read again for up to a second, then left unsaid."""
     for _ in range(20):
-        holder = _lock_holder(lock)
-        if holder is not None and (holder[0] != socket.gethostname() or _alive(holder[1])):
-            return holder
+        try:
+            host, pid, *_ = lock.read_text().split()
+            if host != socket.gethostname() or _alive(int(pid)):
+                return host, int(pid)
+        except (OSError, ValueError):
+            pass  # not written yet, or not by fcn
         time.sleep(0.05)
     return None
-
-
-def _lock_holder(lock: Path) -> tuple[str, int] | None:
-    try:
-        host, pid, *_ = lock.read_text().split()
-        return host, int(pid)
-    except (OSError, ValueError):
-        return None
 
 
 def _alive(pid: int) -> bool:
@@ -419,7 +414,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's
+        pass  # alive, someone else's
     return True
 
 
