@@ -10,8 +10,8 @@ flushed to disk, and only then get the checkpoint's name with an atomic rename. 
 moment leaves the previous file intact and, with ``O_TMPFILE``, no partial file at all.
 
 Every checkpoint carries a digest of its own bytes (the CRC-32 of each 64 MiB chunk), computed
-while they are written and stored as the zip archive's comment (the last bytes of the file,
-which torch's reader skips); chunks are checked in parallel threads.
+right after torch has written them and stored as the zip archive's comment (the last bytes of the
+file, which torch's reader skips); chunks are hashed in parallel threads, on saving and loading.
 :func:`load_checkpoint` checks it before unpickling: a flipped bit anywhere in the file, tensor
 data included, is reported like a truncated file, and ``resume=auto`` falls back to
 ``last.prev.pt``. Files written before digests existed load without the check.
@@ -28,10 +28,12 @@ import logging
 import mmap
 import os
 import pickle
+import re
 import struct
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
     that leaves every existing checkpoint as it was.
     """
     path = Path(path)
-    _check_finite(state.get("model", {}), path)
+    bad = _non_finite(state.get("model", {}))
+    if bad is not None:
+        raise UserError(f"refusing to write {path}: weight {bad} holds NaN or inf")
     check_writable(path)
     if keep_previous:
         check_writable(previous_path(path))
@@ -125,7 +129,7 @@ def _write_durably(state: dict[str, Any], path: Path) -> Path:
     """Serialise to a temporary file next to ``path``, fsync it, and return its name."""
     name = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_RDWR, 0o644)
     except (AttributeError, OSError):  # no O_TMPFILE (not Linux, or a file system without it)
         fd = None
     if fd is not None:
@@ -145,7 +149,7 @@ def _write_durably(state: dict[str, Any], path: Path) -> Path:
                 os.close(dir_fd)
         finally:
             os.close(fd)
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _dump(state, fd)
     except BaseException:
@@ -155,55 +159,40 @@ def _write_durably(state: dict[str, Any], path: Path) -> Path:
 
 
 def _dump(state: dict[str, Any], fd: int, close: bool = True) -> None:
-    with os.fdopen(fd, "wb", closefd=close) as f:
-        writer = _HashingWriter(f)
-        torch.save(state, writer)
-        _append_digest(f, writer)
+    with os.fdopen(fd, "r+b", closefd=close) as f:
+        torch.save(state, f)
+        f.flush()
+        _append_digest(f)
         f.flush()
         os.fsync(f.fileno())
 
 
-class _HashingWriter:
-    """A write-only file that takes the CRC-32 of each chunk of what passes through it (torch's zip
-    writer writes sequentially)."""
-
-    def __init__(self, f, chunk: int = 0) -> None:
-        self.f, self.chunk, self.size, self.tail = f, chunk or _CHUNK, 0, b""
-        self.crcs: list[int] = []
-        self.crc, self.filled = 0, 0
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        written = self.f.write(view)
-        self.size += len(view)
-        self.tail = (self.tail + bytes(view[-22:]))[-22:]  # the end-of-central-directory record, at the end
-        while len(view):
-            n = min(len(view), self.chunk - self.filled)
-            self.crc, self.filled, view = zlib.crc32(view[:n], self.crc), self.filled + n, view[n:]
-            if self.filled == self.chunk:
-                self.crcs.append(self.crc)
-                self.crc, self.filled = 0, 0
-        return written
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def digests(self) -> list[int]:
-        return self.crcs + ([self.crc] if self.filled else [])
+def _append_digest(f) -> None:
+    """Store the CRCs of the archive just written (its comment length still 0) as its comment."""
+    size = f.seek(0, os.SEEK_END)
+    with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+        if mapped[-22:-18] != _EOCD or mapped[-2:] != b"\0\0":
+            raise RuntimeError("torch.save did not end the file with a zip directory record")  # a torch change
+        comment = _DIGEST_TAG + b"%d:" % _CHUNK + b"".join(b"%08x" % crc for crc in _crcs(mapped, size, _CHUNK))
+    f.seek(size - 2)
+    f.write(struct.pack("<H", len(comment)) + comment)  # the comment's length, then the comment: the file's end
 
 
-def _append_digest(f, writer: _HashingWriter) -> None:
-    """Store the CRCs of the archive (comment length 0, as written) as its comment."""
-    if writer.tail[:4] != _EOCD or writer.tail[-2:] != b"\0\0":
-        raise RuntimeError("torch.save did not end the file with a zip directory record")  # a torch change
-    comment = _DIGEST_TAG + b"%d:" % writer.chunk + b"".join(b"%08x" % crc for crc in writer.digests())
-    if len(comment) > _MAX_COMMENT:
-        return  # over 500 GB: left without a digest rather than with a broken comment
-    f.flush()
-    f.seek(writer.size - 2)
-    f.write(struct.pack("<H", len(comment)))
-    f.seek(writer.size)
-    f.write(comment)
+def _crcs(mapped: mmap.mmap, length: int, chunk: int) -> list[int]:
+    """The CRC-32 of each ``chunk`` bytes of the first ``length`` (the archive as written: its last two
+    bytes, the comment length, taken as 0), in parallel threads (zlib releases the GIL)."""
+    view = memoryview(mapped)
+    try:
+        with ThreadPoolExecutor(max(1, min(-(-length // chunk), os.cpu_count() or 1, 8))) as pool:
+            return list(pool.map(partial(_crc, view, length, chunk), range(0, length, chunk)))
+    finally:
+        view.release()
+
+
+def _crc(view: memoryview, length: int, chunk: int, start: int) -> int:
+    end = min(start + chunk, length)
+    data_end = max(start, min(end, length - 2))  # the bytes before the comment length
+    return zlib.crc32(bytes(end - data_end), zlib.crc32(view[start:data_end]))
 
 
 def verify_digest(path: str | Path) -> bool | None:
@@ -215,11 +204,9 @@ def verify_digest(path: str | Path) -> bool | None:
     file (CRC-32 at about 4 GB/s per core, chunks in parallel threads, memory-mapped: no copy).
     """
     path = Path(path)
-    size = path.stat().st_size
     damaged = UserError(f"checkpoint {path} is corrupt or truncated (its digest record is damaged)")
-    with open(path, "rb") as f:
-        f.seek(max(0, size - 22 - _MAX_COMMENT))
-        tail = f.read()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        tail = mapped[max(0, len(mapped) - 22 - _MAX_COMMENT) :]
         if tail[-22:-18] == _EOCD and tail[-2:] == b"\0\0":
             return None  # a plain archive: no digest
         at = tail.rfind(_DIGEST_TAG)
@@ -229,31 +216,15 @@ def verify_digest(path: str | Path) -> bool | None:
                 raise damaged  # a torch archive with a comment that is not (any more) ours
             return None  # not an archive fcn wrote (torch's own checks decide)
         comment = tail[at:]
-        if at < 22 or tail[at - 22 : at - 18] != _EOCD or tail[at - 2 : at] != struct.pack("<H", len(comment)):
+        record = re.fullmatch(rb"fcn-crc32:(\d+):((?:[0-9a-f]{8})+)", comment)  # chunk size, 8 hex digits per chunk
+        length = len(mapped) - len(comment)  # the archive as written, before its comment
+        eocd = mapped[max(0, length - 22) : length]  # the end-of-central-directory record: comment length last
+        if record is None or eocd[:4] != _EOCD or eocd[-2:] != struct.pack("<H", len(comment)):
             raise damaged
-        try:
-            chunk_text, _, crc_text = comment[len(_DIGEST_TAG) :].partition(b":")
-            chunk, expected = int(chunk_text), [int(crc_text[i : i + 8], 16) for i in range(0, len(crc_text), 8)]
-        except ValueError:
-            raise damaged from None
-        length = size - len(comment)  # the archive as written: its comment length was 0
-        if chunk < 4096 or len(crc_text) % 8 or len(expected) != -(-length // chunk):
+        chunk, expected = int(record[1]), [int(record[2][i : i + 8], 16) for i in range(0, len(record[2]), 8)]
+        if chunk < 4096 or len(expected) != -(-length // chunk):
             raise damaged
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-
-                def crc(start: int) -> int:
-                    end = min(start + chunk, length)
-                    if end < length:
-                        return zlib.crc32(view[start:end])
-                    return zlib.crc32(b"\0\0", zlib.crc32(view[start : end - 2]))  # the comment length, as written
-
-                threads = max(1, min(len(expected), os.cpu_count() or 1, 8))
-                with ThreadPoolExecutor(threads) as pool:  # zlib releases the GIL
-                    found = list(pool.map(crc, range(0, length, chunk)))
-            finally:
-                view.release()
+        found = _crcs(mapped, length, chunk)
     if found != expected:
         bad = next(i for i, (a, b) in enumerate(zip(found, expected)) if a != b)
         raise UserError(
@@ -293,12 +264,6 @@ def _non_finite(model_state: Any) -> str | None:
     return None
 
 
-def _check_finite(model_state: dict[str, Any], path: Path) -> None:
-    name = _non_finite(model_state)
-    if name is not None:
-        raise UserError(f"refusing to write {path}: weight {name} holds NaN or inf")
-
-
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", *, key: str | None = None, verify: bool = True
 ) -> dict[str, Any]:
@@ -326,19 +291,15 @@ def load_checkpoint(
         if verify:
             verify_digest(path)  # a checkpoint whose first bytes are damaged is corrupt, not "something else"
         raise UserError(f"not a checkpoint: {path}{given} is {describe_file(path, head)}; {_fix(key)}")
-    failure = None
     with ThreadPoolExecutor(1) as pool:
         # The digest is checked while torch reads the file (its threads release the GIL): the cost hides
-        # behind the load. A mismatch wins over whatever the load made of the damaged bytes.
+        # behind the load. A mismatch (raised by check.result()) wins over whatever the load made of the bytes.
         check = pool.submit(verify_digest, path) if verify and head.startswith(b"PK") else None
         try:
             state = _torch_load(path, map_location, given, key, head)
-        except UserError as exc:
-            failure = exc
-        if check is not None and check.result() is None:
-            log.debug("%s has no digest (written by an older fcn, or not by fcn): no integrity check", path)
-    if failure is not None:
-        raise failure
+        finally:
+            if check is not None and check.result() is None:
+                log.debug("%s has no digest (written by an older fcn, or not by fcn): no integrity check", path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}{given} is not an fcn checkpoint (no 'model' and 'config' entries); {_fix(key)}")
     bad = _non_finite(state["model"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import re
 import signal
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -35,46 +34,12 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def expand_hostlist(nodelist: str) -> list[str]:
-    """The host names of a SLURM node list, in order: ``"node[01-03,07],gpu5"`` ->
-    ``["node01", "node02", "node03", "node07", "gpu5"]`` (zero padding kept, as SLURM writes it).
-
-    What ``scontrol show hostnames`` prints, without needing SLURM installed. Raises
-    :class:`ValueError` for a list that is not in SLURM's syntax (an unclosed bracket, a range
-    that runs backwards).
-    """
-    depth = 0
-    for char in nodelist:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if depth not in (0, 1):
-            raise ValueError(f"not a SLURM node list: {nodelist!r} (unbalanced brackets)")
-    if depth:
-        raise ValueError(f"not a SLURM node list: {nodelist!r} (unclosed bracket)")
-    hosts: list[str] = []
-    # split on the commas that are outside brackets
-    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip()):
-        expanded = [""]
-        for literal, inside in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
-            choices = [literal]
-            if inside:
-                choices = []
-                for part in inside.split(","):
-                    first, _, last = part.partition("-")
-                    last = last or first
-                    if not (first.isdigit() and last.isdigit()) or int(last) < int(first):
-                        raise ValueError(f"not a SLURM node list: {nodelist!r} (range {part!r})")
-                    choices += [f"{literal}{n:0{len(first)}d}" for n in range(int(first), int(last) + 1)]
-            expanded = [head + choice for head in expanded for choice in choices]
-        hosts += [h for h in expanded if h]
-    return hosts
-
-
 def slurm_environment(env: Mapping[str, str]) -> dict[str, str] | None:
     """torchrun's variables for one task of a SLURM job step of several tasks; None otherwise.
 
     ``RANK`` = ``SLURM_PROCID``, ``WORLD_SIZE`` = ``SLURM_NTASKS``, ``LOCAL_RANK`` =
     ``SLURM_LOCALID``; ``MASTER_ADDR`` is the first host of the step's node list
-    (``SLURM_STEP_NODELIST``, else ``SLURM_JOB_NODELIST`` or ``SLURM_NODELIST``) and
+    (``SLURM_STEP_NODELIST``, else ``SLURM_JOB_NODELIST`` or ``SLURM_NODELIST``; parsed by submitit) and
     ``MASTER_PORT`` is derived from the job id (20000-39999), so every task of the job agrees on
     both without talking first. ``MASTER_ADDR`` / ``MASTER_PORT`` already in ``env`` are kept.
 
@@ -92,9 +57,21 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str] | None:
         "RANK": env["SLURM_PROCID"],
         "WORLD_SIZE": tasks,
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-        "MASTER_ADDR": env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0],
+        "MASTER_ADDR": env.get("MASTER_ADDR") or _first_host(nodelist),
         "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
     }
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``"gpu[12-15],cpu1"`` -> ``"gpu12"``), as submitit parses it."""
+    try:  # the cluster extra; a plain install trains under torchrun, which never comes here
+        from submitit.slurm.slurm import _parse_node_list  # what submitit's SlurmJobEnvironment.hostnames uses
+    except ImportError:
+        raise UserError(
+            f"srun with several tasks needs submitit to read the node list {nodelist!r}: "
+            'pip install -e ".[cluster]", or start the tasks with torchrun'
+        ) from None
+    return _parse_node_list(nodelist)[0]
 
 
 def adopt_slurm_environment() -> bool:

@@ -7,7 +7,9 @@ run has finished, ``metrics.json``. The rules kept here (plain arguments, no Hyd
 - **Claimed exclusively.** The default run directory is made with an atomic ``mkdir``
   (:func:`claim_run_dir`); a second job started in the same second gets ``<time>_1``, never the
   first job's directory. Any run directory, pinned or not, is also locked while a run uses it
-  (:func:`acquire_lock`), so two jobs never write into one.
+  (:func:`acquire_lock`, an OS lock through filelock), so two jobs never write into one; a
+  directory the user names is made and locked before anything writes there
+  (:func:`claim_pinned_run_dir`).
 - **Never overwritten.** A fresh run (no ``resume=``) refuses a directory that holds any
   checkpoint (:func:`refuse_fresh_start`).
 - **Failed commands leave nothing behind** (:func:`holds_results`, :func:`remove_failed_run`).
@@ -17,11 +19,15 @@ Which checkpoint a resume continues, and which changed settings it refuses, is :
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from fcn.errors import UserError, write_error
 from fcn.overrides import override
@@ -73,80 +79,105 @@ def claim_run_dir(path: str | Path, attempts: int = 1000) -> Path:
     raise UserError(f"cannot claim a run directory: {path} and {attempts - 1} suffixed names exist")
 
 
-def acquire_lock(run_dir: Path) -> Path:
-    """Lock ``run_dir`` for this process (an ``O_EXCL`` file ``.run.lock`` holding host and pid).
+def claim_pinned_run_dir(run_dir: Path) -> bool:
+    """Make ``run_dir`` (a directory the user named; parents too) and lock it until this process exits
+    (:func:`acquire_lock`), before anything writes there. Returns whether it was made here. At exit the
+    lock is given back, and the directories made here are removed while empty (the command ended
+    before writing there: a mistyped key, a refused value). Raises :class:`UserError` when another run
+    holds it, or it cannot be made or locked (one line naming the lock file).
+    """
+    run_dir = Path(run_dir)
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        note = "nothing in it was changed"
+        raise write_error(exc, path=run_dir / LOCK_NAME, note=note) or UserError(str(exc)) from exc
+    atexit.register(_remove_if_unused, made, acquire_lock(run_dir))
+    return bool(made)
 
-    A lock left by a process of this host that no longer runs (killed) is taken over, and so is
-    one left by an earlier run of this same SLURM job (``SLURM_JOB_ID`` is kept across a requeue,
-    and SLURM runs one instance of a job at a time, so that holder is gone whichever node it was
-    on). Returns the lock file (remove it with :func:`release_lock`). Raises :class:`UserError`
-    when another live process, or one on another host, holds it.
+
+def _remove_if_unused(made: list[Path], lock: Path) -> None:
+    release_lock(lock)
+    for directory in made:
+        try:
+            directory.rmdir()  # only an empty directory: never one holding a file
+        except FileNotFoundError:
+            continue  # removed already (a run that failed inside Hydra cleans up its own directory)
+        except OSError:
+            return
+
+
+def acquire_lock(run_dir: Path) -> Path:
+    """Lock ``run_dir`` for this process: an OS lock (``flock``, via :mod:`filelock`) on ``.run.lock``.
+
+    The operating system holds the lock, so it ends with its process however that ends (killed,
+    crashed, a node lost): a killed run's lock is free by construction, and of two starts racing for
+    it exactly one wins. Its holder writes host, pid and SLURM job into the file, for the message
+    the others get. Re-entrant within a process (taken before Hydra for a pinned directory). Returns
+    the lock file (give it back with :func:`release_lock`). Raises :class:`UserError` when another
+    process holds it, or the lock file cannot be written (a full disk, a read-only directory).
     """
     lock = Path(run_dir) / LOCK_NAME
-    me = f"{socket.gethostname()} {os.getpid()} {os.environ.get('SLURM_JOB_ID', '-')}\n"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder == (socket.gethostname(), os.getpid()):
-                return lock  # this process took it already (before Hydra, for a pinned directory)
-            if holder is None or not _stale(*holder, lock):
-                who = f"process {holder[1]} on {holder[0]}" if holder else "another process"
-                raise UserError(
-                    f"run directory {run_dir} is in use by {who} (lock file {lock}); wait for that run, choose "
-                    "another directory, or delete the lock file if that run is no longer running"
-                ) from None
-            lock.unlink(missing_ok=True)  # the holder was killed: take over
-            continue
-        except OSError as exc:  # a full disk, a read-only run directory...: one line naming the lock
-            raise write_error(exc, path=lock, note="nothing in the run directory was changed") or exc from exc
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-        except OSError as exc:
-            lock.unlink(missing_ok=True)
-            raise write_error(exc, path=lock, note="nothing in the run directory was changed") or exc from exc
+    key = str(lock.resolve())
+    if key in _HELD:
         return lock
-    raise UserError(f"could not lock run directory {run_dir}: {lock} keeps reappearing")
+    held = FileLock(lock, timeout=0)
+    try:
+        held.acquire()
+        with open(lock, "r+") as f:  # the holder's record, for the message another start gets
+            f.write(f"{socket.gethostname()} {os.getpid()} {os.environ.get('SLURM_JOB_ID', '-')}\n")
+            f.truncate()
+    except Timeout:
+        holder = _current_holder(lock)
+        who = f"process {holder[1]} on {holder[0]}" if holder else "another process"
+        raise UserError(
+            f"run directory {run_dir} is in use by {who} (lock file {lock}); wait for that run, choose "
+            "another directory, or delete the lock file if that run is no longer running"
+        ) from None
+    except OSError as exc:  # a full disk, a read-only run directory...: one line naming the lock
+        if held.is_locked:
+            held.release(force=True)
+        raise write_error(exc, path=lock, note="nothing in the run directory was changed") or exc from exc
+    _HELD[key] = held
+    return lock
 
 
 def release_lock(lock: Path) -> None:
-    """Remove a lock made by :func:`acquire_lock` (only if this process still holds it)."""
-    holder = _lock_holder(lock)
-    if holder is not None and holder == (socket.gethostname(), os.getpid()):
-        lock.unlink(missing_ok=True)
+    """Give back a lock taken by :func:`acquire_lock`, removing its file while still holding it (filelock
+    grants no lock on a removed file). Nothing happens when this process does not hold it."""
+    held = _HELD.pop(str(Path(lock).resolve()), None)
+    if held is not None:
+        Path(lock).unlink(missing_ok=True)
+        held.release(force=True)
 
 
-def _lock_holder(lock: Path) -> tuple[str, int] | None:
-    try:
-        host, pid, *_ = lock.read_text().split()
-        return host, int(pid)
-    except (OSError, ValueError):
-        return None
+_HELD: dict[str, FileLock] = {}  # the locks this process holds: {resolved lock file: its filelock}
 
 
-def _lock_job(lock: Path) -> str | None:
-    try:
-        fields = lock.read_text().split()
-    except OSError:
-        return None
-    return fields[2] if len(fields) > 2 and fields[2] != "-" else None
+def _current_holder(lock: Path) -> tuple[str, int] | None:
+    """The ``(host, pid)`` the lock file names. A killed holder's record stays until the process that
+    took the lock over writes its own, a moment later: a record naming a process of this host that no
+    longer runs is read again for up to a second, then left unsaid."""
+    for _ in range(20):
+        try:
+            host, pid, *_ = lock.read_text().split()
+            if host != socket.gethostname() or _alive(int(pid)):
+                return host, int(pid)
+        except (OSError, ValueError):
+            pass  # not written yet, or not by fcn
+        time.sleep(0.05)
+    return None
 
 
-def _stale(host: str, pid: int, lock: Path) -> bool:
-    job = _lock_job(lock)
-    if job is not None and job == os.environ.get("SLURM_JOB_ID") and (host, pid) != (socket.gethostname(), os.getpid()):
-        return True  # an earlier run of this requeued SLURM job
-    if host != socket.gethostname():
-        return False  # cannot tell: the other host may still run it
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except PermissionError:
-        return False  # alive, someone else's
-    return False
+        pass  # alive, someone else's
+    return True
 
 
 def holds_results(run_dir: Path) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fcn.checkpoint import load_checkpoint
-from fcn.distributed import expand_hostlist, slurm_environment
+from fcn.distributed import slurm_environment
 from tests.conftest import tiny_train_overrides
 from tests.test_distributed import _entry_point_overrides, _losses, torchrun_run  # noqa: F401 (a fixture)
 
@@ -62,14 +62,18 @@ def _summary(sweep_dir: Path) -> list[dict]:
 # --- SLURM's variables ----------------------------------------------------------------------------
 
 
-def test_slurm_node_lists_expand_like_scontrol_show_hostnames():
-    assert expand_hostlist("node[01-04,07]") == ["node01", "node02", "node03", "node04", "node07"]
-    assert expand_hostlist("gpu5,cpu[9-11],login") == ["gpu5", "cpu9", "cpu10", "cpu11", "login"]
-    assert expand_hostlist("rack[1-2]-n[1,3]") == ["rack1-n1", "rack1-n3", "rack2-n1", "rack2-n3"]
-    assert expand_hostlist("n[008-010]") == ["n008", "n009", "n010"]  # zero padding kept
-    for bad in ("node[01-03", "node]", "node[4-2]", "node[a-b]"):
-        with pytest.raises(ValueError, match="not a SLURM node list"):
-            expand_hostlist(bad)
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [
+        ("node[01-04,07]", "node01"),
+        ("gpu5,cpu[9-11],login", "gpu5"),
+        ("rack[1-2]-n[1,3]", "rack1-n1"),
+        ("n[008-010]", "n008"),
+    ],
+)
+def test_rank_0_runs_on_the_first_host_of_slurms_node_list(nodelist, first):
+    env = {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_NODELIST": nodelist}
+    assert slurm_environment(env)["MASTER_ADDR"] == first  # zero padding kept, as SLURM writes it
 
 
 def test_slurm_tasks_get_torchrun_variables_with_rank_0_on_the_first_host():

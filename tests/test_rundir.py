@@ -240,29 +240,50 @@ def test_simultaneous_claims_never_share_a_directory(tmp_path):
     assert len(set(claimed)) == 8
 
 
+HOLD = """
+import sys, time
+from fcn import rundir
+for run_dir in sys.argv[1:]:
+    rundir.acquire_lock(run_dir)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def _hold_lock(*run_dirs: Path) -> subprocess.Popen:
+    """Another run, still going: a process holding the locks of ``run_dirs`` (kill it when done)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, *map(str, run_dirs)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_run_directory_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over(tmp_path):
     lock = rundir.acquire_lock(tmp_path)
     rundir.release_lock(lock)
     assert not lock.exists()
     import socket
 
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another run, still going
+    alive = _hold_lock(tmp_path)  # another run, still going
     try:
-        lock.write_text(f"{socket.gethostname()} {alive.pid} -\n")
         with pytest.raises(UserError, match=f"{tmp_path} is in use by process {alive.pid}"):
+            rundir.acquire_lock(tmp_path)
+        lock.write_text("unreadable\n")  # whatever its record says, the OS says who holds the lock
+        with pytest.raises(UserError, match="in use by another process.*delete the lock file"):
             rundir.acquire_lock(tmp_path)
     finally:
         alive.kill()
         alive.wait()
-    lock.unlink()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    import socket
-
-    lock.write_text(f"{socket.gethostname()} {int(dead.stdout)}\n")
-    assert rundir.acquire_lock(tmp_path) == lock  # its process is gone: taken over
-    lock.write_text(f"another-host-{socket.gethostname()} 1\n")
-    with pytest.raises(UserError, match="delete the lock file"):
-        rundir.acquire_lock(tmp_path)
+    assert rundir.acquire_lock(tmp_path) == lock  # its process is gone: taken over, whatever its file says
+    assert lock.read_text().split()[:2] == [socket.gethostname(), str(os.getpid())]
+    rundir.release_lock(lock)
+    lock.write_text(f"another-host-{socket.gethostname()} 1\n")  # left by a run on a node that was lost
+    assert rundir.acquire_lock(tmp_path) == lock
+    rundir.release_lock(lock)
 
 
 def test_a_lock_left_on_another_node_by_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
@@ -272,13 +293,79 @@ def test_a_lock_left_on_another_node_by_an_earlier_run_of_the_same_slurm_job_is_
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     assert rundir.acquire_lock(tmp_path) == lock
     assert lock.read_text().split()[2] == "777"
-    lock.write_text("node-that-runs 4242 778\n")  # another job's run: it may still be running
-    with pytest.raises(UserError, match="in use by process 4242 on node-that-runs"):
-        rundir.acquire_lock(tmp_path)
-    monkeypatch.delenv("SLURM_JOB_ID")
-    lock.write_text("node-that-died 4242 777\n")  # outside SLURM nothing tells that holder is gone
-    with pytest.raises(UserError, match="delete the lock file"):
-        rundir.acquire_lock(tmp_path)
+    rundir.release_lock(lock)
+    holder = _hold_lock(tmp_path)  # another job's run, running
+    try:
+        lock.write_text("node-that-runs 4242 778\n")  # its record, as written on its node
+        with pytest.raises(UserError, match="in use by process 4242 on node-that-runs"):
+            rundir.acquire_lock(tmp_path)
+        monkeypatch.delenv("SLURM_JOB_ID")
+        with pytest.raises(UserError, match="delete the lock file"):
+            rundir.acquire_lock(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_file_system_without_flock_still_locks_the_run_directory(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # some Lustre and FUSE mounts
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="flock not supported"):
+        lock = rundir.acquire_lock(tmp_path)  # filelock's marker file instead
+    assert lock.read_text().split()[1] == str(os.getpid())
+    rundir.release_lock(lock)
+    assert not lock.exists()
+
+
+RACE = """
+import sys
+from fcn import rundir
+from fcn.errors import UserError
+sys.stdin.readline()  # both processes start together
+try:
+    rundir.acquire_lock(sys.argv[1])
+    print("won", flush=True)
+except UserError as exc:
+    print(exc, flush=True)
+sys.stdin.readline()  # the winner holds the lock until the loser has tried
+"""
+
+
+@pytest.mark.slow
+def test_two_starts_racing_for_a_killed_runs_lock_never_both_win(tmp_path):
+    """After a crash, two ``resume=auto`` starts race for the run directory: exactly one gets it, every time."""
+    import socket
+
+    runs = [tmp_path / f"run{i}" for i in range(30)]
+    for run in runs:
+        run.mkdir()
+    killed = _hold_lock(*runs)  # the crashed run: its lock files and records stay behind
+    killed.kill()
+    killed.wait()
+    assert all((run / rundir.LOCK_NAME).read_text().split()[1] == str(killed.pid) for run in runs)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True, "env": env}
+    for run in runs:
+        starts = [subprocess.Popen([sys.executable, "-c", RACE, str(run)], **pipes) for _ in range(2)]
+        for start in starts:
+            start.stdin.write("go\n")
+            start.stdin.flush()
+        said = {start.pid: start.stdout.readline().strip() for start in starts}
+        for start in starts:
+            start.communicate("done\n", timeout=30)
+        winners = [pid for pid, line in said.items() if line == "won"]
+        assert len(winners) == 1, said
+        (loser,) = (line for line in said.values() if line != "won")
+        assert loser == (
+            f"run directory {run} is in use by process {winners[0]} on {socket.gethostname()} (lock file "
+            f"{run / rundir.LOCK_NAME}); wait for that run, choose another directory, or delete the lock file "
+            "if that run is no longer running"
+        )
 
 
 def test_a_second_command_into_a_running_runs_directory_is_refused_before_touching_it(tmp_path, monkeypatch):
@@ -288,11 +375,8 @@ def test_a_second_command_into_a_running_runs_directory_is_refused_before_touchi
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("the first run's config\n")
     (run / "train.log").write_text("the first run's log\n")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the first run, still going
+    holder = _hold_lock(run)  # the first run, still going
     try:
-        import socket
-
-        (run / rundir.LOCK_NAME).write_text(f"{socket.gethostname()} {holder.pid} -\n")
         monkeypatch.delenv("RANK", raising=False)
         with pytest.raises(SystemExit) as stopped:
             hydra_run_dir.check_pinned_run_dir([f"hydra.run.dir={run}", "trainer.epochs=3"])

@@ -12,7 +12,6 @@ of value. The rules themselves (plain arguments, no Hydra) are in :mod:`fcn.rund
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -25,16 +24,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fcn import rundir
-from fcn.errors import UserError, write_error
+from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
 
 _CLAIMED: dict[str, str] = {}  # the run directory this process made: {path asked for: path made}
 _MADE_BEFORE_HYDRA: set[str] = set()  # pinned run directories that did not exist before this command
 _HYDRA_FILES_BEFORE: dict[Path, bytes] = {}  # a pinned existing run's .hydra/ files, put back if this command fails
-_PINNED_LOCKS: dict[str, Path] = {}  # pinned run directory -> its lock, taken before Hydra writes there
-
-
 _PRINT_ONLY: list[bool] = []  # non-empty inside print_only(): --help, --cfg ... run no job and claim nothing
 
 
@@ -71,53 +67,27 @@ def created_here(run_dir: Path) -> bool:
 def check_pinned_run_dir(argv: list[str]) -> None:
     """``hydra.run.dir=DIR`` on the command line ``argv``, before Hydra writes ``.hydra/`` there.
 
-    A fresh run (no ``resume=``) into a directory holding checkpoints ends with one line and
-    exit code 2, nothing touched. A directory that does not exist yet is noted as made by this
-    command; an existing run's ``.hydra/`` files are kept, to be put back if the command fails.
+    Rank 0 makes and locks ``DIR`` (:func:`fcn.rundir.claim_pinned_run_dir`; a run holding it ends this
+    command, nothing touched). A fresh run (no ``resume=``) into a directory holding checkpoints ends
+    with one line and exit code 2. A directory that did not exist is noted as made by this command;
+    an existing run's ``.hydra/`` files are kept, to be put back if the command fails.
     """
     pinned = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
     if not pinned or any(a in ("-m", "--multirun") for a in argv):
         return
     run_dir = Path(pinned[-1].strip("'\"")).expanduser()
-    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    if rank == "0":  # one run per directory: locked before Hydra rewrites .hydra/ or opens the log there
-        made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _PINNED_LOCKS[str(run_dir.resolve())] = rundir.acquire_lock(run_dir)
-        except (UserError, OSError) as exc:
-            note = "nothing in it was changed"
-            error = exc if isinstance(exc, UserError) else write_error(exc, path=run_dir / rundir.LOCK_NAME, note=note)
-            print(f"error: {error or exc}", file=sys.stderr)
-            sys.exit(2)
-        atexit.register(rundir.release_lock, _PINNED_LOCKS[str(run_dir.resolve())])
-        if made:
-            _MADE_BEFORE_HYDRA.add(str(run_dir.resolve()))
-            # registered after the lock's release, so it runs before it (atexit is last in, first out)
-            atexit.register(_remove_if_unused, made, _PINNED_LOCKS[str(run_dir.resolve())])
-    if (run_dir / ".hydra").is_dir():  # Hydra rewrites them before our checks; a refused command puts them back
-        _HYDRA_FILES_BEFORE.update({p: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")})
     resume = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("resume=")]
-    if not resume or resume[-1] in ("", "null", "None"):
-        try:
+    try:
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+        if rank == "0" and rundir.claim_pinned_run_dir(run_dir):  # locked before Hydra writes there
+            _MADE_BEFORE_HYDRA.add(str(run_dir.resolve()))
+        if (run_dir / ".hydra").is_dir():  # Hydra rewrites them before our checks; a refused command puts them back
+            _HYDRA_FILES_BEFORE.update({p: p.read_bytes() for p in (run_dir / ".hydra").glob("*.yaml")})
+        if not resume or resume[-1] in ("", "null", "None"):
             rundir.refuse_fresh_start(run_dir)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-
-
-def _remove_if_unused(made: list[Path], lock: Path) -> None:
-    """At exit: the directories ``made`` (deepest first) for a pinned ``hydra.run.dir`` are removed
-    when the command ended before Hydra wrote into them (a mistyped key or option, a refused value):
-    each only if it holds nothing but this process's lock. A directory with any other file stays."""
-    rundir.release_lock(lock)
-    for directory in made:
-        try:
-            directory.rmdir()  # only an empty directory: never one holding a file
-        except FileNotFoundError:
-            continue  # removed already (a run that failed inside Hydra cleans up its own directory)
-        except OSError:
-            return
+    except (UserError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextlib.contextmanager
@@ -134,19 +104,15 @@ def run_directory(cfg: DictConfig, hydra_dir: Path, main_rank: bool) -> Iterator
     try:
         if main_rank:
             run_dir = _run_dir_to_resume(cfg, hydra_dir)
-            lock = _PINNED_LOCKS.pop(str(Path(run_dir).resolve()), None)  # taken in check_pinned_run_dir
-            if lock is None:
-                try:
-                    lock = rundir.acquire_lock(run_dir)  # one run per directory
-                except UserError:
-                    held_by_other = True  # that run's files are not this command's to clean up
-                    raise
+            held_by_other = True  # until locked: that run's files are not this command's to clean up
+            lock = rundir.acquire_lock(run_dir)  # one run per directory (a pinned one is locked already)
+            held_by_other = False
         yield run_dir
     except BaseException as exc:
         interrupted = isinstance(exc, SystemExit) and exc.code not in (None, 0, 2)
-        if main_rank and not interrupted and not held_by_other and created_here(run_dir):
-            rundir.remove_failed_run(run_dir)
-        if main_rank and not interrupted and not held_by_other and not created_here(hydra_dir):
+        if main_rank and not interrupted and not held_by_other:
+            if created_here(run_dir):
+                rundir.remove_failed_run(run_dir)
             for path, content in _HYDRA_FILES_BEFORE.items():  # the directory's config describes what ran
                 if path.parent.parent.resolve() == hydra_dir.resolve():
                     path.write_bytes(content)
