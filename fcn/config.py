@@ -575,3 +575,19 @@ def _loss_nodes(node: Any, path: str) -> Iterator[tuple[str, dict]]:
         yield path, node
         for i, child in enumerate(node.get("losses") or []):
             yield from _loss_nodes(child, f"{path}.losses.{i}")
+
+
+def dotted_keys(cfg: DictConfig) -> list[str]:
+    """Every key of ``cfg`` as a dotted path, inner nodes too (``trainer``, ``trainer.epochs``)."""
+    keys = []
+
+    def walk(node, prefix: str) -> None:
+        for name in node.keys():
+            path = f"{prefix}{name}"
+            keys.append(path)
+            child = node._get_node(name)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                walk(child, f"{path}.")
+
+    walk(cfg, "")
+    return keys

@@ -20,7 +20,7 @@ from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
 from fcn.config import check_classes, check_settings
-from fcn.data.build import data_layout, mask_decoder, prepare_data_root
+from fcn.data.build import checked_splits, data_layout, mask_decoder, prepare_data_root
 from fcn.data.doctor.commands import fix_data_command
 from fcn.data.doctor.crop import folder_crop_warning
 from fcn.data.doctor.fix import FIXABLE
@@ -39,7 +39,7 @@ def run_check(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, bool]:
     check_classes(data.num_classes, list(data.class_names), data.get("palette"), data.ignore_index)
     set_max_image_pixels(data.get("max_image_pixels", PILLOW_DEFAULT))  # before any image is opened
     prepare_data_root(data)  # as training would: generate the built-in set, or download when asked
-    splits = list(cfg.splits) if cfg.splits else _default_splits(data)
+    splits = list(cfg.splits) if cfg.splits else checked_splits(data)
     decoder = mask_decoder(data)
     report: dict = {
         "dataset": data.name,
@@ -85,13 +85,6 @@ def run_check(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, bool]:
     path.write_text(to_json(report))
     _print_summary(data, reports, layout_errors, report, path)
     return report, usable
-
-
-def _default_splits(data: DictConfig) -> list[str]:
-    splits = [data.train_split, data.val_split]
-    if data.get("test_split"):
-        splits.append(data.test_split)
-    return list(dict.fromkeys(splits))
 
 
 def _frequencies(report: SplitReport) -> list[float]:

@@ -21,24 +21,25 @@ from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
 from fcn.config import check_classes, check_settings
-from fcn.data.build import data_layout, mask_decoder, prepare_data_root
+from fcn.data.build import checked_splits, data_layout, mask_decoder, prepare_data_root
 from fcn.data.doctor.commands import train_command
 from fcn.data.doctor.fix import (
-    Change,
     FixResult,
     Job,
     destination,
     mask_rule,
+    no_mask,
     png_suffix,
     refuse_target,
     repair,
+    write_lists,
     write_report,
 )
 from fcn.data.doctor.scan import format_errors, scan_split
 from fcn.data.folder import list_split
 from fcn.data.labels import MaskDecoder
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
-from fcn.data.splits import default_split_applies, is_tool_list, write_split_list
+from fcn.data.splits import default_split_applies
 from fcn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def run_fix(cfg: DictConfig) -> tuple[FixResult, bool]:
     refuse_target(root, out)
     decoder = mask_decoder(data)
     layout = data_layout(data)
-    splits = list(cfg.splits) if cfg.splits else _default_splits(data)
+    splits = list(cfg.splits) if cfg.splits else checked_splits(data)
     made_up = bool(layout["split_file"]) and default_split_applies(
         data.train_split, layout["split_file"], layout["image_dir"], root
     )
@@ -103,48 +104,13 @@ def run_fix(cfg: DictConfig) -> tuple[FixResult, bool]:
     result = repair(list(jobs.values()), out, rule, decoder, resize=cfg.resize, workers=workers)
     for found in files.values():
         for key in found.images_without_mask:
-            result.left_out.append(_no_mask(found, key))
+            result.left_out.append(no_mask(found, key))
     changed = {"mask_suffix": new_suffix} if new_suffix != data.mask_suffix else {}
     if not made_up and layout["split_file"]:
-        changed |= _write_lists(files, result, root, out, layout["split_file"], data)
+        changed |= write_lists(files, result, out, layout["split_file"], data.get("image_suffix"))
     write_report(out / "fix_report.csv", result)
     usable = _print_summary(cfg, result, out, changed, splits if not made_up else [data.train_split, data.val_split])
     return result, usable
-
-
-def _default_splits(data: DictConfig) -> list[str]:
-    splits = [data.train_split, data.val_split]
-    if data.get("test_split"):
-        splits.append(data.test_split)
-    return list(dict.fromkeys(splits))
-
-
-def _no_mask(found, key: str) -> Change:
-    return Change(str(found.images_folder / key), "left_out", f"no mask in {found.masks_folder}")
-
-
-def _write_lists(files: dict, result: FixResult, root: Path, out: Path, split_file: str, data: DictConfig) -> dict:
-    """The split lists of the copy: each split's names whose pair was written, in the list's order.
-    Returns the ``data.split_file`` to use when the original lists lay outside the data root."""
-    relative = not Path(split_file).is_absolute()
-    target = split_file if relative else "splits/{split}.txt"
-    for split, found in files.items():
-        if found.split_list is None:
-            continue
-        kept = [
-            _key(image, found.images_folder, data.get("image_suffix"))
-            for image, _ in found.pairs
-            if image in result.written
-        ]
-        write_split_list(out / target.format(split=split), kept, tool=is_tool_list(found.split_list))
-    return {} if relative else {"split_file": target}
-
-
-def _key(image: Path, folder: Path, image_suffix: str | None) -> str:
-    relative = image.relative_to(folder).as_posix()
-    if image_suffix and relative.lower().endswith(image_suffix.lower()):
-        return relative[: len(relative) - len(image_suffix)]
-    return relative.rsplit(".", 1)[0] if "." in Path(relative).name else relative
 
 
 def _print_summary(cfg: DictConfig, result: FixResult, out: Path, changed: dict, splits: list[str]) -> bool:

@@ -34,7 +34,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from fcn.cli import CONFIG_DIR, hydra_run_dir, multirun
 from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
-from fcn.config import check_settings, validate_train_config
+from fcn.config import check_settings, dotted_keys, validate_train_config
 from fcn.errors import UserError
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def search_settings(cfg: DictConfig, task_overrides: list[str]) -> SearchSetting
         name=cfg.search.name,
         dir=Path(cfg.search.dir),
         n_trials=cfg.search.n_trials,
-        space=search.parse_space(space or {}, _dotted_keys(base), {k: v for k, v in groups.items() if v}),
+        space=search.parse_space(space or {}, set(dotted_keys(base)), {k: v for k, v in groups.items() if v}),
         direction=cfg.search.direction,
         storage=cfg.search.storage,
         seed=cfg.search.sampler.seed,
@@ -203,20 +203,6 @@ def continue_command() -> str:
 
 def _group_options(group: str) -> list[str]:
     return GlobalHydra.instance().config_loader().get_group_options(group)
-
-
-def _dotted_keys(cfg: DictConfig) -> set[str]:
-    """Every key of ``cfg`` by dotted path, inner nodes included (``optim``, ``optim.lr``, ...)."""
-    keys: set[str] = set()
-
-    def walk(node, prefix: str) -> None:
-        for key, value in node.items():
-            keys.add(f"{prefix}{key}")
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-
-    walk(OmegaConf.to_container(cfg, resolve=False), "")
-    return keys
 
 
 def _save_hydra_files(cfg: DictConfig, overrides: list[str], hydra_dir: Path) -> None:

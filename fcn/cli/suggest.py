@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fcn.config import RENAMED, SYNONYMS, renamed
+from fcn.config import RENAMED, SYNONYMS, dotted_keys, renamed
 
 # The messages of Hydra 1.3's ConfigCompositionException that name an unknown key.
 _UNKNOWN_KEY = (
@@ -79,7 +79,7 @@ def unknown_key_hint(config_name: str, argv: list[str]) -> str | None:
     # The keys of the config composed without the refused override (group choices kept).
     rest = [o for o in overrides if _override_key(o) != key]
     try:
-        keys = _dotted_keys(_compose(config_name, rest))
+        keys = dotted_keys(_compose(config_name, rest))
     except Exception:  # noqa: BLE001 - a second bad override: Hydra's own message is all there is
         return None
     return _closest_key_hint(config_name, key, keys)
@@ -119,7 +119,7 @@ def added_key_hint(config_name: str, argv: list[str]) -> str | None:
         cfg = _compose(config_name, [o for o in overrides if o not in added])
     except Exception:  # noqa: BLE001 - another bad override: Hydra reports it
         return None
-    keys = _dotted_keys(cfg)
+    keys = dotted_keys(cfg)
     for override in added:
         key = _override_key(override)
         parent = key.rpartition(".")[0]
@@ -188,21 +188,3 @@ def _compose(config_name: str, overrides: list[str]):
     GlobalHydra.instance().clear()  # hydra.main leaves its own instance behind
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name, overrides=overrides, return_hydra_config=True)
-
-
-def _dotted_keys(cfg) -> list[str]:
-    """Every key of ``cfg`` as a dotted path, inner nodes too (``trainer``, ``trainer.epochs``)."""
-    from omegaconf import DictConfig
-
-    keys = []
-
-    def walk(node, prefix: str) -> None:
-        for name in node.keys():
-            path = f"{prefix}{name}"
-            keys.append(path)
-            child = node._get_node(name)
-            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-                walk(child, f"{path}.")
-
-    walk(cfg, "")
-    return keys

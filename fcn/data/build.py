@@ -144,6 +144,12 @@ def with_class_weights(loss_cfg: DictConfig, data: DictConfig, train_report: Spl
     return loss_cfg
 
 
+def checked_splits(data: DictConfig | dict) -> list[str]:
+    """The splits the doctor and the repair read by default: train, val and the test split if any."""
+    splits = [data["train_split"], data["val_split"]] + ([data["test_split"]] if data.get("test_split") else [])
+    return list(dict.fromkeys(splits))
+
+
 def class_weight_warnings(report: SplitReport, names: list[str], key: str = "loss") -> list[str]:
     """What median-frequency weights computed from too little data hide: a class with fewer than
     :data:`MIN_WEIGHT_PIXELS` training pixels gets a weight from a handful of pixels, a class with

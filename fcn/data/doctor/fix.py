@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, exif_orientation, float_image_error
+from fcn.data.splits import is_tool_list, write_split_list
 from fcn.errors import UserError
 
 RESIZE_CHOICES = ("image_to_mask", "mask_to_image")
@@ -391,3 +392,28 @@ def write_report(path: Path, result: FixResult) -> None:
         writer.writerow(["file", "change", "reason"])
         for change in sorted(result.changes, key=lambda c: (c.file, c.change)) + result.left_out:
             writer.writerow([change.file, change.change, change.reason])
+
+
+def no_mask(found, key: str) -> Change:
+    """The record of an image left out for want of a mask."""
+    return Change(str(found.images_folder / key), "left_out", f"no mask in {found.masks_folder}")
+
+
+def write_lists(files: dict, result: FixResult, out: Path, split_file: str, image_suffix: str | None) -> dict:
+    """The split lists of the copy: each split's names whose pair was written, in the list's order.
+    Returns the ``data.split_file`` to use when the original lists lay outside the data root."""
+    relative = not Path(split_file).is_absolute()
+    target = split_file if relative else "splits/{split}.txt"
+    for split, found in files.items():
+        if found.split_list is None:
+            continue
+        kept = [_key(image, found.images_folder, image_suffix) for image, _ in found.pairs if image in result.written]
+        write_split_list(out / target.format(split=split), kept, tool=is_tool_list(found.split_list))
+    return {} if relative else {"split_file": target}
+
+
+def _key(image: Path, folder: Path, image_suffix: str | None) -> str:
+    relative = image.relative_to(folder).as_posix()
+    if image_suffix and relative.lower().endswith(image_suffix.lower()):
+        return relative[: len(relative) - len(image_suffix)]
+    return relative.rsplit(".", 1)[0] if "." in Path(relative).name else relative
