@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -545,6 +546,21 @@ def test_cli_interrupted_run_prints_the_command_that_resumes_it_and_resume_auto_
         rf"resumed from {re.escape(str(run))}/checkpoints/last.pt at epoch \d+, batch \d, step {step}\n",
         log.read_text(),
     )
+    assert list((tmp_path / "outputs" / "train").iterdir()) == [run]
+
+    # the printed command, run as printed (its words as a shell splits them), continues the same run
+    words = shlex.split(command)
+    assert words[0] == "python"
+    proc = subprocess.Popen(
+        [sys.executable, *words[1:]],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    resumed = log.read_text().count("resumed from")
+    interrupt(proc, lambda: log.read_text().count("resumed from") > resumed)
     assert list((tmp_path / "outputs" / "train").iterdir()) == [run]
 
 
