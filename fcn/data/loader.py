@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.rng import seed_worker
-from fcn.signals import protect_worker
+from fcn.signals import blocked, protect_worker
 
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +50,17 @@ def _init_worker(worker_id: int, max_image_pixels: int | None = PILLOW_DEFAULT) 
     seed_worker(worker_id)
 
 
+class _Loader(DataLoader):
+    # Workers start with the stop signals blocked (a fork copies the mask), until protect_worker
+    # has set them: the group's SIGTERM sent while a worker starts (every epoch without persistent
+    # workers) would otherwise kill it and end the run with "DataLoader worker ... killed by signal".
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with blocked():
+            return super()._get_iterator()
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -66,7 +77,7 @@ def make_loader(
     """A DataLoader over ``sampler`` (dataset order when None), padding batches with
     :func:`pad_collate`, with pinned memory and persistent workers where they help and workers
     seeded from ``seed``."""
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
