@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,38 @@ def blocked(signums=WORKER_SIGNALS):
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def stopping(grace_s: float = 0.0) -> bool:
+    """Whether this process has been asked to stop (a :class:`GracefulStop` handles a stop signal
+    and has received one), waiting up to ``grace_s`` seconds for one on its way.
+
+    The grace covers a signal sent to the whole process group: a worker's death by it can reach
+    the main process a moment before the main process's own copy.
+    """
+    deadline = time.monotonic() + grace_s
+    while True:
+        for signum in STOP_SIGNALS:
+            stop = getattr(signal.getsignal(signum), "__self__", None)  # the handler: a GracefulStop's method
+            if isinstance(stop, GracefulStop) and stop.requested is not None:
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)  # a signal arriving now runs its handler here
+
+
 class GracefulStop:
     """Context manager that turns SIGTERM/SIGINT into a flag the training loop polls.
 
     ``requested`` is the number of the first signal received, or None. ``also`` adds signals
     that stop the same way (the submitit launcher's pre-timeout/preemption signal, SIGUSR2).
+    ``exits``: the process exits with 128 + signal after a stop (an entry point), so once one was
+    requested the signals stay ignored after the block (a second SIGTERM to the group while the
+    process exits would end it by the signal, not with its exit code); otherwise they get their
+    previous handlers back.
     """
 
-    def __init__(self, also: tuple[int, ...] = ()) -> None:
+    def __init__(self, also: tuple[int, ...] = (), *, exits: bool = False) -> None:
         self.requested: int | None = None
+        self._exits = exits
         self._signals = (*STOP_SIGNALS, *also)
         self._previous: dict[int, object] = {}
 
@@ -116,7 +140,7 @@ class GracefulStop:
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if self._exits and self.requested is not None else handler)
 
 
 class TrainingInterrupted(Exception):

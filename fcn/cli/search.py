@@ -75,7 +75,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         epochs=base.trainer.epochs,
         base_overrides=tuple(overrides),
     )
-    with GracefulStop(also=multirun.requeue_signals()) as stop:
+    with GracefulStop(also=multirun.requeue_signals(), exits=True) as stop:
         try:
             study = search.run_search(settings, lambda o, d, v: train_trial(o, d, v, stop))
         except TrainingInterrupted as exc:
