@@ -47,11 +47,15 @@ def protect_worker() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)  # already so for a worker of make_loader
     for signum in (signal.SIGINT, signal.SIGHUP, *_NOTICE_SIGNALS):
         signal.signal(signum, signal.SIG_IGN)  # a pending one is discarded
-    # Only the thread below takes SIGTERM (every other thread blocks it); torch's handler would end
-    # the worker on the group's.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    threading.Thread(target=_take_sigterm, args=(os.getppid(),), name="fcn-sigterm", daemon=True).start()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(WORKER_SIGNALS) - {signal.SIGTERM})
+    if hasattr(signal, "sigwaitinfo"):
+        # Only the thread below takes SIGTERM (every other thread blocks it); torch's handler would
+        # end the worker on the group's.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        threading.Thread(target=_take_sigterm, args=(os.getppid(),), name="fcn-sigterm", daemon=True).start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(WORKER_SIGNALS) - {signal.SIGTERM})
+    else:  # macOS: no sender to read; the first SIGTERM is ignored, the next one ends the worker
+        signal.signal(signal.SIGTERM, _second_sigterm_ends)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
 
 
 def _take_sigterm(main_pid: int) -> None:
@@ -64,6 +68,11 @@ def _take_sigterm(main_pid: int) -> None:
         if group_signals > 1:  # a second one: end as SIGTERM ends a process
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+
+def _second_sigterm_ends(signum: int, frame) -> None:
+    del frame
+    signal.signal(signum, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
