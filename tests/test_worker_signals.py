@@ -114,18 +114,20 @@ sys.exit(2)
 
 
 def test_the_main_process_exit_ends_its_workers_at_once():
-    started = time.monotonic()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", _EXIT_WITH_LIVE_WORKERS],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    assert proc.returncode == 2 and proc.stdout.strip() == "exiting", proc.stderr
-    assert "Traceback" not in proc.stderr and "killed by signal" not in proc.stderr, proc.stderr
-    assert time.monotonic() - started < 30  # multiprocessing's terminate at exit is obeyed, not waited out
+    assert proc.stdout.readline().strip() == "exiting"
+    exiting = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr
+    assert time.monotonic() - exiting < 10  # multiprocessing's terminate at exit is obeyed, not waited out (60 s)
 
 
 # --- end to end, on a loaded machine ------------------------------------------------------------------
