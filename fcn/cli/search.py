@@ -57,7 +57,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from fcn.signals import GracefulStop, TrainingInterrupted
 
     settings = search_settings(cfg, list(HydraConfig.get().overrides.task))
-    with GracefulStop(also=multirun.requeue_signals()) as stop:
+    with GracefulStop(also=multirun.requeue_signals(), exits=True) as stop:
         try:
             study = search.run_search(settings, lambda o, d, v: train_trial(o, d, v, stop))
         except TrainingInterrupted as exc:

@@ -58,7 +58,7 @@ def _run_job(cfg: DictConfig, hydra_dir: Path, tell_other_ranks: bool) -> float:
     with hydra_run_dir.run_directory(cfg, hydra_dir, distributed.is_main()) as run_dir:
         if tell_other_ranks and distributed.is_main():
             distributed.broadcast_object(str(run_dir))
-        with GracefulStop(also=multirun.requeue_signals()) as stop:
+        with GracefulStop(also=multirun.requeue_signals(), exits=True) as stop:
             try:
                 return train(cfg, run_dir, stop)["miou"]
             except TrainingInterrupted as exc:
