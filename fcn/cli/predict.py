@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
+from fcn.atomic import atomic_path
 from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
@@ -107,7 +108,8 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
         for k, (path, _) in enumerate(batch):
             save_prediction(out_dir, names[path], images[k], preds[k], ckpt["palette"])
             if probs is not None:
-                np.save(out_dir / f"{names[path]}.npy", probs[k])
+                with atomic_path(out_dir / f"{names[path]}.npy") as tmp:
+                    np.save(tmp, probs[k])
             written.append(path)
         batch.clear()
 
