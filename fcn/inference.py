@@ -3,12 +3,18 @@
 Every path returns logits at the input's own resolution. Overlapping windows, scales and flips
 are combined by averaging logits, so a setting that adds nothing (one window covering the whole
 image, a single scale of 1, no flip) gives exactly the plain forward pass.
+
+Where only the class of each pixel is wanted (predict.py without ``save_probs``),
+:func:`sliding_window_labels` never holds the class scores of the whole image: it keeps the sums
+of the rows some window still touches (one window's height of rows, full width) and turns each
+band of rows into classes as soon as the windows have moved past it, with the same additions in
+the same order as :func:`sliding_window_logits`, so the classes are bitwise the same.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +58,88 @@ def sliding_window_logits(
             total[..., top : top + wh, left : left + ww] += model(crop).float()
             count[..., top : top + wh, left : left + ww] += 1
     return total / count
+
+
+def logit_bands(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    num_classes: int,
+    window: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    hflip: bool = False,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """:func:`predict_logits` of ``images`` (N x 3 x H x W) band by band: ``(top, bottom, logits)``
+    with the N x C x (bottom - top) x W logits of rows ``top:bottom``, top to bottom, bitwise
+    those rows of :func:`predict_logits`.
+
+    Sliding windows at scale 1 (with or without ``hflip``) keep memory bounded by the window and the
+    image's width, not its height: class-score sums (N x C x rows x W float32, twice with ``hflip``)
+    exist only for the rows of the current row of windows, and each band is yielded as soon as no
+    later window touches it. For a 150-class model and 512-pixel windows on a 6000-pixel-wide image
+    that is 1.8 GB, where the whole image's sums at 6000 x 4000 would be 14 GB. Other settings (no
+    window, other scales) yield the whole image as one band.
+    """
+    n, _, height, width = images.shape
+    if window is not None and stride is None:
+        stride = [max(1, 2 * w // 3) for w in window]
+    if window is None or list(scales) != [1.0] or (height <= window[0] and width <= window[1]):
+        yield (
+            0,
+            height,
+            predict_logits(
+                model, images, num_classes=num_classes, window=window, stride=stride, scales=scales, hflip=hflip
+            ),
+        )
+        return
+    wh, ww = window
+    tops, lefts = _positions(height, wh, stride[0]), _positions(width, ww, stride[1])
+    # The rows split into segments at every window's top and bottom: each segment is summed by the same
+    # windows, in the same order, as sliding_window_logits sums it, and is finished (no later window
+    # touches it) as soon as the next row of windows starts below it.
+    edges = sorted({0, height, *tops, *(min(t + wh, height) for t in tops)})
+    segments = list(zip(edges[:-1], edges[1:]))
+    flips = (False, True) if hflip else (False,)
+    sums: dict[tuple[bool, int], torch.Tensor] = {}  # (flipped, first row) -> N x C x rows x W
+    counts: dict[int, torch.Tensor] = {}  # first row -> 1 x 1 x rows x W (the same for both views)
+    done = 0  # segments yielded so far
+    for k, top in enumerate(tops):
+        bottom = min(top + wh, height)
+        rows = images[..., top:bottom, :]
+        touched = [(a, b) for a, b in segments if a < bottom and b > top]
+        for a, b in touched:
+            if a not in counts:
+                counts[a] = torch.zeros(1, 1, b - a, width, device=images.device)
+                for flip in flips:
+                    sums[flip, a] = torch.zeros(n, num_classes, b - a, width, device=images.device)
+        for flip in flips:
+            view = rows.flip(-1) if flip else rows  # the mirrored image's rows: the windows of predict_logits
+            for left in lefts:
+                out = model(view[..., left : left + ww]).float()
+                for a, b in touched:
+                    sums[flip, a][..., :, left : left + ww] += out[..., a - top : b - top, :]
+        for a, _ in touched:
+            for left in lefts:
+                counts[a][..., :, left : left + ww] += 1
+        finished = tops[k + 1] if k + 1 < len(tops) else height
+        while done < len(segments) and segments[done][1] <= finished:
+            a, b = segments[done]
+            count = counts.pop(a)
+            views = [sums.pop((flip, a)).div_(count) for flip in flips]  # in place: the quotient of total / count
+            total = views[0] + views[1].flip(-1) if hflip else views[0]
+            yield a, b, total / len(flips)
+            done += 1
+
+
+def predict_labels(model: nn.Module, images: torch.Tensor, **settings) -> torch.Tensor:
+    """Class indices (N x H x W, int64): ``predict_logits(model, images, **settings).argmax(1)``, bitwise,
+    band by band (:func:`logit_bands`), so sliding windows never hold the whole image's class scores."""
+    n, _, height, width = images.shape
+    labels = torch.empty(n, height, width, dtype=torch.long, device=images.device)
+    for top, bottom, logits in logit_bands(model, images, **settings):
+        labels[:, top:bottom] = logits.argmax(1)
+    return labels
 
 
 def predict_logits(
@@ -125,6 +213,20 @@ def eval_config(checkpoint_config: dict, cfg: DictConfig, overrides: list[str]) 
 
 def inference_fn(eval_cfg: DictConfig, num_classes: int) -> Callable | None:
     """The ``infer(model, images)`` the ``eval`` settings ask for, or None for a plain forward pass."""
+    settings = _inference_settings(eval_cfg)
+    return None if settings is None else functools.partial(predict_logits, num_classes=num_classes, **settings)
+
+
+def bands_fn(eval_cfg: DictConfig, num_classes: int) -> Callable[..., Iterator[tuple[int, int, torch.Tensor]]]:
+    """``bands(model, images)``: the logits the ``eval`` settings ask for, band of rows by band of rows
+    (:func:`logit_bands`): bitwise :func:`inference_fn`'s logits (the plain forward pass when it is
+    None), in memory bounded by the window and a band of rows for sliding windows at scale 1."""
+    settings = _inference_settings(eval_cfg) or {}
+    return functools.partial(logit_bands, num_classes=num_classes, **settings)
+
+
+def _inference_settings(eval_cfg: DictConfig) -> dict | None:
+    """The checked ``window``, ``stride``, ``scales`` and ``hflip`` of :func:`predict_logits`; None for a plain pass."""
     window = _pair_setting(eval_cfg.window, "eval.window")
     stride = _pair_setting(eval_cfg.stride, "eval.stride")
     if window is None and stride is not None:
@@ -138,11 +240,4 @@ def inference_fn(eval_cfg: DictConfig, num_classes: int) -> Callable | None:
     plain = window is None and list(eval_cfg.scales) == [1.0] and not eval_cfg.hflip
     if plain:
         return None
-    return functools.partial(
-        predict_logits,
-        num_classes=num_classes,
-        window=window,
-        stride=stride,
-        scales=list(eval_cfg.scales),
-        hflip=eval_cfg.hflip,
-    )
+    return {"window": window, "stride": stride, "scales": list(eval_cfg.scales), "hflip": bool(eval_cfg.hflip)}
