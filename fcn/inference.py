@@ -77,7 +77,8 @@ def logit_bands(
     Sliding windows at scale 1 (with or without ``hflip``) keep memory bounded by the window and the
     image's width, not its height: class-score sums (N x C x rows x W float32, twice with ``hflip``)
     exist only for the rows of the current row of windows, and each band is yielded as soon as no
-    later window touches it. For a 150-class model and 512-pixel windows on a 6000-pixel-wide image
+    later window touches it (a caller keeping memory bounded drops its reference to a band before
+    asking for the next). For a 150-class model and 512-pixel windows on a 6000-pixel-wide image
     that is 1.8 GB, where the whole image's sums at 6000 x 4000 would be 14 GB. Other settings (no
     window, other scales) yield the whole image as one band.
     """
@@ -119,6 +120,7 @@ def logit_bands(
                 out = model(view[..., left : left + ww]).float()
                 for a, b in touched:
                     sums[flip, a][..., :, left : left + ww] += out[..., a - top : b - top, :]
+                del out  # before the next window's
         for a, _ in touched:
             for left in lefts:
                 counts[a][..., :, left : left + ww] += 1
@@ -126,9 +128,12 @@ def logit_bands(
         while done < len(segments) and segments[done][1] <= finished:
             a, b = segments[done]
             count = counts.pop(a)
-            views = [sums.pop((flip, a)).div_(count) for flip in flips]  # in place: the quotient of total / count
-            total = views[0] + views[1].flip(-1) if hflip else views[0]
-            yield a, b, total / len(flips)
+            # In place, so no band is held twice: the same quotients and sum as total / count, l0 + l1, / views.
+            views = [sums.pop((flip, a)).div_(count) for flip in flips]
+            total = views[0].add_(views[1].flip(-1)) if hflip else views[0]
+            del views, count
+            yield a, b, total.div_(len(flips))
+            del total  # before the next row of windows is summed
             done += 1
 
 
@@ -139,6 +144,7 @@ def predict_labels(model: nn.Module, images: torch.Tensor, **settings) -> torch.
     labels = torch.empty(n, height, width, dtype=torch.long, device=images.device)
     for top, bottom, logits in logit_bands(model, images, **settings):
         labels[:, top:bottom] = logits.argmax(1)
+        del logits  # a band is freed before the next one is summed
     return labels
 
 

@@ -138,6 +138,8 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
                             rows = logits.softmax(1).half().cpu().numpy()
                         for k, write in enumerate(probs):
                             write(top, rows[k])  # written where they belong in the C x H x W file
+                        del rows
+                    del logits  # freed before the next band is summed
         for k, (path, _) in enumerate(batch):
             save_prediction(out_dir, names[path], images[k], preds[k], ckpt["palette"])
             written.append(path)
