@@ -41,8 +41,8 @@ def sliding_window_logits(
 ) -> torch.Tensor:
     """Logits of ``images`` (N x 3 x H x W) from overlapping ``window``-sized crops.
 
-    Only one window is in the model at a time, so memory is bounded by the window and the
-    N x C x H x W accumulator, whatever the image size. Where windows overlap their logits are
+    Only one window is in the model at a time, but the N x C x H x W sums of the whole image are
+    held (:func:`logit_bands` holds one row of windows). Where windows overlap their logits are
     averaged. An image no larger than the window is one window: the plain forward pass.
     """
     n, _, height, width = images.shape
@@ -69,18 +69,22 @@ def logit_bands(
     stride: Sequence[int] | None = None,
     scales: Sequence[float] = (1.0,),
     hflip: bool = False,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """:func:`predict_logits` of ``images`` (N x 3 x H x W) band by band: ``(top, bottom, logits)``
-    with the N x C x (bottom - top) x W logits of rows ``top:bottom``, top to bottom, bitwise
-    those rows of :func:`predict_logits`.
+    tiles: bool = False,
+) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+    """:func:`predict_logits` of ``images`` (N x 3 x H x W) piece by piece: ``(top, bottom, left,
+    right, logits)`` with the N x C x (bottom - top) x (right - left) logits of those rows and
+    columns, bitwise those of :func:`predict_logits`. Pieces are full-width bands of rows, top to
+    bottom; with ``tiles`` (and no ``hflip``) a band comes in tiles, left to right.
 
-    Sliding windows at scale 1 (with or without ``hflip``) keep memory bounded by the window and the
-    image's width, not its height: class-score sums (N x C x rows x W float32, twice with ``hflip``)
-    exist only for the rows of the current row of windows, and each band is yielded as soon as no
-    later window touches it (a caller keeping memory bounded drops its reference to a band before
-    asking for the next). For a 150-class model and 512-pixel windows on a 6000-pixel-wide image
-    that is 1.8 GB, where the whole image's sums at 6000 x 4000 would be 14 GB. Other settings (no
-    window, other scales) yield the whole image as one band.
+    Sliding windows at scale 1 keep memory bounded by the window and the image's width, not its
+    height: class-score sums (N x C x rows x columns float32, twice with ``hflip``) exist only for
+    the rows of the current row of windows, and each piece is yielded as soon as no later window
+    touches it (a caller keeping memory bounded drops its reference to a piece before asking for the
+    next). With ``tiles`` only the rows the next row of windows shares are held at full width; the
+    others only as far as the next window. For a 150-class model and 512-pixel windows (stride 384)
+    on a 6000-pixel-wide image that is 0.6 GB with ``tiles``, 1.8 GB without, where the whole
+    image's sums at 6000 x 4000 would be 14 GB. Other settings (no window, other scales) yield the
+    whole image as one piece.
     """
     n, _, height, width = images.shape
     if window is not None and stride is None:
@@ -89,6 +93,8 @@ def logit_bands(
         yield (
             0,
             height,
+            0,
+            width,
             predict_logits(
                 model, images, num_classes=num_classes, window=window, stride=stride, scales=scales, hflip=hflip
             ),
@@ -96,55 +102,71 @@ def logit_bands(
         return
     wh, ww = window
     tops, lefts = _positions(height, wh, stride[0]), _positions(width, ww, stride[1])
-    # The rows split into segments at every window's top and bottom: each segment is summed by the same
-    # windows, in the same order, as sliding_window_logits sums it, and is finished (no later window
-    # touches it) as soon as the next row of windows starts below it.
-    edges = sorted({0, height, *tops, *(min(t + wh, height) for t in tops)})
-    segments = list(zip(edges[:-1], edges[1:]))
+    tiles = tiles and not hflip  # the mirrored view finishes its columns right to left
+    # Rows (and, with tiles, columns) split into segments at every window's edges: each tile is summed
+    # by the same windows, in the same order, as sliding_window_logits sums it, and is finished (no later
+    # window touches it) once the windows have moved past it.
+    rows = _segments(height, tops, wh)
+    columns = _segments(width, lefts, ww) if tiles else [(0, width)]
     flips = (False, True) if hflip else (False,)
-    sums: dict[tuple[bool, int], torch.Tensor] = {}  # (flipped, first row) -> N x C x rows x W
-    counts: dict[int, torch.Tensor] = {}  # first row -> 1 x 1 x rows x W (the same for both views)
-    done = 0  # segments yielded so far
+    sums: dict[tuple[bool, int, int], torch.Tensor] = {}  # (flipped, top, left) -> N x C x rows x columns
+    counts: dict[tuple[int, int], torch.Tensor] = {}  # (top, left) -> 1 x 1 x rows x columns (both views)
     for k, top in enumerate(tops):
         bottom = min(top + wh, height)
-        rows = images[..., top:bottom, :]
-        touched = [(a, b) for a, b in segments if a < bottom and b > top]
-        for a, b in touched:
-            if a not in counts:
-                counts[a] = torch.zeros(1, 1, b - a, width, device=images.device)
-                for flip in flips:
-                    sums[flip, a] = torch.zeros(n, num_classes, b - a, width, device=images.device)
-        for flip in flips:
-            view = rows.flip(-1) if flip else rows  # the mirrored image's rows: the windows of predict_logits
-            for left in lefts:
+        band = images[..., top:bottom, :]
+        touched_rows = [(a, b) for a, b in rows if a < bottom and b > top]
+        next_top = tops[k + 1] if k + 1 < len(tops) else height
+        for j, left in enumerate(lefts):
+            right = min(left + ww, width)
+            touched = [
+                (a, b, c, d) for a, b in touched_rows for c, d in columns if not tiles or (c < right and d > left)
+            ]
+            for a, b, c, d in touched:
+                if (a, c) not in counts:
+                    counts[a, c] = torch.zeros(1, 1, b - a, d - c, device=images.device)
+                    for flip in flips:
+                        sums[flip, a, c] = torch.zeros(n, num_classes, b - a, d - c, device=images.device)
+            for flip in flips:
+                view = band.flip(-1) if flip else band  # the mirrored image's rows: the windows of predict_logits
                 out = model(view[..., left : left + ww]).float()
-                for a, b in touched:
-                    sums[flip, a][..., :, left : left + ww] += out[..., a - top : b - top, :]
+                for a, b, c, d in touched:
+                    x0, x1 = max(c, left), min(d, right)  # the window's columns within the tile
+                    sums[flip, a, c][..., x0 - c : x1 - c] += out[..., a - top : b - top, x0 - left : x1 - left]
                 del out  # before the next window's
-        for a, _ in touched:
-            for left in lefts:
-                counts[a][..., :, left : left + ww] += 1
-        finished = tops[k + 1] if k + 1 < len(tops) else height
-        while done < len(segments) and segments[done][1] <= finished:
-            a, b = segments[done]
-            count = counts.pop(a)
-            # In place, so no band is held twice: the same quotients and sum as total / count, l0 + l1, / views.
-            views = [sums.pop((flip, a)).div_(count) for flip in flips]
-            total = views[0].add_(views[1].flip(-1)) if hflip else views[0]
-            del views, count
-            yield a, b, total.div_(len(flips))
-            del total  # before the next row of windows is summed
-            done += 1
+            for a, _, c, d in touched:
+                x0, x1 = max(c, left), min(d, right)
+                counts[a, c][..., x0 - c : x1 - c] += 1
+            if tiles or j + 1 == len(lefts):
+                next_left = lefts[j + 1] if tiles and j + 1 < len(lefts) else width
+                for a, b in touched_rows:
+                    for c, d in columns:
+                        if b <= next_top and d <= next_left and (a, c) in counts:
+                            yield a, b, c, d, _average(sums, counts, a, c, flips)
+
+
+def _segments(size: int, starts: list[int], window: int) -> list[tuple[int, int]]:
+    """``[0, size)`` cut at every window's start and end: pieces each covered by one fixed set of windows."""
+    edges = sorted({0, size, *starts, *(min(s + window, size) for s in starts)})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _average(sums: dict, counts: dict, a: int, c: int, flips: tuple[bool, ...]) -> torch.Tensor:
+    """The finished tile at rows ``a``, columns ``c`` removed from ``sums``/``counts`` and averaged, in
+    place so no tile is held twice: the same quotients and sum as total / count, l0 + l1, / views."""
+    count = counts.pop((a, c))
+    views = [sums.pop((flip, a, c)).div_(count) for flip in flips]
+    total = views[0].add_(views[1].flip(-1)) if len(flips) == 2 else views[0]
+    return total.div_(len(flips))
 
 
 def predict_labels(model: nn.Module, images: torch.Tensor, **settings) -> torch.Tensor:
     """Class indices (N x H x W, int64): ``predict_logits(model, images, **settings).argmax(1)``, bitwise,
-    band by band (:func:`logit_bands`), so sliding windows never hold the whole image's class scores."""
+    tile by tile (:func:`logit_bands`), so sliding windows never hold the whole image's class scores."""
     n, _, height, width = images.shape
     labels = torch.empty(n, height, width, dtype=torch.long, device=images.device)
-    for top, bottom, logits in logit_bands(model, images, **settings):
-        labels[:, top:bottom] = logits.argmax(1)
-        del logits  # a band is freed before the next one is summed
+    for top, bottom, left, right, logits in logit_bands(model, images, tiles=True, **settings):
+        labels[:, top:bottom, left:right] = logits.argmax(1)
+        del logits  # freed before the next tile is summed
     return labels
 
 

@@ -130,9 +130,10 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
             opened = (probability_file(out_dir / f"{names[p]}.npy", shape) for p, _ in batch)
             probs = [npy_files.enter_context(f) for f in opened] if cfg.save_probs else []
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                for top, bottom, logits in bands(model, x):
+                # full-width bands when the probabilities are written (one run of bytes per class and band)
+                for top, bottom, left, right, logits in bands(model, x, tiles=not cfg.save_probs):
                     logits = logits.float()
-                    preds[:, top:bottom] = logits.argmax(1).cpu()
+                    preds[:, top:bottom, left:right] = logits.argmax(1).cpu()
                     if cfg.save_probs:
                         with torch.autocast(device.type, enabled=False):  # as before: softmax in float32
                             rows = logits.softmax(1).half().cpu().numpy()
