@@ -30,12 +30,17 @@ def check_torchvision() -> None:
 
 def fix_command(torch_version: str | None = None) -> str:
     """The pip command installing the torchvision that matches ``torch_version`` (the installed torch's):
-    torchvision 0.(N+15) pairs with torch 2.N, from the same CUDA index (``+cu130`` -> ``whl/cu130``)."""
+    torchvision 0.(N+15) pairs with torch 2.N, from the same CUDA index (``+cu130`` -> ``whl/cu130``).
+
+    ``--force-reinstall``: a torchvision of that version from another index (``+cpu`` next to a
+    ``+cu130`` torch) satisfies the pin, and pip would otherwise do nothing. ``--no-deps``: torchvision
+    pins an exact torch, which pip would otherwise reinstall or swap for another build; the rest of
+    its requirements (numpy, pillow) are fcn's own and already installed."""
     version = torch_version or _version("torch")
     match = re.match(r"2\.(\d+)\.\d+(?:\+([\w.]+))?", version)
     if match is None:
         return "pip install --force-reinstall torch torchvision (from one package index)"
-    words = ["pip", "install", f"torchvision==0.{int(match.group(1)) + 15}.*"]
+    words = ["pip", "install", "--force-reinstall", "--no-deps", f"torchvision==0.{int(match.group(1)) + 15}.*"]
     if match.group(2):  # a build of PyTorch's own index (cu130, cpu, rocm6.2): torchvision from the same one
         words += ["--index-url", f"https://download.pytorch.org/whl/{match.group(2)}"]
     return " ".join(shlex.quote(w) for w in words)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fcn.atomic import atomic_path, write_text
 from fcn.checkpoint import rebuild_model
 from fcn.errors import UserError
 from fcn.models import FCN
@@ -38,7 +39,8 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
-    """Write ``model`` (eval mode, float32, CPU) to ``path``; batch, height and width are dynamic."""
+    """Write ``model`` (eval mode, float32, CPU) to ``path``; batch, height and width are dynamic.
+    The file appears under ``path`` only when complete (:func:`fcn.atomic.atomic_path`)."""
     try:
         import onnxscript  # noqa: F401  (the exporter needs it)
     except ImportError as exc:
@@ -46,11 +48,11 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 18) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, 64, 64)
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
-    with _quiet_exporter():
+    with _quiet_exporter(), atomic_path(path) as tmp:
         torch.onnx.export(
             model.eval(),
             (example,),
-            str(path),
+            str(tmp),
             input_names=["images"],
             output_names=["logits"],
             dynamic_shapes={"x": dims},
@@ -82,14 +84,16 @@ def check_onnx(model: nn.Module, path: Path, shapes: Sequence[Sequence[int]], se
 
 
 def save_safetensors(model: nn.Module, path: Path, metadata: dict[str, Any]) -> Path:
-    """Weights to ``path`` (.safetensors) and ``metadata`` to a ``.json`` sidecar; returns the sidecar."""
+    """Weights to ``path`` (.safetensors) and ``metadata`` to a ``.json`` sidecar; returns the sidecar.
+    Each file appears under its name only when complete (:func:`fcn.atomic.atomic_path`)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
     sidecar = path.with_suffix(".json")
-    sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
+    write_text(sidecar, json.dumps(metadata, indent=2) + "\n")
     return sidecar
 
 

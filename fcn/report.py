@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fcn.atomic import atomic_path, write_text
 from fcn.errors import UserError
 from fcn.metrics import PER_CLASS, confusion_matrix, scores
 from fcn.visualize import confusion_image, index_png, overlay
@@ -40,21 +41,22 @@ def write_metrics(out_dir: Path, metrics: dict, confusion: torch.Tensor, class_n
     """``metrics.json``, ``per_class.csv``, ``confusion_matrix.csv`` (counts) and
     ``confusion_matrix.png`` (row-normalised, also returned)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(to_json(metrics))
-    with open(out_dir / "per_class.csv", "w", newline="") as f:
+    write_text(out_dir / "metrics.json", to_json(metrics))  # each file appears only when complete (fcn/atomic.py)
+    with atomic_path(out_dir / "per_class.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", *(key.removeprefix("per_class_") for key in PER_CLASS), "pixels"])
         pixels = confusion.sum(1).tolist()
         for k, name in enumerate(class_names):
             row = [metrics[key][name] for key in PER_CLASS]
             writer.writerow([name, *("" if v is None else f"{v:.6f}" for v in row), pixels[k]])
-    with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
+    with atomic_path(out_dir / "confusion_matrix.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["ground_truth \\ predicted", *class_names])
         for name, row in zip(class_names, confusion.tolist()):
             writer.writerow([name, *row])
     picture = confusion_image(confusion, class_names)
-    picture.save(out_dir / "confusion_matrix.png")
+    with atomic_path(out_dir / "confusion_matrix.png") as tmp:
+        picture.save(tmp)
     return picture
 
 
@@ -136,6 +138,8 @@ def save_prediction(out_dir: Path, stem: str, image: torch.Tensor, pred: torch.T
     ``<stem>_overlay.jpg``; ``stem`` may hold subfolders
     (``cam1/0001``), which are made."""
     (out_dir / stem).parent.mkdir(parents=True, exist_ok=True)
-    index_png(pred.numpy(), palette).save(out_dir / f"{stem}.png")
+    with atomic_path(out_dir / f"{stem}.png") as tmp:  # never a half-written file under the final name
+        index_png(pred.numpy(), palette).save(tmp)
     painted = overlay(image, pred, palette).permute(1, 2, 0).numpy()
-    Image.fromarray(painted).save(out_dir / f"{stem}_overlay.jpg", quality=90)
+    with atomic_path(out_dir / f"{stem}_overlay.jpg") as tmp:
+        Image.fromarray(painted).save(tmp, quality=90)

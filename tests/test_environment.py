@@ -53,14 +53,36 @@ def test_a_missing_torchvision_names_the_install_command(monkeypatch):
 @pytest.mark.parametrize(
     ("torch_version", "command"),
     [
-        ("2.5.1", "pip install 'torchvision==0.20.*'"),
-        ("2.14.1", "pip install 'torchvision==0.29.*'"),
-        ("2.6.0+cu124", "pip install 'torchvision==0.21.*' --index-url https://download.pytorch.org/whl/cu124"),
-        ("2.4.0+cpu", "pip install 'torchvision==0.19.*' --index-url https://download.pytorch.org/whl/cpu"),
+        ("2.5.1", "pip install --force-reinstall --no-deps 'torchvision==0.20.*'"),
+        ("2.14.1", "pip install --force-reinstall --no-deps 'torchvision==0.29.*'"),
+        (
+            "2.6.0+cu124",
+            "pip install --force-reinstall --no-deps 'torchvision==0.21.*' --index-url https://download.pytorch.org/whl/cu124",
+        ),
+        (
+            "2.4.0+cpu",
+            "pip install --force-reinstall --no-deps 'torchvision==0.19.*' --index-url https://download.pytorch.org/whl/cpu",
+        ),
     ],
 )
 def test_the_fix_installs_the_torchvision_paired_with_this_torch(torch_version, command):
     assert fix_command(torch_version) == command
+
+
+@pytest.mark.parametrize("torch_version", ["2.14.1", "2.6.0+cu124"])
+def test_the_fix_as_pip_reads_it_reinstalls_torchvision_alone(torch_version):
+    """pip's own parser: the pinned torchvision is reinstalled even when a build of that version is there
+    (a plain install would be a no-op), and its dependencies (an exact torch) are left as installed."""
+    import shlex
+
+    from pip._internal.commands import create_command
+
+    words = shlex.split(fix_command(torch_version))
+    assert words[:2] == ["pip", "install"]
+    options, requirements = create_command("install").parse_args(words[2:])
+    assert options.force_reinstall and options.ignore_dependencies
+    assert requirements == [f"torchvision==0.{int(torch_version.split('.')[1]) + 15}.*"]
+    assert (options.index_url == "https://download.pytorch.org/whl/cu124") == ("+cu124" in torch_version)
 
 
 def test_an_entry_point_ends_in_the_one_line_and_exit_2(monkeypatch, capsys):

@@ -159,6 +159,44 @@ def test_predict_writes_masks_and_overlays_and_reports_bad_files(trained_run, tm
         assert probs.shape == (6, size[1], size[0]) and np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
 
 
+@pytest.mark.parametrize("window", [[32, 32], None], ids=["sliding", "whole"])
+def test_predict_writes_bitwise_what_whole_image_inference_gives(trained_run, tmp_path, window):
+    """Banded sliding windows (fcn/inference.py) change no byte of the masks or probabilities."""
+    import io
+
+    from fcn.engine import to_model_input
+    from fcn.inference import predict_logits
+    from fcn.models.fold import fold_batch_norm
+
+    (tmp_path / "in").mkdir()
+    array = np.random.default_rng(1).integers(0, 255, (70, 93, 3), dtype=np.uint8)  # not a multiple of the stride
+    Image.fromarray(array).save(tmp_path / "in" / "a.png")
+    told = [] if window is None else [f"eval.window={window}", "eval.stride=[24,20]", "eval.hflip=true"]
+    cfg = compose_config(
+        "predict",
+        [
+            f"checkpoint={_best(trained_run)}",
+            f"input={tmp_path / 'in'}",
+            f"output={tmp_path / 'out'}",
+            "save_probs=true",
+            "device=cpu",
+            "eval=default",
+            *told,
+        ],
+    )
+    run_prediction(cfg, ["eval=default", *told])
+    model, ckpt = load_model(_best(trained_run), torch.device("cpu"), channels_last=True)
+    model = fold_batch_norm(model)
+    x = to_model_input(torch.from_numpy(array).permute(2, 0, 1)[None], "cpu", ckpt["mean"], ckpt["std"], True)
+    with torch.no_grad():  # the whole image's class scores, as predict held them before
+        settings = {} if window is None else {"window": window, "stride": [24, 20], "hflip": True}
+        logits = predict_logits(model, x, num_classes=ckpt["num_classes"], **settings).float()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "a.png")), logits.argmax(1)[0].numpy())
+    expected = io.BytesIO()
+    np.save(expected, logits.softmax(1).half().numpy()[0])
+    assert (tmp_path / "out" / "a.npy").read_bytes() == expected.getvalue()
+
+
 @pytest.mark.slow
 def test_predict_cli_exit_code_says_some_failed(trained_run, tmp_path):
     _images(tmp_path / "in")

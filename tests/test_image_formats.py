@@ -34,10 +34,19 @@ def _replace(root, stem, write):
 def float_tiff(path, array: np.ndarray) -> None:
     """A baseline little-endian TIFF of float32 samples (SampleFormat 3), one strip, as GDAL or
     tifffile write them; Pillow cannot write one of several bands."""
-    array = np.ascontiguousarray(array, dtype="<f4")
+    sample_tiff(path, np.asarray(array, dtype=np.float32), sample_format=3)
+
+
+def sample_tiff(path, array: np.ndarray, sample_format: int = 1, deflate: bool = False, order: str = "<") -> None:
+    """A baseline TIFF of ``array`` (H x W or H x W x bands) as stored, one strip: its dtype's bits
+    per sample, ``sample_format`` (1 unsigned, 2 signed, 3 float), ``order`` "<" (II) or ">" (MM),
+    uncompressed or ``deflate``-compressed (as cameras and tifffile write them; Pillow then decodes
+    through libtiff). Pillow writes none of 16-bit RGB, signed or float multi-band TIFFs."""
     height, width = array.shape[:2]
     bands = 1 if array.ndim == 2 else array.shape[2]
-    data = array.tobytes()
+    bits = array.dtype.itemsize * 8
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder(order)).tobytes()
+    data = zlib.compress(data) if deflate else data
     entries = 11
     extra = 8 + 2 + 12 * entries + 4  # offsets of the arrays after the directory
     bits_at, fmt_at = extra, extra + 2 * bands
@@ -45,28 +54,33 @@ def float_tiff(path, array: np.ndarray) -> None:
 
     def short(tag, values, at):
         if len(values) <= 2:
-            return struct.pack("<HHI", tag, 3, len(values)) + struct.pack("<2H", *(list(values) + [0])[:2])
-        return struct.pack("<HHII", tag, 3, len(values), at)
+            return struct.pack(f"{order}HHI", tag, 3, len(values)) + struct.pack(
+                f"{order}2H", *(list(values) + [0])[:2]
+            )
+        return struct.pack(f"{order}HHII", tag, 3, len(values), at)
 
     def long(tag, value):
-        return struct.pack("<HHII", tag, 4, 1, value)
+        return struct.pack(f"{order}HHII", tag, 4, 1, value)
 
     ifd = [
         long(256, width),
         long(257, height),
-        short(258, [32] * bands, bits_at),
-        short(259, [1], 0),
-        short(262, [2 if bands == 3 else 1], 0),
+        short(258, [bits] * bands, bits_at),
+        short(259, [8 if deflate else 1], 0),
+        short(262, [2 if bands >= 3 else 1], 0),
         long(273, data_at),
         short(277, [bands], 0),
         long(278, height),
         long(279, len(data)),
         short(284, [1], 0),
-        short(339, [3] * bands, fmt_at),
+        short(339, [sample_format] * bands, fmt_at),
     ]
-    arrays = struct.pack(f"<{bands}H", *[32] * bands) + struct.pack(f"<{bands}H", *[3] * bands)
+    arrays = struct.pack(f"{order}{bands}H", *[bits] * bands) + struct.pack(
+        f"{order}{bands}H", *[sample_format] * bands
+    )
+    head = (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(f"{order}I", 8)
     with open(path, "wb") as f:
-        f.write(b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", entries) + b"".join(ifd) + b"\0\0\0\0")
+        f.write(head + struct.pack(f"{order}H", entries) + b"".join(ifd) + b"\0\0\0\0")
         f.write(arrays + data)
 
 
@@ -176,3 +190,55 @@ def test_a_float_tiff_mask_is_refused_as_such_not_called_corrupt(tmp_path):
         scan_data(data, ["train"])
     assert "b.tif is a 32-bit floating-point TIFF with 3 band(s)" in str(info.value)
     assert "corrupt" not in str(info.value)
+
+
+def _scan_warnings(tmp_path, caplog, writers: dict) -> list[str]:
+    """The scan's conversion warnings for a folder whose images are ``{suffix-named file: write(path)}``."""
+    stems = [f"s{i}" for i in range(len(writers))]
+    write_folder(tmp_path, names=tuple(stems), values=(0, 1))
+    for stem, (name, write) in zip(stems, writers.items()):
+        (tmp_path / "images" / f"{stem}.jpg").unlink()
+        write(tmp_path / "images" / f"{stem}{name[name.index('.') :]}")
+    with caplog.at_level(logging.WARNING):
+        scan_data(_data(tmp_path), ["train"])
+    return [r.getMessage() for r in caplog.records if "converted to RGB" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("order", "deflate"), [("<", False), (">", False), ("<", True)], ids=["II", "MM", "deflate-libtiff"]
+)
+def test_a_16_bit_rgb_tiff_is_warned_and_read_as_a_16_bit_rgb_png_is(tmp_path, caplog, order, deflate):
+    camera = np.random.default_rng(0).integers(0, 4096, (H, W, 3)).astype(np.uint16)  # 12-bit data, 16-bit samples
+    tiff = tmp_path / "camera.tif"
+    sample_tiff(tiff, camera, order=order, deflate=deflate)
+    png16_rgb(tmp_path / "camera.png", camera)
+    with Image.open(tiff) as image:
+        assert image.mode == "RGB"  # what Pillow says; the header says 16 bits per sample
+    assert np.array_equal(read_image(tiff), read_image(tmp_path / "camera.png"))
+    assert np.array_equal(read_image(tiff), (camera >> 8).astype(np.uint8))  # the high byte: near black
+    warnings = _scan_warnings(
+        tmp_path / "data",
+        caplog,
+        {
+            "c.tif": lambda p: sample_tiff(p, camera, order=order, deflate=deflate),
+            "c.png": lambda p: png16_rgb(p, camera),
+        },
+    )
+    said = "16-bit RGB: Pillow keeps each value's high byte (value/256 rounded down, never clipped)"
+    assert len(warnings) == 1 and f"2 images are converted to RGB: {said}" in warnings[0], warnings  # one word for both
+
+
+def test_tiff_headers_name_what_pillow_does_with_their_samples(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    writers = {
+        "rgba16.tif": lambda p: sample_tiff(p, rng.integers(0, 65535, (H, W, 4)).astype(np.uint16)),
+        "signed16.tif": lambda p: sample_tiff(p, rng.integers(0, 30000, (H, W)).astype(np.int16), sample_format=2),
+        "signed8.tif": lambda p: sample_tiff(p, rng.integers(0, 100, (H, W)).astype(np.int8), sample_format=2),
+        "rgb8.tif": lambda p: sample_tiff(p, rng.integers(0, 255, (H, W, 3)).astype(np.uint8)),
+    }
+    found = _scan_warnings(tmp_path, caplog, writers)
+    assert len(found) == 3, found  # 8-bit unsigned RGB: read as stored, nothing to say
+    warnings = " | ".join(found)
+    assert "16-bit RGBA: Pillow keeps each value's high byte" in warnings
+    assert "16-bit integer grayscale (signed): values must lie in 0-65535, then value/257" in warnings
+    assert "signed 8-bit samples (TIFF SampleFormat=2) read as unsigned (-1 becomes 255)" in warnings

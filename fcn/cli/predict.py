@@ -6,9 +6,11 @@ code (1) says that some failed.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hydra
@@ -18,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
+from fcn.atomic import atomic_path
 from fcn.checkpoint import load_model
 from fcn.cli import CONFIG_DIR
 from fcn.cli.exit import exit_on_user_error
@@ -29,7 +32,7 @@ from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.device import resolve_device, resolve_precision
 from fcn.engine import to_model_input
 from fcn.errors import UserError
-from fcn.inference import eval_config, inference_fn
+from fcn.inference import bands_fn, eval_config
 from fcn.models.fold import fold_batch_norm
 from fcn.report import output_names, save_prediction
 
@@ -71,6 +74,26 @@ def read_oriented(path: Path, apply_exif: bool) -> np.ndarray:
     return array
 
 
+@contextlib.contextmanager
+def probability_file(path: Path, shape: tuple[int, int, int]) -> Iterator[Callable[[int, np.ndarray], None]]:
+    """Yield ``write(top, rows)`` filling the ``.npy`` file ``path`` of ``shape`` (C x H x W float16
+    class probabilities, as ``np.save`` writes it) band by band: ``rows`` is C x r x W, from row
+    ``top``. Nothing larger than a band is held; the file appears under ``path`` when the block
+    ends (:func:`fcn.atomic.atomic_path`)."""
+    channels, height, width = shape
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": tuple(shape)})
+        start = f.tell()
+        f.truncate(start + channels * height * width * 2)
+
+        def write(top: int, rows: np.ndarray) -> None:
+            for c in range(channels):  # class c's rows top.. are one run of bytes in the file
+                f.seek(start + (c * height + top) * width * 2)
+                f.write(np.ascontiguousarray(rows[c], dtype="<f2").data)
+
+        yield write
+
+
 def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Predict every input; returns the images written and the ``(file, reason)`` of those skipped.
 
@@ -85,7 +108,8 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
     device = resolve_device(cfg.device)
     model, ckpt = load_model(cfg.checkpoint, device, cfg.channels_last)
     model = fold_batch_norm(model)  # the same outputs (to float rounding), one pass fewer per batch norm
-    infer = inference_fn(eval_config(ckpt["config"], cfg, overrides or []), ckpt["num_classes"])
+    # band by band: sliding windows never hold the whole image's class scores (fcn/inference.py)
+    bands = bands_fn(eval_config(ckpt["config"], cfg, overrides or []), ckpt["num_classes"])
     amp_dtype = resolve_precision(cfg.precision, device)
     files = find_inputs(str(cfg.input))
     out_dir = Path(cfg.output)
@@ -100,14 +124,25 @@ def run_prediction(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
     def flush() -> None:
         images = torch.stack([torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))) for _, a in batch])
         x = to_model_input(images, device, ckpt["mean"], ckpt["std"], cfg.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = (model(x) if infer is None else infer(model, x)).float()
-        preds = logits.argmax(1).cpu()
-        probs = logits.softmax(1).half().cpu().numpy() if cfg.save_probs else None
+        preds = torch.empty(x.shape[0], *x.shape[2:], dtype=torch.long)
+        with contextlib.ExitStack() as npy_files:
+            shape = (ckpt["num_classes"], *x.shape[2:])
+            opened = (probability_file(out_dir / f"{names[p]}.npy", shape) for p, _ in batch)
+            probs = [npy_files.enter_context(f) for f in opened] if cfg.save_probs else []
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                # full-width bands when the probabilities are written (one run of bytes per class and band)
+                for top, bottom, left, right, logits in bands(model, x, tiles=not cfg.save_probs):
+                    logits = logits.float()
+                    preds[:, top:bottom, left:right] = logits.argmax(1).cpu()
+                    if cfg.save_probs:
+                        with torch.autocast(device.type, enabled=False):  # as before: softmax in float32
+                            rows = logits.softmax(1).half().cpu().numpy()
+                        for k, write in enumerate(probs):
+                            write(top, rows[k])  # written where they belong in the C x H x W file
+                        del rows
+                    del logits  # freed before the next band is summed
         for k, (path, _) in enumerate(batch):
             save_prediction(out_dir, names[path], images[k], preds[k], ckpt["palette"])
-            if probs is not None:
-                np.save(out_dir / f"{names[path]}.npy", probs[k])
             written.append(path)
         batch.clear()
 

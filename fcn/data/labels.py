@@ -53,14 +53,29 @@ FLOAT_FIX = (
 
 def conversion(image: Image.Image) -> str | None:
     """How ``image`` (opened, not decoded) becomes RGB, in words; None when it is RGB already.
-    A palette image with a transparent colour and a multi-frame file say so too."""
+    The bits and sample format are those the file's header gives (:func:`sample_layout`), not
+    Pillow's mode: a 16-bit RGB PNG or TIFF opens as mode RGB. A palette image with a transparent
+    colour and a multi-frame file say so too."""
     if image.mode == "RGB":
         text = None
     else:
         text = CONVERSIONS.get(image.mode, f"mode {image.mode}: converted to RGB by Pillow")
-    if image.mode in ("RGB", "RGBA") and _rawmode(image).endswith(("16", "16B", "16L")):  # as the file stores it
-        text = f"16-bit {image.mode}: Pillow keeps each value's high byte (value/256 rounded down, never clipped)"
+    bits, signed = sample_layout(image)
+    if image.mode == "I" and getattr(image, "tag_v2", None) is not None:  # a TIFF: say what it stores
+        text = CONVERSIONS["I"].replace(
+            "32-bit integer grayscale", f"{bits}-bit integer grayscale" + signed * " (signed)"
+        )
+    elif image.mode in ("RGB", "RGBA") and bits > 8:  # as the file stores it
+        text = f"{bits}-bit {image.mode}: Pillow keeps each value's high byte (value/256 rounded down, never clipped)"
         text += "; the alpha channel dropped" if image.mode == "RGBA" else ""
+    elif bits > 8 and image.mode not in (*WIDE_MODES, "F"):
+        text = f"{text}; {bits}-bit samples: Pillow keeps each value's high byte (value/256 rounded down)"
+    elif signed and image.mode not in (*WIDE_MODES, "F"):
+        text = (
+            (f"{text}; " if text else "")
+            + f"signed {bits}-bit samples (TIFF SampleFormat=2) read as unsigned (-1 becomes 255): "
+            "save the image with unsigned samples"
+        )
     if image.mode == "P" and "transparency" in image.info:
         text = "palette with a transparent colour: each index replaced by its colour, the transparency dropped"
     frames = getattr(image, "n_frames", 1)
@@ -106,6 +121,17 @@ def tiff_tags(path: Path | str) -> dict | None:
             return dict(ifd)
     except Exception:  # noqa: BLE001 - a damaged header: the decoder's own error says it
         return None
+
+
+def sample_layout(image: Image.Image) -> tuple[int, bool]:
+    """``(bits per sample, signed)`` as the file stores them: from a TIFF's header (BitsPerSample
+    and SampleFormat, tags 258 and 339, the widest band), else from the pixel layout Pillow decodes
+    (``RGB;16B`` of a 16-bit RGB PNG: 16), else 8 bits, unsigned. Reads no pixel."""
+    tags = getattr(image, "tag_v2", None)
+    if tags is not None and 258 in tags:
+        return max(_as_tuple(tags[258])), 2 in _as_tuple(tags.get(339, 1))
+    rawmode = _rawmode(image)
+    return (16 if rawmode.endswith(("16", "16B", "16L", "16N")) else 8), False
 
 
 def _rawmode(image: Image.Image) -> str:
