@@ -113,7 +113,7 @@ class GracefulStop:
     ``requested`` is the number of the first signal received, or None. ``also`` adds signals
     that stop the same way (the submitit launcher's pre-timeout/preemption signal, SIGUSR2).
     ``exits``: the process exits with 128 + signal after a stop (an entry point), so once one was
-    requested the signals stay ignored after the block (a second SIGTERM to the group while the
+    requested SIGTERM, SIGINT and SIGHUP stay ignored after the block (a second SIGTERM to the group while the
     process exits would end it by the signal, not with its exit code); otherwise they get their
     previous handlers back.
     """
@@ -148,8 +148,10 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc) -> None:
+        ignore = self._exits and self.requested is not None
         for signum, handler in self._previous.items():
-            signal.signal(signum, signal.SIG_IGN if self._exits and self.requested is not None else handler)
+            # ``also``'s signals get their handlers back: submitit's requeues the job after the save
+            signal.signal(signum, signal.SIG_IGN if ignore and signum in STOP_SIGNALS else handler)
 
 
 class TrainingInterrupted(Exception):

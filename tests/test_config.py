@@ -167,9 +167,10 @@ def test_the_key_hint_leaves_every_other_exit_alone(monkeypatch):
 def test_every_entry_point_answers_a_mistyped_key_with_did_you_mean(name, monkeypatch, capsys):
     import importlib
 
-    from fcn.cli.suggest import _compose, _dotted_keys
+    from fcn.cli.suggest import _compose
+    from fcn.config import dotted_keys
 
-    leaf = next(k for k in _dotted_keys(_compose(name, [])) if not k.startswith("hydra") and len(k) > 3)
+    leaf = next(k for k in dotted_keys(_compose(name, [])) if not k.startswith("hydra") and len(k) > 3)
     monkeypatch.setattr("sys.argv", [name, f"{leaf}x=1"])
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(fcn.process.ENTRY_POINTS[name]).main()
