@@ -240,6 +240,9 @@ def test_the_printed_commands_carry_every_data_setting_the_user_gave(tmp_path):
     assert f"data.root={tmp_path / 'out'}" in train and not any("label_map" in w for w in train)  # masks decoded
     assert "Repair into a copy" in doctor_lines(data, {"lossy_mask"})
     assert "Repair" not in doctor_lines(data, {"values_out_of_range"})
+    # colour masks need data.palette first: no command that cannot run as printed, the fix instead
+    colours = doctor_lines(data, {"rgb_mask_no_palette", "lossy_mask"})
+    assert "fix_data.py data=" not in colours and "data.palette=[[r,g,b],...]" in colours
     ade = shlex.split(train_command(compose_config("check_data", ["data=ade20k"]).data, tmp_path / "out"))
     assert "data.reduce_zero_label=false" in ade  # the option's own label setting is undone for a decoded copy
 
@@ -253,8 +256,8 @@ def test_the_doctor_names_the_fix_data_command_for_a_folder_it_can_repair(tmp_pa
     cfg = compose_config("check_data", [*BINARY[:4], f"data.root={root}", "data.mask_suffix=.jpg", "cache=false"])
     run_check(cfg, tmp_path / "report")
     printed = capsys.readouterr().out
-    assert "repair: " in printed and "python scripts/fix_data.py data=folder" in printed
-    assert "data.mask_suffix=.jpg" in printed.split("repair: ")[1]
+    assert "Repair into a copy" in printed and "python scripts/fix_data.py data=folder" in printed
+    assert "data.mask_suffix=.jpg" in printed.split("Repair into a copy")[1]
 
 
 def _run_printed(command: str, extra: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -362,3 +365,16 @@ def test_a_repaired_image_keeps_the_name_data_image_suffix_gives_it(tmp_path):
     assert usable  # the copy is read with the same data.image_suffix
     with Image.open(out / "images" / "a_rgb.jpg") as fixed:
         assert fixed.format == "JPEG" and fixed.size == (32, 24)
+
+
+@pytest.mark.parametrize(("foreground_rows", "advised"), [(12, False), (2, True)])
+def test_the_doctor_advises_class_weights_only_where_the_classes_are_imbalanced(tmp_path, foreground_rows, advised):
+    from fcn.cli.check_data import run_check
+
+    root = tmp_path / "d"
+    labels = np.zeros((24, 32), np.uint8)
+    labels[:foreground_rows] = 1  # 12 of 24 rows: an even split; 2 of 24: foreground 11x rarer
+    save(image_array(24, 32), root / "images" / "a.jpg")
+    save(labels, root / "masks" / "a.png")
+    report, _ = run_check(compose_config("check_data", [*BINARY, f"data.root={root}"]), tmp_path / "report")
+    assert any(s.startswith("class imbalance") for s in report["suggestions"]) == advised

@@ -21,9 +21,8 @@ from fcn.cli.exit import exit_on_user_error
 from fcn.cli.suggest import suggest_keys
 from fcn.config import check_classes, check_settings
 from fcn.data.build import checked_splits, data_layout, mask_decoder, prepare_data_root
-from fcn.data.doctor.commands import fix_data_command
+from fcn.data.doctor.commands import repair_line
 from fcn.data.doctor.crop import folder_crop_warning
-from fcn.data.doctor.fix import FIXABLE
 from fcn.data.doctor.scan import SplitReport, median_frequency_weights, scan_split, split_overlap_problem
 from fcn.data.pixel_limit import PILLOW_DEFAULT, set_max_image_pixels
 from fcn.data.splits import shown
@@ -73,9 +72,10 @@ def run_check(cfg: DictConfig, out_dir: str | Path) -> tuple[dict, bool]:
     if train is not None and any(train.class_pixels) and not train.errors:  # weights of wrong labels mislead
         weights = median_frequency_weights(train)
         report["class_weights_median_frequency"] = weights
-        report["suggestions"].append(
-            f"class imbalance: loss.class_weights=auto (median frequency on {train.split}: {weights})"
-        )
+        if max(weights) >= 2 * min(weights):  # classes this even train well unweighted: no advice
+            report["suggestions"].append(
+                f"class imbalance: loss.class_weights=auto (median frequency on {train.split}: {weights})"
+            )
     if train is not None and (advice := folder_crop_warning(data, train.image_sizes)):
         report["suggestions"].append(advice)
     usable = not layout_errors and not any(r.errors for r in reports)
@@ -114,11 +114,8 @@ def _print_summary(data, reports: list[SplitReport], layout_errors: list[str], r
         print(f"\nERROR {error}")
     for suggestion in report["suggestions"]:
         print(f"\nsuggestion: {suggestion}")
-    kinds = {p.kind for r in reports for p in r.problems}
-    if FIXABLE & kinds:
-        print(
-            "\nrepair: fix_data.py writes a repaired copy (the original is not changed):\n  " + fix_data_command(data)
-        )
+    if repair := repair_line(data, {p.kind for r in reports for p in r.problems}):
+        print(f"\n{repair}")
     verdict = "usable" if report["usable"] else "NOT usable: fix the errors above"
     if any(p.kind == "split_overlap" for r in reports for p in r.problems):
         verdict += " (but the validation split shares images with the training split: see the WARNING above)"

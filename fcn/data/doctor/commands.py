@@ -129,10 +129,25 @@ def train_command(data: DictConfig | Mapping, root: str | Path, replace: Mapping
 
 def doctor_lines(data: DictConfig | Mapping, kinds: Iterable[str]) -> str:
     """What follows a data error: the full report's command and, when a repaired copy takes away one of the
-    problems ``kinds`` (:data:`fcn.data.doctor.fix.FIXABLE`), the repair's."""
+    problems ``kinds``, the repair's (:func:`repair_line`)."""
+    text = f"Full report: {check_data_command(data)}"
+    if repair := repair_line(data, kinds):
+        text += f"\n{repair}"
+    return text
+
+
+def repair_line(data: DictConfig | Mapping, kinds: Iterable[str]) -> str | None:
+    """The repair's command when a repaired copy takes away one of the problems ``kinds``
+    (:data:`fcn.data.doctor.fix.FIXABLE`); None when it cannot run yet (colour masks need
+    ``data.palette`` first, which only the user can give in class order) or nothing is fixable."""
     from fcn.data.doctor.fix import FIXABLE
 
-    text = f"Full report: {check_data_command(data)}"
-    if FIXABLE & set(kinds):
-        text += f"\nRepair into a copy (the original is not changed): {fix_data_command(data)}"
-    return text
+    kinds = set(kinds)
+    if "rgb_mask_no_palette" in kinds:
+        return (
+            "Repair: the masks are colour masks; give their colours in class order as data.palette=[[r,g,b],...] "
+            "(the full report lists them), then fix_data.py can map them to class indices"
+        )
+    if FIXABLE & kinds:
+        return f"Repair into a copy (the original is not changed): {fix_data_command(data)}"
+    return None
