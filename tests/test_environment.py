@@ -73,16 +73,25 @@ def test_the_fix_installs_the_torchvision_paired_with_this_torch(torch_version, 
 def test_the_fix_as_pip_reads_it_reinstalls_torchvision_alone(torch_version):
     """pip's own parser: the pinned torchvision is reinstalled even when a build of that version is there
     (a plain install would be a no-op), and its dependencies (an exact torch) are left as installed."""
+    import json
     import shlex
-
-    from pip._internal.commands import create_command
+    import subprocess
+    import sys
 
     words = shlex.split(fix_command(torch_version))
     assert words[:2] == ["pip", "install"]
-    options, requirements = create_command("install").parse_args(words[2:])
-    assert options.force_reinstall and options.ignore_dependencies
+    # in a child process: pip imports the standard library's distutils, which would break a later
+    # import of setuptools in this process (torch.compile's inductor imports it)
+    parse = (
+        "import json, sys; from pip._internal.commands import create_command; "
+        "o, r = create_command('install').parse_args(sys.argv[1:]); "
+        "print(json.dumps([o.force_reinstall, o.ignore_dependencies, r, o.index_url]))"
+    )
+    out = subprocess.run([sys.executable, "-c", parse, *words[2:]], capture_output=True, text=True, check=True)
+    force, no_deps, requirements, index_url = json.loads(out.stdout)
+    assert force and no_deps
     assert requirements == [f"torchvision==0.{int(torch_version.split('.')[1]) + 15}.*"]
-    assert (options.index_url == "https://download.pytorch.org/whl/cu124") == ("+cu124" in torch_version)
+    assert (index_url == "https://download.pytorch.org/whl/cu124") == ("+cu124" in torch_version)
 
 
 def test_an_entry_point_ends_in_the_one_line_and_exit_2(monkeypatch, capsys):
