@@ -164,7 +164,10 @@ SIGNAL_CASES = [
     (signal.SIGTERM, 2, ()),
     (signal.SIGINT, 1, FRESH_WORKERS),
 ]
-SIGNAL_REPEATS = [*SIGNAL_CASES[:2], *[pytest.param(*c, marks=pytest.mark.slow) for c in SIGNAL_CASES * 2]]
+# CI runs every case once (the first two in the fast lane); a soak repeats the slow ones:
+#   FCN_SIGNAL_REPEATS=3 pytest tests/test_worker_signals.py -m slow
+_REPEATS = int(os.environ.get("FCN_SIGNAL_REPEATS", "1"))
+SIGNAL_REPEATS = [*SIGNAL_CASES[:2], *[pytest.param(*c, marks=pytest.mark.slow) for c in SIGNAL_CASES[2:] * _REPEATS]]
 
 
 @pytest.mark.parametrize(("signum", "times", "extra"), SIGNAL_REPEATS)
