@@ -3,8 +3,8 @@
 A stop signal to the whole process group ends in the clean save and exit 143 / 130 however a
 worker's start, its death and the signal interleave; a data error met in a worker ends in its one
 line and a prompt exit. The end-to-end tests run with the machine loaded by busy processes (where
-the interleavings that once failed happen), several times at random signal moments; the long
-repetitions are marked slow.
+the interleavings that once failed happen), each case at a random signal moment; they train, so they are marked slow
+(FCN_SIGNAL_REPEATS=N repeats them).
 """
 
 from __future__ import annotations
@@ -164,12 +164,12 @@ SIGNAL_CASES = [
     (signal.SIGTERM, 2, ()),
     (signal.SIGINT, 1, FRESH_WORKERS),
 ]
-# CI runs every case once (the first two in the fast lane); a soak repeats the slow ones:
+# Whole training runs (slow): CI runs every case once; a soak repeats them:
 #   FCN_SIGNAL_REPEATS=3 pytest tests/test_worker_signals.py -m slow
-_REPEATS = int(os.environ.get("FCN_SIGNAL_REPEATS", "1"))
-SIGNAL_REPEATS = [*SIGNAL_CASES[:2], *[pytest.param(*c, marks=pytest.mark.slow) for c in SIGNAL_CASES[2:] * _REPEATS]]
+SIGNAL_REPEATS = SIGNAL_CASES * int(os.environ.get("FCN_SIGNAL_REPEATS", "1"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "times", "extra"), SIGNAL_REPEATS)
 def test_a_signal_to_the_process_group_at_any_moment_saves_and_exits_with_its_code(
     shapes_root, tmp_path, busy_machine, signum, times, extra
@@ -191,9 +191,8 @@ def test_a_signal_to_the_process_group_at_any_moment_saves_and_exits_with_its_co
     assert "Resume with" in stdout + stderr  # the stop's own words, not a crash's
 
 
-@pytest.mark.parametrize(
-    "extra", [(), pytest.param(FRESH_WORKERS, marks=pytest.mark.slow), pytest.param((), marks=pytest.mark.slow)]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [(), FRESH_WORKERS])
 def test_a_bad_mask_met_in_a_worker_ends_in_one_line_and_a_prompt_exit(shapes_root, tmp_path, busy_machine, extra):
     root = tmp_path / "shapes"
     shutil.copytree(shapes_root, root)
