@@ -186,6 +186,27 @@ def test_16_bit_images_become_8_bit_as_the_doctor_describes(tmp_path):
     assert result.counts()["image_16_bit_to_8_bit"] == 2
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_rgb_images_are_read_at_full_depth_said_by_the_doctor_and_made_8_bit(tmp_path, suffix):
+    import cv2
+
+    from fcn.cli.check_data import run_check
+
+    root = tmp_path / "d"
+    twelve = (np.arange(24 * 32 * 3).reshape(24, 32, 3) * 7 % 4096).astype(np.uint16)  # 12-bit camera data, RGB
+    (root / "images").mkdir(parents=True)
+    assert cv2.imwrite(str(root / "images" / f"a{suffix}"), twelve[..., ::-1])  # OpenCV writes BGR
+    save(_labels(classes=(0, 1, 1)), root / "masks" / "a.png")
+    report, _ = run_check(compose_config("check_data", [*BINARY, f"data.root={root}"]), tmp_path / "report")
+    kinds = {p["kind"] for split in report["splits"].values() for p in split["problems"]}
+    assert "dark_16_bit_images" in kinds  # its real range, not the high bytes Pillow keeps
+    out, result, _ = _fix(tmp_path, root, BINARY)
+    with Image.open(out / "images" / f"a{suffix}") as fixed:
+        assert fixed.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(fixed), np.round(twelve.astype(float) * 255 / 4095).astype(np.uint8))
+    assert result.counts()["image_16_bit_to_8_bit"] == 1
+
+
 def test_an_unreadable_pair_is_left_out_and_listed(tmp_path, capsys):
     root = tmp_path / "d"
     for name in ("a", "b", "c"):

@@ -134,6 +134,20 @@ def sample_layout(image: Image.Image) -> tuple[int, bool]:
     return (16 if rawmode.endswith(("16", "16B", "16L", "16N")) else 8), False
 
 
+def wide_colour_values(image: Image.Image, path: Path | str) -> np.ndarray | None:
+    """The full 16-bit samples (``H x W x 3``, uint16, RGB) of a colour image stored with 16 bits per
+    sample, which Pillow decodes to its high byte only; None for every other image. Read with
+    OpenCV (installed with albumentations), which decodes 16-bit PNG and TIFF at full depth."""
+    if image.mode not in ("RGB", "RGBA") or sample_layout(image) != (16, False):
+        return None
+    import cv2  # only for these files: Pillow has no 16-bit colour mode
+
+    values = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if values is None or values.dtype != np.uint16 or values.ndim != 3 or values.shape[2] < 3:
+        return None
+    return np.ascontiguousarray(values[..., 2::-1])  # OpenCV's BGR(A) -> RGB
+
+
 def _rawmode(image: Image.Image) -> str:
     """The pixel layout the file stores (``RGB;16B`` for a 16-bit RGB PNG that Pillow opens as RGB)."""
     try:

@@ -38,7 +38,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, exif_orientation, float_image_error
+from fcn.data.labels import (
+    RGB_MASK_MODES,
+    WIDE_MODES,
+    MaskDecoder,
+    exif_orientation,
+    float_image_error,
+    wide_colour_values,
+)
 from fcn.data.splits import is_tool_list, write_split_list
 from fcn.errors import UserError
 
@@ -228,21 +235,22 @@ def _read_image(path: Path) -> tuple[Image.Image, int, list[tuple[str, str]]]:
     refused = float_image_error(path)
     try:
         with Image.open(path) as opened:
+            colour = wide_colour_values(opened, path)  # before the EXIF block is read: it moves the tile list
             orientation = exif_orientation(opened)
             opened.load()
             image = opened.copy()
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, ...: any failure is an unreadable file
         raise LeftOut(refused or f"image cannot be decoded ({exc.__class__.__name__}: {exc})") from exc
-    changes = []
-    if image.mode in WIDE_MODES:
-        values = np.asarray(image)
+    changes = []  # a 16-bit colour image (colour): Pillow kept each sample's high byte only
+    if image.mode in WIDE_MODES or colour is not None:
+        values = np.asarray(image) if colour is None else colour
         if values.min() < 0 or values.max() > 65535:
             raise LeftOut(f"{image.mode} image with values outside 0-65535")
-        top = int(values.max())
+        top, what = int(values.max()), image.mode if colour is None else "16-bit RGB"
         full = 65535 if top > 4095 else next(2**bits - 1 for bits in (8, 10, 12) if top < 2**bits)
-        image = Image.fromarray(np.round(values.astype(np.float32) * 255 / full).astype(np.uint8), "L")
+        image = Image.fromarray(np.round(values.astype(np.float32) * 255 / full).astype(np.uint8))
         how = "value / 257" if full == 65535 else f"it uses at most {full.bit_length()} bits: value x 255 / {full}"
-        changes.append(("image_16_bit_to_8_bit", f"{image.mode} image (maximum {top}) to 8 bits ({how})"))
+        changes.append(("image_16_bit_to_8_bit", f"{what} image (maximum {top}) to 8 bits ({how})"))
     elif image.mode == "F":
         values = np.asarray(image)
         low, high = (float(values.min()), float(values.max())) if np.isfinite(values).all() else (-1.0, -1.0)

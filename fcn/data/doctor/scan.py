@@ -28,7 +28,15 @@ from PIL import Image
 
 from fcn.data.doctor.diagnose import diagnose_values, palette_order, palette_order_message
 from fcn.data.folder import SplitFiles, list_split
-from fcn.data.labels import RGB_MASK_MODES, WIDE_MODES, MaskDecoder, conversion, exif_orientation, float_image_error
+from fcn.data.labels import (
+    RGB_MASK_MODES,
+    WIDE_MODES,
+    MaskDecoder,
+    conversion,
+    exif_orientation,
+    float_image_error,
+    wide_colour_values,
+)
 from fcn.data.pixel_limit import too_many_pixels_message
 from fcn.data.splits import DEFAULT_SPLIT_FILE, overlap_message, split_overlap, stale_list_message
 from fcn.data.splits import shown as shown_name
@@ -175,12 +183,15 @@ def inspect_pair(image_path: Path, mask_path: Path, decoder: MaskDecoder) -> dic
             entry["errors"].append(["float_image", refused])
         with Image.open(image_path) as image:
             entry["conversion"] = conversion(image)  # first: reading the EXIF block moves Pillow's tile list
+            colour = wide_colour_values(image, image_path)  # 16-bit RGB at full depth (reads the tile list too)
             entry.update(image_size=list(image.size), image_mode=image.mode, exif=exif_orientation(image))
             if not entry["errors"] and (refused := float_image_error(image_path, image)) is not None:
                 entry["errors"].append(["float_image", refused])
             image.load()  # a full decode: truncated files only fail here
             if image.mode in WIDE_MODES:
                 entry["wide_max"] = int(np.asarray(image).max())
+            elif colour is not None:  # 16-bit RGB: its real range, not Pillow's high bytes
+                entry["wide_max"] = int(colour.max())
     except Image.DecompressionBombError as exc:  # a setting, not corruption
         entry["errors"].append(["too_many_pixels_image", too_many_pixels_message(image_path, exc)])
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, struct.error...: any failure is a bad file
