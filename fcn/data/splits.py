@@ -264,7 +264,7 @@ def refresh_default_splits(root: Path, split_file: str, keys: list[str]) -> str 
         ) from exc
     parts = []
     if appeared:
-        parts.append(f"{len(appeared)} pairs appeared ({_first(appeared)})")
+        parts.append(f"{len(appeared)} {'pair' if len(appeared) == 1 else 'pairs'} appeared ({_first(appeared)})")
     if vanished:
         parts.append(f"{len(vanished)} vanished ({_first(vanished)})")
     message = (

@@ -508,7 +508,7 @@ def _encoding_problems(entries: list[dict], raw_values: set[int], outside: dict,
         reduce_zero_label=decoder.reduce_zero_label,
         palette=decoder.palette,
         mask_names=names,
-        lossy=any(e.get("mask_format") == "JPEG" for e in entries),
+        lossy=_only_in_jpeg_masks(outside, entries),
     ):
         message = found.message
         if found.kind == "values_out_of_range":
@@ -538,6 +538,12 @@ def _encoding_problems(entries: list[dict], raw_values: set[int], outside: dict,
             )
         )
     return problems
+
+
+def _only_in_jpeg_masks(outside: dict, entries: list[dict]) -> bool:
+    """Whether every mask holding a value outside the classes is a JPEG file (the values are its noise)."""
+    jpeg = {e["mask"] for e in entries if e.get("mask_format") == "JPEG"}
+    return bool(outside) and all(path in jpeg for paths in outside.values() for path in paths)
 
 
 def _palette_order_problems(entries: list[dict], raw_values: set[int], decoder: MaskDecoder) -> list[Problem]:
