@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import resource
 import shlex
 import time
@@ -36,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from fcn import atomic, distributed
+from fcn import distributed
 from fcn.checkpoint import save_checkpoint
 from fcn.config import crop_padding_warning, validate_train_config, warmup_warning
 from fcn.data import build
@@ -582,7 +583,13 @@ def report(run: Run, best: dict, facts: dict | None = None) -> dict:
     if not distributed.is_main():  # ranks other than 0 return the same report, silently
         return scores_
     out_dir = run.out_dir
-    atomic.write_text(out_dir / "metrics.json", to_json(scores_))  # complete or absent, never half-written
+    # complete or absent, never half-written; a full disk reaches the entry point's one-line message
+    tmp = out_dir / f".metrics.json.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(to_json(scores_))
+        os.replace(tmp, out_dir / "metrics.json")
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"\nbest checkpoint {best['checkpoint']} (epoch {best['epoch']}), {data['name']} {data['val_split']}:")
     print(format_table(scores_))
     print(f"metrics: {out_dir / 'metrics.json'}")
