@@ -20,7 +20,7 @@ from fcn.errors import write_error
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, one_line: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same folder and extension, so writers that pick the
     format from the name, such as Pillow and ``np.save``, still do); when the block ends, the file
     written there is renamed to ``path``.
@@ -29,6 +29,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         UserError: the write or the rename failed for a reason of the operating system (full disk,
             ``ulimit -f``, read-only file system, permissions): one line naming ``path``. Nothing is
             left under ``path``'s name (an older file there stays as it was) and no temporary remains.
+            With ``one_line=False`` the error goes out as raised (a caller with its own message, such
+            as training's disk-full line with the resume command).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
@@ -39,7 +41,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         error = (
             write_error(exc, path=path, note="nothing was written under that name")
-            if isinstance(exc, Exception)
+            if one_line and isinstance(exc, Exception)
             else None
         )
         if error is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import resource
 import shlex
 import time
@@ -38,6 +37,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from fcn import distributed
+from fcn.atomic import atomic_path
 from fcn.checkpoint import save_checkpoint
 from fcn.config import crop_padding_warning, validate_train_config, warmup_warning
 from fcn.data import build
@@ -584,12 +584,8 @@ def report(run: Run, best: dict, facts: dict | None = None) -> dict:
         return scores_
     out_dir = run.out_dir
     # complete or absent, never half-written; a full disk reaches the entry point's one-line message
-    tmp = out_dir / f".metrics.json.{os.getpid()}.tmp"
-    try:
+    with atomic_path(out_dir / "metrics.json", one_line=False) as tmp:
         tmp.write_text(to_json(scores_))
-        os.replace(tmp, out_dir / "metrics.json")
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"\nbest checkpoint {best['checkpoint']} (epoch {best['epoch']}), {data['name']} {data['val_split']}:")
     print(format_table(scores_))
     print(f"metrics: {out_dir / 'metrics.json'}")
